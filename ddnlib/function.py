@@ -1,0 +1,130 @@
+"""The autograd bridge: one ``torch.autograd.Function`` wiring a node's solve and its ``vjp``.
+
+``declarative_apply(node, xs)`` solves the node's problem without recording a graph and returns ``y``
+whose backward calls ``node.vjp``. The node's learnable parameters (those requiring grad, by name as
+in ``named_parameters()``) are inputs of the Function, so their gradients flow to ``.grad`` like any
+other leaf, also through ``torch.nn.utils.parametrize`` and inside ``torch.func.functional_call``.
+Under ``torch.func.vmap`` the mapped dimension is folded into the batch dimension, which is exact
+because the problem is separable across the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["declarative_apply"]
+
+_N_META = 4  # node, holder, number of inputs, parameter names
+
+
+class _Holder:
+    """Carries the solver's ``ctx`` from ``forward`` to ``setup_context`` for one call."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self):
+        self.ctx = None
+
+
+class _Bound(torch.nn.Module):
+    """Calls ``node.vjp`` so that ``functional_call`` can substitute the node's parameters."""
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def forward(self, *xs, y, v, ctx):
+        return self.node.vjp(*xs, y=y, v=v, ctx=ctx)
+
+
+def _detach(ctx):
+    if ctx is None:
+        return None
+    if not isinstance(ctx, Mapping):
+        raise TypeError(f"solve returned ctx of type {type(ctx).__name__}: expected a Mapping")
+    return {k: v.detach() if isinstance(v, Tensor) else v for k, v in ctx.items()}
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class _Declarative(torch.autograd.Function):
+    @staticmethod
+    def forward(node, holder, n, names, *tensors):
+        xs = tensors[:n]
+        name = type(node).__name__
+        with torch.no_grad():
+            if xs[0].shape[0] == 0:
+                out = node.initial_guess(*xs)
+            else:
+                out = node.solve(*xs)
+        y, ctx = out if isinstance(out, tuple) else (out, None)
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{name}.solve returned {type(y).__name__}: expected a Tensor")
+        if y.dim() == 0 or y.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"{name}.solve returned shape {tuple(y.shape)}: expected a leading "
+                             f"batch dimension of size {xs[0].shape[0]}")
+        if not y.is_floating_point():
+            raise TypeError(f"{name}.solve returned dtype {y.dtype}: expected a floating dtype")
+        holder.ctx = _detach(ctx)
+        y = y.detach()
+        if any(_shares_memory(y, x) for x in xs):
+            y = y.clone()
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        node, holder, n, names, *tensors = inputs
+        ctx.node, ctx.n, ctx.names = node, n, names
+        ctx.params = tensors[n:]
+        ctx.solve_ctx = holder.ctx
+        ctx.save_for_backward(*tensors[:n], output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v):
+        *xs, y = ctx.saved_tensors
+        n, node, names = ctx.n, ctx.node, ctx.names
+        needs = ctx.needs_input_grad[_N_META:]
+        none = (None,) * _N_META
+        if y.shape[0] == 0:
+            return none + tuple(torch.zeros_like(t) if need else None
+                                for t, need in zip(list(xs) + list(ctx.params), needs))
+        xs = [x.detach().requires_grad_(need) for x, need in zip(xs, needs[:n])]
+        current = dict(node.named_parameters())
+        if all(current.get(k) is p for k, p in zip(names, ctx.params)):
+            input_grads, param_grads = node.vjp(*xs, y=y, v=v, ctx=ctx.solve_ctx)
+        else:  # called inside functional_call: differentiate at the parameters of that call
+            swapped = {f"node.{k}": p.detach().requires_grad_() for k, p in zip(names, ctx.params)}
+            input_grads, param_grads = torch.func.functional_call(
+                _Bound(node), swapped, tuple(xs), dict(y=y, v=v, ctx=ctx.solve_ctx))
+        param_grads = [param_grads.get(k) if need else None for k, need in zip(names, needs[n:])]
+        input_grads = [g if need else None for g, need in zip(input_grads, needs[:n])]
+        return none + tuple(input_grads) + tuple(param_grads)
+
+    @staticmethod
+    def vmap(info, in_dims, node, holder, n, names, *tensors):
+        dims = in_dims[_N_META:]
+        if any(d is not None for d in dims[n:]):
+            raise NotImplementedError(
+                f"vmap over the parameters of {type(node).__name__} is not supported; "
+                "map over its inputs only")
+        size = info.batch_size
+        xs = []
+        for x, d in zip(tensors[:n], dims[:n]):
+            x = x.movedim(d, 0) if d is not None else x.expand(size, *x.shape)
+            xs.append(x.reshape(size * x.shape[1], *x.shape[2:]))
+        y = _Declarative.apply(node, _Holder(), n, names, *xs, *tensors[n:])
+        return y.reshape(size, -1, *y.shape[1:]), 0
+
+
+def declarative_apply(node, xs: Sequence[Tensor]) -> Tensor:
+    """Solve ``node`` at ``xs`` and return ``y`` wired to ``node.vjp`` for the backward pass."""
+    named = [(k, p) for k, p in node.named_parameters() if p.requires_grad]
+    names = tuple(k for k, _ in named)
+    return _Declarative.apply(node, _Holder(), len(xs), names, *xs, *(p for _, p in named))

@@ -1,0 +1,127 @@
+"""``DeclarativeNode``: a layer whose output is the solution of an optimisation problem.
+
+    y(x; θ) ∈ argmin_y f(x, y; θ)   subject to   h(x, y; θ) = 0,   g(x, y; θ) ≤ 0
+
+A subclass writes ``objective`` (and optionally ``equality_constraints``,
+``inequality_constraints``, ``initial_guess``, ``solve`` and ``vjp``); calling the node solves the
+problem under ``torch.no_grad()`` and differentiates the solution by the implicit function theorem
+(:func:`ddnlib.engine.implicit_vjp`) for every input and every learnable parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import implicit_vjp
+from .function import declarative_apply
+from .options import Options
+
+__all__ = ["DeclarativeNode"]
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+class DeclarativeNode(torch.nn.Module):
+    """Base class of declarative nodes.
+
+    Batch convention: every positional input has a leading batch dimension ``b``, ``y`` has shape
+    ``(b, *out)``, and the problem is separable across the batch (sample ``i``'s objective and
+    constraints depend only on sample ``i`` and on the shared parameters).
+
+    Args:
+        options: how the node is solved and differentiated (:class:`~ddnlib.Options`).
+    """
+
+    def __init__(self, options: Options | None = None):
+        super().__init__()
+        if options is not None and not isinstance(options, Options):
+            raise TypeError(f"options={options!r}: expected a ddnlib.Options or None")
+        self.options = options if options is not None else Options()
+
+    # -- the problem ----------------------------------------------------------------------------
+    def objective(self, *xs_and_y: Tensor) -> Tensor:
+        """``f(*xs, y) -> (b,)``: the per-sample objective. Must be overridden."""
+        raise NotImplementedError(f"{type(self).__name__} must implement objective(*xs, y)")
+
+    def equality_constraints(self, *xs_and_y: Tensor) -> Tensor:
+        """``h(*xs, y) -> (b, p)``, zero when feasible. Optional."""
+        raise NotImplementedError
+
+    def inequality_constraints(self, *xs_and_y: Tensor) -> Tensor:
+        """``g(*xs, y) -> (b, q)``, non-positive when feasible. Optional."""
+        raise NotImplementedError
+
+    @property
+    def has_equality_constraints(self) -> bool:
+        return type(self).equality_constraints is not DeclarativeNode.equality_constraints
+
+    @property
+    def has_inequality_constraints(self) -> bool:
+        return type(self).inequality_constraints is not DeclarativeNode.inequality_constraints
+
+    # -- forward --------------------------------------------------------------------------------
+    def initial_guess(self, *xs: Tensor) -> Tensor:
+        """Where the default solver starts, ``(b, *out)``; also declares the output shape.
+
+        Defaults to a copy of the first input.
+        """
+        return xs[0].detach().clone()
+
+    def solve(self, *xs: Tensor) -> Tensor | tuple[Tensor, Mapping[str, Any]]:
+        """Solve the problem: ``y`` or ``(y, ctx)``, ``ctx`` optionally carrying multipliers.
+
+        ``ctx["lambda"] (b, p)`` and ``ctx["mu"] (b, q)`` are the multipliers of the equality and
+        inequality constraints; other entries are passed on to :meth:`vjp`. The default runs the
+        solvers of :mod:`ddnlib.solvers` from :meth:`initial_guess`.
+        """
+        from .solvers import default_solve
+
+        return default_solve(self, xs)
+
+    # -- backward -------------------------------------------------------------------------------
+    def vjp(
+        self, *xs: Tensor, y: Tensor, v: Tensor, ctx: Mapping[str, Any] | None = None
+    ) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor]]:
+        """Vector–Jacobian product of the solution map.
+
+        Returns ``(input_grads, param_grads)``: gradients of ``⟨v, y⟩`` for each input in ``xs``
+        that requires grad (``None`` for the others) and a dict from the name of every parameter
+        that requires grad (as in ``named_parameters()``) to its gradient, summed over the batch.
+        Override with a closed form where one exists; ``super().vjp(...)`` is the generic engine.
+        """
+        return implicit_vjp(self, xs, y, v, ctx)
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        """Solve for ``y (b, *out)``; differentiable in ``xs`` and in the node's parameters."""
+        _check_inputs(type(self).__name__, xs)
+        return declarative_apply(self, xs)
+
+
+def _check_inputs(name: str, xs: tuple) -> None:
+    if not xs:
+        raise TypeError(f"{name}() needs at least one input tensor")
+    for i, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}(): input {i} is {type(x).__name__}: expected a torch.Tensor")
+        if x.dtype not in _FLOATS:
+            raise TypeError(
+                f"{name}(): input {i} has dtype {x.dtype}: expected torch.float32 or torch.float64"
+            )
+        if x.dim() == 0:
+            raise ValueError(
+                f"{name}(): input {i} is 0-d: expected a leading batch dimension, shape (b, ...)"
+            )
+    first = xs[0]
+    for i, x in enumerate(xs[1:], 1):
+        if x.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"{name}(): input {i} has batch size {x.shape[0]}, input 0 has {first.shape[0]}"
+            )
+        if x.dtype != first.dtype:
+            raise TypeError(f"{name}(): input {i} has dtype {x.dtype}, input 0 has {first.dtype}")
+        if x.device != first.device:
+            raise ValueError(f"{name}(): input {i} is on {x.device}, input 0 on {first.device}")

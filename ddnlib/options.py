@@ -1,0 +1,91 @@
+"""Settings read by the engine and the default solvers of one node."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Options"]
+
+_LINEAR_SOLVERS = ("auto", "dense", "cg")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a node is solved and differentiated.
+
+    Attributes:
+        linear_solver: ``"dense"`` forms per-sample Hessians (or KKT matrices) and factorises them;
+            ``"cg"`` is matrix-free (conjugate gradients on Hessian-vector products, projected onto
+            the active constraints); ``"auto"`` picks dense when the per-sample system has at most
+            ``dense_max`` rows.
+        dense_max: the crossover used by ``"auto"`` (see ``docs/benchmarks.md``).
+        damping: ``γ ≥ 0`` added to the Hessian, ``H + γI``, in the backward solve.
+        cg_tol: relative residual at which CG stops (``None``: ``sqrt(eps)`` of the dtype).
+        cg_max_iter: CG iteration cap (``None``: ``2 m + 10``).
+        check_optimality: run the optimality check of the forward solution in the backward pass.
+        optimality_tol: tolerance of that check on the size of the Newton/KKT step relative to
+            ``1 + ‖y‖∞`` and on constraint violation (``None``: ``1e-3`` in float32, ``1e-6``
+            otherwise).
+        active_tol: an inequality ``g_j(y) ≤ 0`` is active when ``g_j(y) ≥ −active_tol``, or, when
+            the solver returns multipliers ``mu``, when ``mu_j > active_tol`` (``None``: ``1e-4``
+            in float32, ``1e-8`` otherwise).
+        strict: raise :class:`~ddnlib.DDNError` subclasses instead of warning.
+        max_iter: iteration cap of the default forward solvers.
+        solver_tol: stopping tolerance of the default forward solvers on the step size relative to
+            ``1 + ‖y‖∞`` (``None``: ``1e-5`` in float32, ``1e-10`` otherwise).
+    """
+
+    linear_solver: str = "auto"
+    dense_max: int = 256
+    damping: float = 0.0
+    cg_tol: float | None = None
+    cg_max_iter: int | None = None
+    check_optimality: bool = True
+    optimality_tol: float | None = None
+    active_tol: float | None = None
+    strict: bool = False
+    max_iter: int = 100
+    solver_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.linear_solver not in _LINEAR_SOLVERS:
+            raise ValueError(
+                f"linear_solver={self.linear_solver!r}: expected one of {_LINEAR_SOLVERS}"
+            )
+        for name in ("dense_max", "max_iter"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if self.cg_max_iter is not None and (
+            not isinstance(self.cg_max_iter, int) or self.cg_max_iter < 1
+        ):
+            raise ValueError(f"cg_max_iter={self.cg_max_iter!r}: expected a positive integer or None")
+        for name in ("damping",):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}={value!r}: expected a non-negative number")
+        for name in ("cg_tol", "optimality_tol", "active_tol", "solver_tol"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{name}={value!r}: expected a positive number or None")
+
+    def replace(self, **changes) -> "Options":
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def tol(self, name: str, dtype: torch.dtype) -> float:
+        """The tolerance ``name`` resolved for ``dtype`` (dtype defaults when unset)."""
+        value = getattr(self, name)
+        if value is not None:
+            return float(value)
+        single = dtype in (torch.float32, torch.float16, torch.bfloat16)
+        if name == "cg_tol":
+            return float(torch.finfo(dtype).eps) ** 0.5
+        return {
+            "optimality_tol": (1e-3, 1e-6),
+            "active_tol": (1e-4, 1e-8),
+            "solver_tol": (1e-5, 1e-10),
+        }[name][0 if single else 1]

@@ -1,0 +1,3 @@
+"""Bundled declarative nodes, installed as ``ddnlib.nodes``."""
+
+__all__: list[str] = []
