@@ -5,7 +5,8 @@ whose backward calls ``node.vjp``. The node's learnable parameters (those requir
 in ``named_parameters()``) are inputs of the Function, so their gradients flow to ``.grad`` like any
 other leaf, also through ``torch.nn.utils.parametrize`` and inside ``torch.func.functional_call``.
 Under ``torch.func.vmap`` the mapped dimension is folded into the batch dimension, which is exact
-because the problem is separable across the batch.
+because the problem is separable across the batch. The backward is first order: double backward
+(``create_graph=True``) and torch.func gradient transforms raise instead of returning wrong numbers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = ["declarative_apply"]
 
@@ -47,6 +47,15 @@ def _detach(ctx):
     if not isinstance(ctx, Mapping):
         raise TypeError(f"solve returned ctx of type {type(ctx).__name__}: expected a Mapping")
     return {k: v.detach() if isinstance(v, Tensor) else v for k, v in ctx.items()}
+
+
+def _inside_grad_transform(t: Tensor) -> bool:
+    """Whether ``t`` is traced by a torch.func gradient transform (which forbids requires_grad_)."""
+    try:
+        t.detach().requires_grad_()
+    except RuntimeError:
+        return True
+    return False
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -86,8 +95,17 @@ class _Declarative(torch.autograd.Function):
         ctx.save_for_backward(*tensors[:n], output)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, v):
+        if _inside_grad_transform(v):
+            raise NotImplementedError(
+                f"{type(ctx.node).__name__}: torch.func gradient transforms (grad, vjp, jacrev) "
+                "are not supported through a DeclarativeNode; use torch.autograd "
+                "(torch.func.vmap and functional_call are supported).")
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"double backward through {type(ctx.node).__name__} is not supported: its "
+                "gradient is first-order only. Call backward/autograd.grad without "
+                "create_graph=True through a DeclarativeNode.")
         *xs, y = ctx.saved_tensors
         n, node, names = ctx.n, ctx.node, ctx.names
         needs = ctx.needs_input_grad[_N_META:]
