@@ -1,0 +1,138 @@
+"""Finite-difference gradient check of a node, for every input and every learnable parameter.
+
+For each argument ``a`` (an input or a parameter requiring grad) of the solution map
+``y(x_1, …, x_n; θ)`` the check compares, in float64,
+
+    analytic  Vᵀ (∂y/∂a) U       (rows by backward passes through the node, i.e. its ``vjp``)
+    numeric   Vᵀ [y(a + h u) − y(a − h u)] / 2h   for every column u of U
+
+where ``U`` and ``V`` are identity matrices (the full Jacobian, entry by entry) for arguments and
+outputs with at most ``max_elements`` entries, and ``directions`` random Gaussian directions
+otherwise. The step ``h = eps · (1 + max_j |a_j u_j|)`` follows the scale of the argument.
+An entry passes when ``|analytic − numeric| ≤ atol + rtol · |numeric|`` (as ``torch.allclose``).
+Parameters are substituted through ``torch.func.functional_call`` on a float64 copy of the node.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..node import DeclarativeNode
+from ._common import captured, float64_copy, float64_inputs, node_name, warning_rows
+from .report import CheckResult, CheckRow
+
+__all__ = ["check_gradients"]
+
+
+def check_gradients(
+    node: DeclarativeNode,
+    *xs: Tensor,
+    eps: float = 1e-6,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    max_elements: int = 64,
+    directions: int = 8,
+    seed: int = 0,
+) -> CheckResult:
+    """Compare the node's gradients with central finite differences, in float64.
+
+    Args:
+        node: the node to check (not modified: a float64 copy is checked).
+        xs: the inputs, each ``(b, ...)``.
+        eps: relative finite-difference step.
+        atol, rtol: the per-entry tolerance ``atol + rtol · |numeric|``.
+        max_elements: arguments (and outputs) up to this size are checked entry by entry; larger
+            ones along ``directions`` random directions.
+        directions: number of random directions for large arguments.
+        seed: seeds the random directions.
+
+    Returns:
+        A :class:`CheckResult` with one row per argument (worst absolute error, relative error in
+        the detail) and one failing row per kind of ddnlib warning raised while checking.
+    """
+    for name, value in (("eps", eps), ("atol", atol), ("rtol", rtol)):
+        if not value > 0:
+            raise ValueError(f"{name}={value!r}: expected a positive number")
+    for name, value in (("max_elements", max_elements), ("directions", directions)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive integer")
+    result = CheckResult(node_name(node))
+    node64, xs64 = float64_copy(node), float64_inputs(xs)
+    names = [name for name, p in node64.named_parameters() if p.requires_grad]
+    params = dict(node64.named_parameters())
+    args = list(xs64) + [params[k].detach().clone() for k in names]
+    labels = [f"input {i}" for i in range(len(xs64))] + [f"param {k}" for k in names]
+    n = len(xs64)
+    generator = torch.Generator().manual_seed(seed)
+
+    def solution(*a: Tensor) -> Tensor:
+        return torch.func.functional_call(node64, dict(zip(names, a[n:])), tuple(a[:n]))
+
+    tol = f"atol {atol:g} + rtol {rtol:g}·|fd|"
+    with captured() as caught:
+        try:
+            rows = _analytic_rows(solution, args, max_elements, directions, generator)
+        except Exception as error:  # the node's forward or backward failed: report, don't hide
+            result.rows.append(CheckRow("gradient", "backward", float("nan"), tol, "fail",
+                                        f"{type(error).__name__}: {error}"))
+            rows = None
+        if rows is not None:
+            V, JtV = rows
+            for i, (label, a) in enumerate(zip(labels, args)):
+                result.rows.append(_check_argument(solution, args, i, label, V, JtV[i], eps, atol,
+                                                   rtol, tol, max_elements, directions, generator))
+    return result.extend(warning_rows("gradient", caught))
+
+
+def _probes(numel: int, max_elements: int, directions: int, generator, dtype) -> Tensor:
+    """Columns of ``U``: the identity for small arguments, random unit directions otherwise."""
+    if numel <= max_elements:
+        return torch.eye(numel, dtype=dtype)
+    U = torch.randn(numel, directions, generator=generator, dtype=dtype)
+    return U / U.abs().amax(0)
+
+
+def _analytic_rows(solution, args, max_elements, directions, generator):
+    """``V`` (out × k) and, per argument, ``(∂y/∂a)ᵀ V`` (numel × k) by backward passes."""
+    leaves = [a.detach().requires_grad_() for a in args]
+    with torch.enable_grad():
+        y = solution(*leaves)
+        V = _probes(y.numel(), max_elements, directions, generator, y.dtype)
+        cols = [[] for _ in leaves]
+        for k in range(V.shape[1]):
+            grads = torch.autograd.grad(y, leaves, V[:, k].reshape(y.shape), retain_graph=True,
+                                        allow_unused=True)
+            for col, g, a in zip(cols, grads, leaves):
+                col.append(torch.zeros_like(a) if g is None else g.detach())
+    return V, [torch.stack([c.reshape(-1) for c in col], dim=1) for col in cols]
+
+
+def _check_argument(solution, args, i, label, V, JtV, eps, atol, rtol, tol, max_elements,
+                    directions, generator) -> CheckRow:
+    a = args[i]
+    if a.numel() == 0:
+        return CheckRow("gradient", label, float("nan"), tol, "skip", "empty")
+    U = _probes(a.numel(), max_elements, directions, generator, a.dtype)
+    flat = a.reshape(-1)
+    numeric = []
+    with torch.no_grad():
+        for k in range(U.shape[1]):
+            u = U[:, k]
+            h = eps * (1 + (flat.abs() * u.abs()).amax().item())
+            ends = []
+            for sign in (1, -1):
+                shifted = list(args)
+                shifted[i] = (flat + sign * h * u).reshape(a.shape)
+                ends.append(solution(*shifted).reshape(-1))
+            numeric.append((ends[0] - ends[1]) / (2 * h))
+    fd = V.T @ torch.stack(numeric, dim=1)  # (k_out, k_in)
+    an = JtV.T @ U
+    diff = (an - fd).abs()
+    worst = diff.max().item() if diff.numel() else 0.0
+    scale = fd.abs().max().item() if fd.numel() else 0.0
+    ok = bool(torch.isfinite(an).all() and torch.isfinite(fd).all()
+              and (diff <= atol + rtol * fd.abs()).all())
+    where = "entries" if U.shape[1] == a.numel() else f"{U.shape[1]} random directions"
+    detail = f"rel {worst / scale if scale > 0 else worst:.3g}, max |fd| {scale:.3g}, {where}"
+    return CheckRow("gradient", label, worst, tol, "pass" if ok else "fail", detail)
