@@ -90,7 +90,9 @@ def _report_solve(info: SolveInfo, H: Tensor | None, strict: bool, what: str) ->
                "(Options(damping=...)) or check that the problem has a unique solution.", strict)
     elif info.not_pd.any():
         detail = ""
-        if H is not None:
+        if info.min_eig is not None:
+            detail = f" (smallest reduced-Hessian eigenvalue {info.min_eig.min().item():.3g})"
+        elif H is not None:
             eig = torch.linalg.eigvalsh(H[info.not_pd]).amin(-1)
             detail = f" (smallest eigenvalue {eig.min().item():.3g})"
         report(SingularSystemWarning,
@@ -142,6 +144,14 @@ def implicit_vjp(
                 nu = recover_multipliers(grad_f.detach(), A, active)
             nu = nu * active.to(nu.dtype)
             lagrangian_grad = grad_f + grad((c * nu.detach()).sum(), [yf], create_graph=True)[0]
+            null = NullSpace(A.detach(), active)
+            if null.rank_deficient.any():
+                report(SingularSystemWarning,
+                       f"the active constraint Jacobian is rank deficient at samples "
+                       f"{_samples(null.rank_deficient)} (rank {_rank_detail(null, active)}); "
+                       "the minimum-norm multipliers were used. Remove redundant constraints: "
+                       "gradients are only reliable when the active constraints are independent.",
+                       strict)
         else:
             c = yf.new_zeros(b, 0)
             A = yf.new_zeros(b, 0, problem.m)
@@ -160,16 +170,18 @@ def implicit_vjp(
             H = 0.5 * (H + H.transpose(-1, -2))
             if problem.constrained:
                 U, W, info = solve_kkt(H, A.detach(), active, By, Bc, options.damping)
+                info.singular &= ~null.rank_deficient  # reported above
             else:
                 U, info = solve_spd(H, By, options.damping)
                 W = By.new_zeros(b, 0, By.shape[-1])
             _report_solve(info, H, strict, what)
         else:
-            U, W = _solve_matrix_free(lagrangian_grad, yf, A.detach(), active, By, Bc, options)
+            U, W = _solve_matrix_free(lagrangian_grad, yf, null if problem.constrained else None,
+                                      By, Bc, options)
         u, w = U[..., 0], W[..., 0]
         if check:
-            _check_optimality(problem, y, U[..., 1], c.detach(), nu if problem.constrained else None,
-                              active, grad_f.detach(), options)
+            _check_optimality(problem, y, U[..., 1], c.detach(), A.detach(),
+                              nu if problem.constrained else None, grad_f.detach(), options)
         surrogate = (lagrangian_grad * u.detach()).sum() + (c * w.detach()).sum()
         grads = grad(surrogate, wanted)
     it = iter(grads)
@@ -177,7 +189,7 @@ def implicit_vjp(
     return input_grads, {name: next(it) for name in params}
 
 
-def _solve_matrix_free(g: Tensor, yf: Tensor, A: Tensor, active: Tensor, By: Tensor, Bc: Tensor,
+def _solve_matrix_free(g: Tensor, yf: Tensor, null: NullSpace | None, By: Tensor, Bc: Tensor,
                        options) -> tuple[Tensor, Tensor]:
     """(Projected) CG with Hessian-vector products by double backward through ``g = ∇_y L``."""
     damping = options.damping
@@ -189,16 +201,11 @@ def _solve_matrix_free(g: Tensor, yf: Tensor, A: Tensor, active: Tensor, By: Ten
     rhs_y = By.movedim(-1, 0)  # (k, b, m)
     tol = options.tol("cg_tol", yf.dtype)
     max_iter = options.cg_max_iter or 2 * yf.shape[1] + 10
-    if A.shape[1] == 0:
+    if null is None:
         x, info = cg(hvp, rhs_y, tol, max_iter)
         W = By.new_zeros(yf.shape[0], 0, By.shape[-1])
         _report_solve(info, None, options.strict, "the Hessian")
         return x.movedim(0, -1), W
-    null = NullSpace(A, active)
-    if null.rank_deficient.any():
-        report(SingularSystemWarning,
-               f"the active constraint Jacobian is rank deficient at samples "
-               f"{_samples(null.rank_deficient)}", options.strict)
     particular = null.least_norm(Bc.movedim(-1, 0))
     z, info = cg(hvp, rhs_y - hvp(particular), tol, max_iter, project=null)
     _report_solve(info, None, options.strict, "the KKT system")
@@ -207,11 +214,34 @@ def _solve_matrix_free(g: Tensor, yf: Tensor, A: Tensor, active: Tensor, By: Ten
     return u.movedim(0, -1), w.movedim(0, -1)
 
 
-def _check_optimality(problem: Problem, y: Tensor, step: Tensor, c: Tensor, nu: Tensor | None,
-                      active: Tensor, grad_f: Tensor, options) -> None:
-    """Report samples whose Newton/KKT step is large or whose multipliers have the wrong sign."""
+def _rank_detail(null: NullSpace, active: Tensor) -> str:
+    i = null.rank_deficient.nonzero()[0, 0]
+    return f"{int(null.keep[i].sum().item())} < {int(active[i].sum().item())} active rows at sample {int(i)}"
+
+
+def _check_optimality(problem: Problem, y: Tensor, step: Tensor, c: Tensor, A: Tensor,
+                      nu: Tensor | None, grad_f: Tensor, options) -> None:
+    """Report samples whose Newton/KKT step is large, that violate a constraint, or whose
+    inequality multipliers have the wrong sign.
+
+    Violation is measured in units of ``y``: ``|h_j| / ‖∇_y h_j‖`` and ``max(g_j, 0) / ‖∇_y g_j‖``
+    (the first-order distance to the constraint), against ``optimality_tol · (1 + ‖y‖∞)``.
+    """
     tol = options.tol("optimality_tol", y.dtype)
     scale = 1 + y.reshape(y.shape[0], -1).abs().amax(-1)
+    if c.shape[1] > 0:
+        p = c.shape[1] - problem.ineq_rows
+        violation = torch.cat([c[:, :p].abs(), c[:, p:].clamp_min(0)], dim=1)
+        distance = violation / A.norm(dim=-1)  # inf where a violated row has a zero gradient
+        distance = torch.where(violation > 0, distance, torch.zeros_like(distance)).amax(-1)
+        infeasible = ~(distance <= tol * scale)
+        if infeasible.any():
+            report(OptimalityWarning,
+                   f"the forward solution violates the constraints at samples "
+                   f"{_samples(infeasible)}: largest violation {violation.amax().item():.3g} "
+                   f"(distance {distance[infeasible].max().item():.3g} in units of y, relative "
+                   f"tol {tol:g}). Gradients at an infeasible point are unreliable.",
+                   options.strict)
     size = step.abs().amax(-1) / scale
     bad = ~(size <= tol)
     if bad.any():

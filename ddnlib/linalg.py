@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SolveInfo", "solve_spd", "solve_kkt", "cg", "NullSpace"]
+__all__ = ["SolveInfo", "solve_spd", "solve_kkt", "reduced_min_eig", "cg", "NullSpace"]
 
 
 @dataclass
@@ -30,6 +30,7 @@ class SolveInfo:
     singular: Tensor
     not_converged: Tensor | None = None
     residual: Tensor | None = None
+    min_eig: Tensor | None = None  # smallest eigenvalue of the (reduced) Hessian where not_pd
 
 
 def _eye_like(H: Tensor) -> Tensor:
@@ -70,8 +71,11 @@ def solve_kkt(
     """Solve the KKT system per sample.
 
     ``[[H, Aᵀ], [A, 0]] [U; W] = [By; Bc]`` where only the rows of ``A`` marked ``active (b, p)``
-    take part; inactive rows get ``W = 0``. Schur complement with Cholesky when ``H`` is positive
-    definite, least squares on the full matrix otherwise.
+    take part; inactive rows get ``W = 0``. Schur complement ``S = A H⁻¹ Aᵀ`` with Cholesky when
+    ``H`` is positive definite, least squares (minimum norm) on the full matrix otherwise.
+    ``info.not_pd`` marks samples whose *reduced* Hessian ``Zᵀ H Z`` (``Z`` a basis of the null
+    space of the active ``A``) is not positive definite, i.e. not a strict local minimum;
+    ``info.singular`` those whose KKT matrix is rank deficient.
     """
     if damping:
         H = H + damping * _eye_like(H)
@@ -80,7 +84,7 @@ def solve_kkt(
     Bc = Bc * act.unsqueeze(-1)
     inactive_diag = torch.diag_embed(1 - act)
     L, info = torch.linalg.cholesky_ex(H)
-    not_pd = info != 0
+    h_not_pd = info != 0
     # Schur complement: S = A H⁻¹ Aᵀ (+ I on inactive rows), W = S⁻¹ (A H⁻¹ By − Bc).
     HiAt = torch.cholesky_solve(A.transpose(-1, -2), L)
     HiBy = torch.cholesky_solve(By, L)
@@ -88,8 +92,10 @@ def solve_kkt(
     Ls, info_s = torch.linalg.cholesky_ex(S)
     W = torch.cholesky_solve(A @ HiBy - Bc, Ls)
     U = HiBy - HiAt @ W
-    fallback = not_pd | (info_s != 0)
-    singular = torch.zeros_like(not_pd)
+    fallback = h_not_pd | (info_s != 0)
+    not_pd = torch.zeros_like(h_not_pd)
+    singular = torch.zeros_like(h_not_pd)
+    min_eig = None
     if fallback.any():
         U, W = U.clone(), W.clone()
         m = H.shape[-1]
@@ -99,31 +105,74 @@ def solve_kkt(
         X, sing = _lstsq(K, torch.cat([By[fallback], Bc[fallback]], dim=-2))
         U[fallback], W[fallback] = X[..., :m, :], X[..., m:, :]
         singular[fallback] = sing
-    return U, W, SolveInfo(not_pd=not_pd, singular=singular)
+        eig = reduced_min_eig(H[fallback], A[fallback])
+        min_eig = torch.full_like(h_not_pd, float("inf"), dtype=H.dtype)
+        min_eig[fallback] = eig
+        scale = 1 + H[fallback].abs().amax((-2, -1))
+        not_pd[fallback] = eig <= m * torch.finfo(H.dtype).eps * scale
+    return U, W, SolveInfo(not_pd=not_pd, singular=singular, min_eig=min_eig)
+
+
+def reduced_min_eig(H: Tensor, A: Tensor) -> Tensor:
+    """Smallest eigenvalue of ``Zᵀ H Z`` per sample, ``Z`` an orthonormal basis of ``null(A)``.
+
+    ``H (b, m, m)``, ``A (b, p, m)`` (rows of inactive constraints zeroed); ``+inf`` where the null
+    space is ``{0}``. Second-order sufficient condition of a constrained minimum: this is ``> 0``.
+    """
+    m = H.shape[-1]
+    _, S, Vh = torch.linalg.svd(A, full_matrices=True)
+    eps = torch.finfo(A.dtype).eps * max(A.shape[-2:])
+    rank = (S > eps * S.amax(-1, keepdim=True)).sum(-1) if S.shape[-1] else S.new_zeros(S.shape[0])
+    null = torch.arange(m, device=H.device) >= rank.unsqueeze(-1)  # rows of Vh spanning null(A)
+    R = Vh @ H @ Vh.transpose(-1, -2)
+    R = 0.5 * (R + R.transpose(-1, -2))
+    big = 1 + 2 * R.abs().amax((-2, -1), keepdim=True)
+    both = null.unsqueeze(-1) & null.unsqueeze(-2)
+    R = torch.where(both, R, torch.zeros_like(R)) + torch.diag_embed((~null).to(H.dtype)) * big
+    eig = torch.linalg.eigvalsh(R)[..., 0]
+    return torch.where(null.any(-1), eig, torch.full_like(eig, float("inf")))
 
 
 class NullSpace:
-    """Orthogonal projector onto ``{u : A u = 0}`` for the active rows of ``A (b, p, m)``."""
+    """Projector onto ``{u : A u = 0}`` for the active rows of ``A (b, p, m)``, by a thin SVD.
+
+    With ``A = V S Qᵀ`` (rank ``r``, singular values below ``max(p, m) · eps · σ_max`` dropped), the
+    projector is ``I − Q Qᵀ``, ``least_norm`` applies ``A⁺`` and ``coefficients`` applies
+    ``(A⁺)ᵀ``; both are exact also when ``A`` is rank deficient (minimum-norm solutions).
+    ``rank_deficient (b,)`` marks samples whose rank is below their number of active rows, and
+    ``sigma_min (b,)`` is the smallest singular value relative to the largest over the active rows.
+    """
 
     def __init__(self, A: Tensor, active: Tensor):
         act = active.to(A.dtype)
         self.A = A * act.unsqueeze(-1)
-        gram = self.A @ self.A.transpose(-1, -2) + torch.diag_embed(1 - act)
-        self.L, info = torch.linalg.cholesky_ex(gram)
-        self.rank_deficient = info != 0
+        V, S, Qt = torch.linalg.svd(self.A, full_matrices=False)
+        eps = torch.finfo(A.dtype).eps * max(A.shape[-2:], default=1)
+        top = S.amax(-1, keepdim=True) if S.shape[-1] else S.new_zeros(S.shape[0], 1)
+        keep = S > eps * top
+        self.V, self.Qt = V, Qt
+        self.inv_s = torch.where(keep, 1 / S.where(keep, torch.ones_like(S)), torch.zeros_like(S))
+        self.keep = keep.to(A.dtype)
+        n_active = active.sum(-1)
+        self.rank_deficient = keep.sum(-1) < n_active
+        rank = keep.sum(-1).clamp_min(1)
+        smallest = S.gather(-1, (rank - 1).unsqueeze(-1)).squeeze(-1) if S.shape[-1] else top[:, 0]
+        self.sigma_min = torch.where(self.rank_deficient, torch.zeros_like(smallest),
+                                     smallest / top[:, 0].clamp_min(torch.finfo(A.dtype).tiny))
 
     def least_norm(self, c: Tensor) -> Tensor:
-        """``Aᵀ (A Aᵀ)⁻¹ c`` for ``c (k, b, p)``: the smallest ``u`` with ``A u = c``."""
-        z = torch.cholesky_solve(c.movedim(0, -1), self.L)
-        return (self.A.transpose(-1, -2) @ z).movedim(-1, 0)
+        """``A⁺ c`` for ``c (k, b, p)``: the smallest ``u`` minimising ``‖A u − c‖``."""
+        z = (self.V.transpose(-1, -2) @ c.movedim(0, -1)) * self.inv_s.unsqueeze(-1)
+        return (self.Qt.transpose(-1, -2) @ z).movedim(-1, 0)
 
     def coefficients(self, r: Tensor) -> Tensor:
-        """``(A Aᵀ)⁻¹ A r`` for ``r (k, b, m)``: the multipliers with ``Aᵀ w`` closest to ``r``."""
-        Ar = self.A @ r.movedim(0, -1)
-        return torch.cholesky_solve(Ar, self.L).movedim(-1, 0)
+        """``(A⁺)ᵀ r`` for ``r (k, b, m)``: the smallest ``w`` with ``Aᵀ w`` closest to ``r``."""
+        z = (self.Qt @ r.movedim(0, -1)) * self.inv_s.unsqueeze(-1)
+        return (self.V @ z).movedim(-1, 0)
 
     def __call__(self, r: Tensor) -> Tensor:
-        return r - (self.A.transpose(-1, -2) @ self.coefficients(r).movedim(0, -1)).movedim(-1, 0)
+        z = (self.Qt @ r.movedim(0, -1)) * self.keep.unsqueeze(-1)
+        return r - (self.Qt.transpose(-1, -2) @ z).movedim(-1, 0)
 
 
 def cg(
