@@ -1,0 +1,345 @@
+"""Euclidean projections onto L1 / L2 / L∞ balls and spheres, with a learnable radius.
+
+Over the last dimension of ``x (..., n)`` (leading dimensions are folded into the batch),
+
+    sphere:  y = argmin_u ½‖u − x‖²  subject to  ‖u‖_p = r,
+    ball:    y = argmin_u ½‖u − x‖²  subject to  ‖u‖_p ≤ r,        p ∈ {1, 2, ∞}, r > 0.
+
+Each node states this problem declaratively (``objective``, and ``equality_constraints`` for a
+sphere or ``inequality_constraints`` for a ball; the L∞ ball as the ``n`` rows ``|u_i| − r ≤ 0``),
+solves it exactly and overrides ``vjp`` with the closed form obtained by implicit differentiation
+of the active constraints. ``super().vjp`` is the generic engine, valid for L2 everywhere (but at
+``x = 0``) and for L1 / L∞ where the solution has no zero / tied coordinates.
+
+Forward algorithms (``s = sign(x)``, ``a = |x|``):
+
+- **L2**: ``y = r x / ‖x‖`` (a ball returns ``x`` when ``‖x‖ ≤ r``).
+- **L1**: ``y = s ⊙ max(a − τ, 0)`` where ``τ`` solves ``Σ_i max(a_i − τ, 0) = r``, found by
+  sorting ``a`` (Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008, Fig. 1: the projection of
+  ``a`` onto the simplex of radius ``r``). For a sphere ``τ < 0`` when ``‖x‖₁ < r`` (every
+  magnitude grows by ``−τ``); a ball uses ``max(τ, 0)``, i.e. returns ``x`` when ``‖x‖₁ ≤ r``.
+- **L∞ ball**: ``y = clamp(x, −r, r)``.
+- **L∞ sphere**: the clamp when ``‖x‖∞ ≥ r``; otherwise ``x`` with its largest-magnitude
+  coordinate moved to ``±r``.
+
+Backward (``v = ∂ℓ/∂y``, per sample): on the sphere ``‖y‖_p = r`` the Jacobian of the solution is
+
+- **L2**: ``∂y/∂x = (r/‖x‖)(I − ŷŷᵀ)``, ``∂y/∂r = ŷ`` with ``ŷ = y / r``;
+- **L1**: with the support ``S = {i : y_i ≠ 0}``, ``k = |S|`` and ``σ = sign(y)``:
+  ``∂y/∂x = diag(1_S) − σσᵀ/k``, ``∂y/∂r = σ/k``;
+- **L∞**: with the moved coordinates ``M = {i : y_i ≠ x_i}``: ``∂y/∂x = diag(1 − 1_M)``,
+  ``∂y/∂r = σ ⊙ 1_M``;
+
+and inside a ball it is ``∂y/∂x = I``, ``∂y/∂r = 0``.
+
+Deterministic choices where the problem is not differentiable or not unique:
+
+- a point on a ball's boundary (``‖x‖_p = r`` exactly) is inside: ``y = x``, identity Jacobian;
+- L1 sphere with ``‖x‖₁ < r``: a zero coordinate grows in the ``+`` direction (``sign(0) := +1``),
+  so ``x = 0`` maps to ``(r/n) 1``; ties ``|x_i| = τ`` leave the support (``y_i = 0``, zero
+  gradient);
+- L2 sphere: ``x = 0`` maps to ``(r/√n) 1``, with a zero input gradient there (the map is
+  discontinuous) and ``∂y/∂r = 1/√n``;
+- L∞: a coordinate with ``|x_i| = r`` is not clamped (gradient flows to ``x_i``, not to ``r``);
+  inside the L∞ sphere the first of several largest-magnitude coordinates moves, toward ``+r``
+  when it is zero, so ``x = 0`` maps to ``r e_1``.
+
+The learnable radius is ``r = exp(ρ)`` (a :mod:`torch.nn.utils.parametrize` parametrisation, so
+``ρ`` appears in ``named_parameters()`` as ``parametrizations.radius.original``); a fixed radius is a
+buffer. The functional form is :func:`project`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+
+from ddnlib import DeclarativeNode, Options
+
+__all__ = ["L1Sphere", "L1Ball", "L2Sphere", "L2Ball", "LInfSphere", "LInfBall", "project"]
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+class _Exp(torch.nn.Module):
+    """``r = exp(ρ)``: a positive radius from an unconstrained parameter."""
+
+    def forward(self, log_radius: Tensor) -> Tensor:
+        return log_radius.exp()
+
+    def right_inverse(self, radius: Tensor) -> Tensor:
+        return radius.log()
+
+
+# -- exact forward algorithms: (x (b, n), r 0-d) -> (y (b, n), multiplier) ------------------------
+
+def _sign_plus(x: Tensor) -> Tensor:
+    """``sign(x)`` with ``sign(0) := +1``."""
+    return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+
+
+def _l2(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if sphere:
+        unit = torch.where(norm > 0, x / norm, x.shape[-1] ** -0.5)
+        return r * unit, norm - r
+    scale = torch.where(norm > r, r / norm, 1.0)
+    return x * scale, (norm - r).clamp_min(0)
+
+
+def _l1_threshold(a: Tensor, r: Tensor) -> Tensor:
+    """``τ (b, 1)`` with ``Σ_i max(a_i − τ, 0) = r`` for ``a ≥ 0`` (Duchi et al. 2008, Fig. 1).
+
+    With ``μ`` the magnitudes in decreasing order, ``ρ = max{j : μ_j > (Σ_{k≤j} μ_k − r) / j}`` and
+    ``τ = (Σ_{k≤ρ} μ_k − r) / ρ``; ``τ < 0`` when ``Σ a < r``.
+    """
+    mu = torch.sort(a, dim=-1, descending=True).values
+    excess = mu.cumsum(-1) - r
+    j = torch.arange(1, a.shape[-1] + 1, dtype=a.dtype, device=a.device)
+    rho = ((mu * j > excess) * j).amax(-1, keepdim=True)  # j = 1 always qualifies (r > 0)
+    return excess.gather(-1, rho.long() - 1) / rho
+
+
+def _l1(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
+    tau = _l1_threshold(x.abs(), r)
+    if sphere:
+        return _sign_plus(x) * (x.abs() - tau).clamp_min(0), tau
+    tau = tau.clamp_min(0)
+    return x.sign() * (x.abs() - tau).clamp_min(0), tau
+
+
+def _linf(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
+    y = torch.clamp(x, -r, r)
+    if not sphere:
+        return y, (x.abs() - r).clamp_min(0)
+    a = x.abs()
+    top, i = a.max(dim=-1, keepdim=True)  # the first of tied maxima
+    inside = top < r
+    moved = torch.where(inside, _sign_plus(x.gather(-1, i)) * r, y.gather(-1, i))
+    return y.scatter(-1, i, moved), top - r
+
+
+# -- closed-form pullbacks: (x, y, v, r) -> (∂ℓ/∂x (b, n), ∂ℓ/∂r per sample (b,)) ----------------
+
+def _l2_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    unit = y / r
+    dot = (unit * v).sum(-1, keepdim=True)
+    scale = torch.where(norm > 0, r / norm, 0.0)
+    gx = scale * (v - unit * dot)
+    if sphere:
+        return gx, dot.squeeze(-1)
+    active = norm > r
+    return torch.where(active, gx, v), torch.where(active, dot, 0.0).squeeze(-1)
+
+
+def _l1_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
+    sigma = y.sign()
+    k = sigma.abs().sum(-1, keepdim=True)
+    dot = (sigma * v).sum(-1, keepdim=True) / k
+    gx = sigma.abs() * v - sigma * dot
+    if sphere:
+        return gx, dot.squeeze(-1)
+    active = (y != x).any(-1, keepdim=True)
+    return torch.where(active, gx, v), torch.where(active, dot, 0.0).squeeze(-1)
+
+
+def _linf_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
+    moved = y != x
+    return v.masked_fill(moved, 0.0), (y.sign() * v).masked_fill(~moved, 0.0).sum(-1)
+
+
+_Algorithm = tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., tuple[Tensor, Tensor]]]
+_ALGORITHMS: dict[float, _Algorithm] = {
+    1: (_l1, _l1_pullback),
+    2: (_l2, _l2_pullback),
+    math.inf: (_linf, _linf_pullback),
+}
+
+
+def _norm(y: Tensor, p: float) -> Tensor:
+    return torch.linalg.vector_norm(y, ord=p, dim=-1, keepdim=True)
+
+
+# -- the nodes -----------------------------------------------------------------------------------
+
+class _Projection(DeclarativeNode):
+    """``y = argmin_u ½‖u − x‖²`` subject to ``‖u‖_p = r`` (sphere) or ``≤ r`` (ball).
+
+    Args:
+        radius: ``r > 0``, the initial value when learnable.
+        learn_radius: make ``r`` a learnable positive parameter (``r = exp(ρ)``).
+        options: engine settings (used by ``super().vjp``, the generic backward).
+
+    Input ``x (..., n)``, float32 or float64; output of the same shape, projected over the last
+    dimension.
+    """
+
+    p: float
+    sphere: bool
+
+    def __init__(self, radius: float = 1.0, learn_radius: bool = False,
+                 options: Options | None = None):
+        super().__init__(options)
+        if isinstance(radius, bool) or not isinstance(radius, Real):
+            raise TypeError(f"radius={radius!r}: expected a positive real number")
+        if not (math.isfinite(radius) and radius > 0):
+            raise ValueError(f"radius={radius!r}: expected a positive finite number")
+        if not isinstance(learn_radius, bool):
+            raise TypeError(f"learn_radius={learn_radius!r}: expected True or False")
+        value = torch.tensor(float(radius))
+        if learn_radius:
+            self.radius = torch.nn.Parameter(value)
+            parametrize.register_parametrization(self, "radius", _Exp())
+        else:
+            self.register_buffer("radius", value)
+
+    def extra_repr(self) -> str:
+        learn = parametrize.is_parametrized(self, "radius")
+        return f"radius={self.radius.item():.4g}, learn_radius={learn}"
+
+    # -- the problem ----------------------------------------------------------------------------
+    def objective(self, x: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * (y - x).square().sum(-1)
+
+    def _constraint(self, y: Tensor) -> Tensor:
+        return _norm(y, self.p) - self.radius.to(y)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Project ``x (..., n)`` over its last dimension; same shape as ``x``."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}(): x is {type(x).__name__}: expected a torch.Tensor")
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"{name}(): x has dtype {x.dtype}: expected torch.float32 or "
+                            "torch.float64")
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise ValueError(f"{name}(): x has shape {tuple(x.shape)}: expected (..., n) with "
+                             "n ≥ 1")
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+    def solve(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The exact projection of ``x (b, n)`` and the constraint multiplier(s)."""
+        y, multiplier = _ALGORITHMS[self.p][0](x, self.radius.to(x), self.sphere)
+        return y, {"lambda" if self.sphere else "mu": multiplier}
+
+    # -- backward -------------------------------------------------------------------------------
+    def vjp(self, x: Tensor, *, y: Tensor, v: Tensor, ctx: Mapping[str, Any] | None = None
+            ) -> tuple[tuple[Tensor | None], dict[str, Tensor]]:
+        """Closed-form vector–Jacobian product for ``x`` and the radius (see the module doc)."""
+        params = {k: p for k, p in self.named_parameters() if p.requires_grad}
+        with torch.enable_grad():
+            r = self.radius.to(x)
+        gx, gr = _ALGORITHMS[self.p][1](x.detach(), y, v.to(y.dtype), r.detach(), self.sphere)
+        param_grads = {}
+        if params:
+            grads = (torch.autograd.grad(r, list(params.values()), gr.sum(), allow_unused=True)
+                     if r.requires_grad else [None] * len(params))
+            param_grads = {k: torch.zeros_like(p) if g is None else g
+                           for (k, p), g in zip(params.items(), grads)}
+        return (gx if x.requires_grad else None,), param_grads
+
+
+class _Sphere(_Projection):
+    sphere = True
+
+    def equality_constraints(self, x: Tensor, y: Tensor) -> Tensor:
+        """``‖y‖_p − r (b, 1)``."""
+        return self._constraint(y)
+
+
+class _Ball(_Projection):
+    sphere = False
+
+    def inequality_constraints(self, x: Tensor, y: Tensor) -> Tensor:
+        """``‖y‖_p − r ≤ 0 (b, 1)``."""
+        return self._constraint(y)
+
+
+class L1Sphere(_Sphere):
+    """Projection onto the L1 sphere ``‖u‖₁ = r`` (sort-and-threshold; see the module doc)."""
+
+    p = 1
+
+
+class L1Ball(_Ball):
+    """Projection onto the L1 ball ``‖u‖₁ ≤ r`` (sort-and-threshold; see the module doc)."""
+
+    p = 1
+
+
+class L2Sphere(_Sphere):
+    """Projection onto the L2 sphere ``‖u‖₂ = r``: ``y = r x / ‖x‖``."""
+
+    p = 2
+
+
+class L2Ball(_Ball):
+    """Projection onto the L2 ball ``‖u‖₂ ≤ r``: ``y = x · min(1, r / ‖x‖)``."""
+
+    p = 2
+
+
+class LInfSphere(_Sphere):
+    """Projection onto the L∞ sphere ``‖u‖∞ = r`` (clamp, or move the largest coordinate)."""
+
+    p = math.inf
+
+
+class LInfBall(_Ball):
+    """Projection onto the L∞ ball ``‖u‖∞ ≤ r``: ``y = clamp(x, −r, r)``."""
+
+    p = math.inf
+
+    def inequality_constraints(self, x: Tensor, y: Tensor) -> Tensor:
+        """``|y_i| − r ≤ 0 (b, n)``: the ball as ``n`` smooth constraints."""
+        return y.abs() - self.radius.to(y)
+
+
+# -- functional form -----------------------------------------------------------------------------
+
+_NODES: dict[tuple[float, str], type[_Projection]] = {
+    (cls.p, "sphere" if cls.sphere else "ball"): cls
+    for cls in (L1Sphere, L1Ball, L2Sphere, L2Ball, LInfSphere, LInfBall)
+}
+
+
+def project(x: Tensor, radius: float | Tensor = 1.0, p: float | str = 2,
+            kind: str = "ball") -> Tensor:
+    """Euclidean projection of ``x (..., n)`` onto ``{u : ‖u‖_p ≤ r}`` or ``{u : ‖u‖_p = r}``.
+
+    Args:
+        x: the points, projected over the last dimension.
+        radius: ``r > 0``, a number or a 0-d tensor; a tensor that requires grad receives
+            ``∂ℓ/∂r``.
+        p: ``1``, ``2`` or ``math.inf`` (also ``"inf"``).
+        kind: ``"ball"`` or ``"sphere"``.
+
+    Same as calling the node (e.g. ``L1Ball(radius)(x)``); see the module doc for the algorithms
+    and the choices at ties.
+    """
+    order = math.inf if p in ("inf", float("inf")) else p
+    if isinstance(order, bool) or order not in (1, 2, math.inf):
+        raise ValueError(f"p={p!r}: expected 1, 2 or math.inf")
+    if kind not in ("ball", "sphere"):
+        raise ValueError(f"kind={kind!r}: expected 'ball' or 'sphere'")
+    cls = _NODES[(order, kind)]
+    if not isinstance(radius, Tensor):
+        return cls(radius)(x)
+    if radius.dim() != 0 or not radius.is_floating_point():
+        raise ValueError(f"radius has shape {tuple(radius.shape)} and dtype {radius.dtype}: "
+                         "expected a 0-d floating tensor")
+    if not radius.requires_grad:
+        return cls(radius.item())(x)
+    if not radius.item() > 0:
+        raise ValueError(f"radius={radius.item()!r}: expected a positive number")
+    node = cls(learn_radius=True)
+    return torch.func.functional_call(
+        node, {"parametrizations.radius.original": radius.log()}, (x,))
