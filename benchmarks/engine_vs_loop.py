@@ -101,7 +101,8 @@ def run(report: Report, settings: Settings) -> None:
         dense, cg = [], []
         for m in sizes:
             times = interleaved(_variants(kind, m, with_loop=True), settings)
-            report.add(CASE, f"scaling {kind} m={m}", times, baseline="engine dense")
+            report.add(CASE, f"scaling {kind} m={m}", times, baseline="engine dense",
+                       kind=kind, m=m)
             dense.append(times["engine dense"])
             cg.append(times["engine cg"])
         cross = _crossover(sizes, dense, cg)

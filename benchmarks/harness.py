@@ -46,6 +46,7 @@ class Row:
     unit: str  # "s" (median seconds per call) or "B" (bytes saved for backward)
     baseline: str
     ratio: float  # value / baseline value
+    params: dict[str, Any] = field(default_factory=dict)  # e.g. {"m": 256}, for plots
 
 
 @dataclass
@@ -67,12 +68,13 @@ class Report:
     notes: list[dict[str, str]] = field(default_factory=list)
 
     def add(self, case: str, setting: str, values: Mapping[str, float], baseline: str,
-            unit: str = "s") -> None:
+            unit: str = "s", **params: Any) -> None:
         """Rows for ``values`` (variant -> value), with ratios against ``values[baseline]``."""
         base = values[baseline]
         for variant, value in values.items():
             ratio = value / base if base > 0 else math.nan
-            self.rows.append(Row(case, setting, variant, float(value), unit, baseline, ratio))
+            self.rows.append(Row(case, setting, variant, float(value), unit, baseline, ratio,
+                                 dict(params)))
 
     def target(self, case: str, what: str, measured: float, target: str, met: bool) -> None:
         self.targets.append(Target(case, what, float(measured), target, bool(met)))

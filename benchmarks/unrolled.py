@@ -73,11 +73,13 @@ def run(report: Report, settings: Settings) -> None:
 
         setting = f"denoiser b={BATCH} m={m}, {iters} iterations"
         times = interleaved({"implicit": implicit, "unrolled": unrolled}, settings)
-        report.add(CASE, f"{setting}: forward + backward", times, baseline="implicit")
+        report.add(CASE, f"{setting}: forward + backward", times, baseline="implicit",
+                   iterations=iters)
         mem = {"implicit": saved_bytes(lambda: node(x), exclude=params)[0],
                "unrolled": saved_bytes(lambda: gradient_descent(x, node.log_w.exp(), iters),
                                        exclude=params)[0]}
-        report.add(CASE, f"{setting}: saved for backward", mem, baseline="implicit", unit="B")
+        report.add(CASE, f"{setting}: saved for backward", mem, baseline="implicit", unit="B",
+                   iterations=iters)
         memory[iters] = mem
         errors = [((g - r).norm() / r.norm()).item() for g, r in zip(unrolled(), reference)]
         report.note(CASE, f"{iters} iterations: relative error of the unrolled gradient against "
