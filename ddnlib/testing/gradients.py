@@ -79,7 +79,7 @@ def check_gradients(
             rows = None
         if rows is not None:
             V, JtV = rows
-            for i, (label, a) in enumerate(zip(labels, args)):
+            for i, label in enumerate(labels):
                 result.rows.append(_check_argument(solution, args, i, label, V, JtV[i], eps, atol,
                                                    rtol, tol, max_elements, directions, generator))
     return result.extend(warning_rows("gradient", caught))
@@ -134,5 +134,6 @@ def _check_argument(solution, args, i, label, V, JtV, eps, atol, rtol, tol, max_
     ok = bool(torch.isfinite(an).all() and torch.isfinite(fd).all()
               and (diff <= atol + rtol * fd.abs()).all())
     where = "entries" if U.shape[1] == a.numel() else f"{U.shape[1]} random directions"
-    detail = f"rel {worst / scale if scale > 0 else worst:.3g}, max |fd| {scale:.3g}, {where}"
+    rel = worst / scale if scale > 0 else (float("inf") if worst > 0 else 0.0)
+    detail = f"rel {rel:.3g}, max |fd| {scale:.3g}, {where}"
     return CheckRow("gradient", label, worst, tol, "pass" if ok else "fail", detail)

@@ -137,9 +137,13 @@ def _kkt_rows(problem: Problem, y: Tensor, ctx, tol: float, smooth: bool) -> lis
         viol = _violation(problem, _flat(problem, y)) / scale
         rows.append(_row("feasibility", viol, tol, "max(|h|, g+) / (1 + |y|)", True))
     if problem.has_ineq:
-        mu = nu[:, nu.shape[1] - problem.ineq_rows:]
-        wrong = (-mu).clamp_min(0).amax(-1) / (1 + grad_f.detach().abs().amax(-1))
-        rows.append(_row("multiplier sign", wrong, tol, "-min(mu) / (1 + |grad f|)", smooth))
+        q = problem.ineq_rows
+        given = ctx.get("mu") if ctx else None
+        mu = nu[:, nu.shape[1] - q:] if given is None else given.detach().reshape(b, q)
+        tight = c.detach()[:, c.shape[1] - q:] >= -problem.node.options.tol("active_tol", y.dtype)
+        wrong = (-mu * tight).clamp_min(0).amax(-1) / (1 + grad_f.detach().abs().amax(-1))
+        rows.append(_row("multiplier sign", wrong, tol, "-min(mu over tight g) / (1 + |grad f|)",
+                         smooth))
     return rows
 
 
