@@ -1,0 +1,190 @@
+"""Robust penalties ``φ(z; c[, α])`` of the pooling problem ``y = argmin_u Σ_i φ(u − x_i)``.
+
+Each penalty is one small object: its value ``φ``, the derivatives in ``z`` that the solvers and
+the closed-form backward need (``φ′``, ``φ″`` and the majorise–minimise weight ``ω = φ′/z``), and,
+for Barron's ``general`` loss, ``∂φ′/∂α``. ``z``, ``c`` and ``α`` broadcast together (in the
+pooling code ``z`` is ``(rows, n)`` and ``c``, ``α`` are ``(rows, 1)``).
+
+=====================  ===========================================================================
+name                   ``φ(z; c)``
+=====================  ===========================================================================
+``quadratic``          ``½ z²`` (the mean; ``c`` unused)
+``pseudo_huber``       ``c² (√(1 + (z/c)²) − 1)``
+``huber``              ``½ z²`` if ``|z| ≤ c``, else ``c (|z| − ½ c)``
+``welsch``             ``1 − exp(−z² / (2c²))``
+``truncated_quadratic````½ z²`` if ``|z| ≤ c``, else ``½ c²``
+``general``            ``|α−2|/α · (((z/c)²/|α−2| + 1)^{α/2} − 1)``; limits ``½ (z/c)²`` at
+                       ``α = 2`` and ``log(½ (z/c)² + 1)`` at ``α = 0`` (Barron, CVPR 2019)
+=====================  ===========================================================================
+
+Every penalty with a threshold depends on ``z`` and ``c`` through ``z/c`` up to a factor in ``c``,
+so at a minimiser ``y`` (``Σ φ′ = 0``) ``∂y/∂c = Σ_i φ″(z_i) z_i / (c Σ_i φ″(z_i))``: the backward
+needs no ``∂φ′/∂c``. Huber and the truncated quadratic have ``φ″`` undefined at ``|z| = c``; the
+value ``1`` (the inlier side) is used there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Penalty", "PENALTIES", "get_penalty"]
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """A penalty ``φ(z; c[, α])`` and what the pooling solvers need of it.
+
+    Attributes:
+        name: the registry name.
+        uses_c: whether ``φ`` depends on ``c``.
+        uses_alpha: whether ``φ`` depends on ``α`` (Barron's ``general`` only).
+        convex_from: ``φ`` is convex in ``z`` when ``α ≥ convex_from`` (``-inf``: always,
+            ``inf``: never).
+    """
+
+    name: str
+    uses_c: bool = True
+    uses_alpha: bool = False
+    convex_from: float = float("-inf")
+
+    def value(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
+        """``φ(z)``."""
+        raise NotImplementedError
+
+    def derivatives(self, z: Tensor, c: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(φ′(z), φ″(z), ω(z) = φ′(z)/z > 0)``; ``ω`` is the IRLS / majorise–minimise weight."""
+        raise NotImplementedError
+
+    def alpha_derivative(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
+        """``∂φ′/∂α`` up to a term ``κ(α) φ′(z)`` constant over ``z`` (it cancels in ``Σ_i``
+        at a minimiser, where ``Σ_i φ′(z_i) = 0``)."""
+        return torch.zeros_like(z)
+
+    def convex(self, alpha: Tensor) -> bool:
+        """Whether ``Σ φ`` is convex in ``u`` for every ``α`` in ``alpha``."""
+        if self.convex_from == float("-inf"):
+            return True
+        if self.convex_from == float("inf"):
+            return False
+        return bool((alpha >= self.convex_from).all())
+
+
+class _Quadratic(Penalty):
+    def value(self, z, c, alpha):
+        return 0.5 * z * z
+
+    def derivatives(self, z, c, alpha):
+        one = torch.ones_like(z)
+        return z, one, one
+
+
+class _PseudoHuber(Penalty):
+    def value(self, z, c, alpha):
+        s = (z / c) ** 2
+        return c * c * s / (1 + torch.sqrt(1 + s))  # = c² (√(1+s) − 1) without cancellation
+
+    def derivatives(self, z, c, alpha):
+        t = z / c
+        r = torch.rsqrt(1 + t * t)
+        return z * r, r * r * r, r
+
+
+class _Huber(Penalty):
+    def value(self, z, c, alpha):
+        a = z.abs()
+        return torch.where(a <= c, 0.5 * z * z, c * (a - 0.5 * c))
+
+    def derivatives(self, z, c, alpha):
+        a = z.abs()
+        return torch.clamp(z, -c, c), (a <= c).to(z.dtype), c / torch.maximum(a, c)
+
+
+class _Welsch(Penalty):
+    def value(self, z, c, alpha):
+        return -torch.expm1(-0.5 * (z / c) ** 2)
+
+    def derivatives(self, z, c, alpha):
+        s = (z / c) ** 2
+        w = torch.exp(-0.5 * s) / (c * c)
+        return z * w, w * (1 - s), w
+
+
+class _TruncatedQuadratic(Penalty):
+    def value(self, z, c, alpha):
+        return 0.5 * torch.minimum(z * z, c * c)
+
+    def derivatives(self, z, c, alpha):
+        inlier = (z.abs() <= c).to(z.dtype)
+        return z * inlier, inlier, inlier
+
+
+def _safe(cond: Tensor, value: Tensor, fill: float) -> Tensor:
+    """``value`` where ``cond`` else ``fill``: keeps masked-out branches finite under autograd."""
+    return torch.where(cond, value, torch.full_like(value, fill))
+
+
+class _General(Penalty):
+    """Barron's loss with ``a = |α − 2|``, ``s = (z/c)²``, ``q = s/a``:
+    ``φ = (a/α) expm1((α/2) log1p(q))``, ``φ′ = (z/c²)(1 + q)^{α/2−1}``,
+    ``φ″ = (1/c²)(1 + q)^{α/2−1} (a + (α−1)s)/(a + s)`` and
+    ``∂φ′/∂α = ½ φ′ (log(a + s) − s/(a + s))`` (dropping ``−½ log(a) φ′``, constant over ``z``).
+    ``(1 + q)^{α/2−1} = exp((α/2−1) log1p(q))`` tends to ``1`` as ``α → 2`` (no overflow), and
+    ``expm1(αt/2)/α`` tends to ``t/2`` as ``α → 0``; both limits are used exactly at ``α ∈ {0, 2}``.
+    """
+
+    def _parts(self, z, c, alpha):
+        s = (z / c) ** 2
+        a = (alpha - 2).abs()
+        two = a == 0
+        a_safe = _safe(~two, a, 1.0).expand_as(s)
+        log1p_q = torch.log1p(s / a_safe)
+        power = _safe(~two.expand_as(s), torch.exp((0.5 * alpha - 1) * log1p_q), 1.0)
+        return s, a, two, a_safe, log1p_q, power
+
+    def value(self, z, c, alpha):
+        s, a, two, a_safe, log1p_q, _ = self._parts(z, c, alpha)
+        zero = (alpha == 0).expand_as(s)
+        alpha_safe = _safe(~zero, alpha.expand_as(s), 1.0)
+        general = a_safe / alpha_safe * torch.expm1(0.5 * alpha_safe * log1p_q)
+        out = torch.where(zero, torch.log1p(0.5 * s), general)
+        return torch.where(two.expand_as(s), 0.5 * s, out)
+
+    def derivatives(self, z, c, alpha):
+        s, a, _, _, _, power = self._parts(z, c, alpha)
+        w = power / (c * c)
+        denominator = a + s
+        ratio = _safe(denominator > 0, (a + (alpha - 1) * s) / _safe(denominator > 0, denominator, 1.0), 1.0)
+        return z * w, w * ratio, w
+
+    def alpha_derivative(self, z, c, alpha):
+        s, a, _, _, _, power = self._parts(z, c, alpha)
+        d1 = z * power / (c * c)
+        denominator = a + s
+        positive = denominator > 0
+        den = _safe(positive, denominator, 1.0)
+        return _safe(positive, 0.5 * d1 * (torch.log(den) - s / den), 0.0)
+
+
+PENALTIES: dict[str, Penalty] = {
+    p.name: p
+    for p in (
+        _Quadratic("quadratic", uses_c=False),
+        _PseudoHuber("pseudo_huber"),
+        _Huber("huber"),
+        _Welsch("welsch", convex_from=float("inf")),
+        _TruncatedQuadratic("truncated_quadratic", convex_from=float("inf")),
+        _General("general", uses_alpha=True, convex_from=1.0),
+    )
+}
+
+
+def get_penalty(name: str | Penalty) -> Penalty:
+    """The penalty called ``name`` (a :class:`Penalty` is returned as is)."""
+    if isinstance(name, Penalty):
+        return name
+    if not isinstance(name, str) or name not in PENALTIES:
+        raise ValueError(f"penalty={name!r}: expected one of {tuple(PENALTIES)}")
+    return PENALTIES[name]

@@ -1,0 +1,260 @@
+"""Forward solvers of the one-dimensional pooling problems ``y_r = argmin_u Σ_i φ(u − x_ri)``.
+
+All rows are solved at once, in blocks of rows small enough to stay in the CPU cache (the
+iterations then re-read cached data instead of streaming the whole input each pass).
+
+* ``quadratic``: the mean.
+* Convex penalties (``pseudo_huber``, ``huber``, ``general`` with ``α ≥ 1``): safeguarded Newton on
+  ``g(u) = Σ φ′(u − x_i)`` (increasing), started from the median of at most 64 evenly spaced
+  entries of the row, inside the bracket ``[lo, hi]`` (initially ``[min x, max x]``, where
+  ``g(lo) ≤ 0 ≤ g(hi)``) that every evaluation of ``g`` shrinks. A Newton step that leaves the
+  bracket is replaced by the majorise–minimise (IRLS) step ``u − g/Σω`` on even iterations and by
+  bisection on odd ones, so the bracket at least halves every two fallbacks.
+* Non-convex penalties (``welsch``, ``general`` with ``α < 1``): multi-start. The objective is
+  evaluated at ``min x``, ``max x`` and ``starts`` entries of the row (every entry when the row
+  has at most ``starts``; otherwise evenly spaced ones), plus the midpoints between consecutive
+  sorted candidates. Around each of the 3 best candidates the neighbouring candidates give a
+  bracket ``a < m < b`` with ``F(m) ≤ F(a), F(b)``, so it holds a local minimum no worse than
+  ``F(m)``; a safeguarded Newton/bisection search that only accepts decreasing steps finds it,
+  and the best of the 3 is returned. The global minimum is found whenever its basin holds a
+  candidate — always when every entry is a candidate and each basin holds a data point.
+* ``truncated_quadratic``: exact. A minimiser is the mean of its inliers, a window of the sorted
+  row; every window ``{i : |x_i − u| ≤ c}`` arises for ``u`` at a breakpoint ``x_j ± c`` or a
+  midpoint between consecutive breakpoints, and ``½ SSE(window) + ½ c² (n − |window|)`` bounds
+  the objective at the window's mean (prefix sums in float64). The 4 best windows are then
+  re-evaluated exactly and the best mean is polished by two inlier-mean steps (which never
+  increase the objective).
+
+Every solver stops a row when its step is at most ``tol · (|u| + min(c, max x − min x))`` and
+reports rows that did not (:class:`~ddnlib.NonConvergenceWarning`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ddnlib.errors import NonConvergenceWarning, report
+
+from .penalties import Penalty
+
+__all__ = ["SolverSettings", "solve_rows"]
+
+_BLOCK = 1 << 15  # elements per block of rows (about 128 KiB in float32)
+_REFINED = 3  # local searches of the multi-start strategy
+_WINDOWS = 4  # truncated-quadratic windows re-evaluated exactly
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """What the row solvers read: step tolerance, iteration cap, strictness, number of starts."""
+
+    tol: float
+    max_iter: int
+    strict: bool
+    starts: int
+
+
+def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
+               on_block: Callable[[slice, Tensor, Tensor], None] | None = None) -> Tensor:
+    """``y (r,)`` minimising ``Σ_i φ(y_r − x_ri; c_r, α_r)`` for ``x (r, n)``, ``c, α (r,)``.
+
+    ``on_block(rows, x_block, y_block)`` is called after each block is solved, while the block is
+    still in cache. Rows that did not converge are reported.
+    """
+    rows, n = x.shape
+    if penalty.name == "quadratic":
+        block_solver = _mean
+    elif penalty.name == "truncated_quadratic":
+        block_solver = _truncated_quadratic
+    elif penalty.convex(alpha):
+        block_solver = _newton
+    else:
+        block_solver = _multistart
+    y = x.new_empty(rows)
+    failed = torch.zeros(rows, dtype=torch.bool, device=x.device)
+    step = max(1, _BLOCK // max(n, 1))
+    for start in range(0, rows, step):
+        sl = slice(start, start + step)
+        xb = x[sl]
+        _check_finite(xb, start)
+        y[sl], failed[sl] = block_solver(penalty, xb, c[sl, None], alpha[sl, None], settings)
+        if on_block is not None:
+            on_block(sl, xb, y[sl])
+    bad = int(failed.sum())
+    if bad:
+        idx = failed.nonzero().flatten()[:8].tolist()
+        report(NonConvergenceWarning,
+               f"robust pooling ({penalty.name}) did not converge in {settings.max_iter} "
+               f"iterations for {bad} of {rows} rows (first rows {idx}); raise "
+               "Options(max_iter=...) or check the scale of c against the data.", settings.strict)
+    return y
+
+
+def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings):
+    return x.mean(1), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+
+def _check_finite(xb: Tensor, offset: int) -> None:
+    if not bool(torch.isfinite(xb).all()):
+        row = offset + int((~torch.isfinite(xb)).any(1).nonzero()[0])
+        raise ValueError(f"x has a non-finite entry in pooled row {row}: expected finite values")
+
+
+def _median_start(x: Tensor) -> Tensor:
+    n = x.shape[1]
+    stride = max(1, n // 64)
+    return x[:, ::stride].median(1).values
+
+
+def _scale(lo: Tensor, hi: Tensor, c: Tensor) -> Tensor:
+    return torch.minimum(c.squeeze(1), hi - lo)
+
+
+def _newton(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings):
+    lo, hi = x.amin(1), x.amax(1)
+    scale = _scale(lo, hi, c)
+    u = _median_start(x)
+    done = lo == hi
+    u = torch.where(done, lo, u)
+    for it in range(settings.max_iter):
+        d1, d2, omega = penalty.derivatives(u[:, None] - x, c, alpha)
+        g, h = d1.sum(1), d2.sum(1)
+        lo = torch.where(g <= 0, u, lo)
+        hi = torch.where(g >= 0, u, hi)
+        newton = u - g / h
+        inside = (newton > lo) & (newton < hi)  # False for NaN (h = 0)
+        small = (newton - u).abs() <= settings.tol * (u.abs() + scale)
+        fallback = u - g / omega.sum(1) if it % 2 == 0 else None
+        if fallback is None:
+            fallback = 0.5 * (lo + hi)
+        else:
+            fallback = torch.where((fallback > lo) & (fallback < hi), fallback, 0.5 * (lo + hi))
+        nxt = torch.where(inside, newton, fallback)
+        converged = (g == 0) | (inside & small) | (hi - lo <= settings.tol * (u.abs() + scale))
+        u = torch.where(done, u, torch.where(converged & ~inside, u, nxt))
+        done = done | converged
+        if bool(done.all()):
+            break
+    return u, ~done
+
+
+def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
+    """``F(u_k) = Σ_i φ(u_k − x_i)`` for ``u (r, k)``, in sub-blocks of at most ``_BLOCK``."""
+    r, k = u.shape
+    n = x.shape[1]
+    out = u.new_empty(r, k)
+    step = max(1, _BLOCK // max(r * n, 1))
+    for j in range(0, k, step):
+        z = u[:, j:j + step, None] - x[:, None, :]
+        out[:, j:j + step] = penalty.value(z, c[:, :, None], alpha[:, :, None]).sum(2)
+    return out
+
+
+def _candidates(x: Tensor, starts: int) -> Tensor:
+    """Sorted start points ``(r, k)``: entries of the row with its min and max, plus midpoints."""
+    n = x.shape[1]
+    stride = max(1, -(-n // starts))
+    points = torch.cat([x[:, ::stride], x.amin(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+    points = points.sort(1).values
+    mids = 0.5 * (points[:, 1:] + points[:, :-1])
+    interleaved = torch.stack([points[:, :-1], mids], 2).flatten(1)
+    return torch.cat([interleaved, points[:, -1:]], 1)
+
+
+def _multistart(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings):
+    r, n = x.shape
+    cand = _candidates(x, settings.starts)
+    values = _objective(penalty, cand, x, c, alpha)
+    k = cand.shape[1]
+    m = min(_REFINED, k)
+    best = values.topk(m, dim=1, largest=False).indices  # (r, m)
+    left = cand.gather(1, (best - 1).clamp_min(0))
+    right = cand.gather(1, (best + 1).clamp_max(k - 1))
+    mid = cand.gather(1, best)
+    f_mid = values.gather(1, best)
+    rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
+    y, f, failed = _bracketed_search(penalty, rep(x), rep(c), rep(alpha), left.flatten(),
+                                     mid.flatten(), right.flatten(), f_mid.flatten(), settings)
+    choice = f.view(r, m).argmin(1, keepdim=True)
+    y = y.view(r, m).gather(1, choice).squeeze(1)
+    return y, failed.view(r, m).gather(1, choice).squeeze(1)
+
+
+def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor, m: Tensor,
+                      b: Tensor, f_m: Tensor, settings: SolverSettings):
+    """Local minimum in ``[a, b]`` no worse than ``F(m)``, given ``F(m) ≤ F(a), F(b)``.
+
+    Newton steps from ``m`` when ``φ″`` sums to a positive curvature and the step stays inside
+    ``(a, b)``, otherwise halfway from ``m`` towards ``a`` or ``b`` downhill; a trial point replaces
+    ``m`` when it lowers ``F`` (a Newton point also when ``F`` rises by less than its rounding
+    error ``n·eps·|F|``), and otherwise becomes the new end of the bracket.
+    """
+    lo, hi = x.amin(1), x.amax(1)
+    scale = _scale(lo, hi, c)
+    d1, d2, _ = penalty.derivatives(m[:, None] - x, c, alpha)
+    g, h = d1.sum(1), d2.sum(1)
+    done = torch.zeros_like(m, dtype=torch.bool)
+    noise = x.shape[1] * torch.finfo(x.dtype).eps
+    for _ in range(settings.max_iter):
+        tol = settings.tol * (m.abs() + scale)
+        newton = m - g / h
+        inside = (h > 0) & (newton > a) & (newton < b)
+        converged = (g == 0) | (inside & ((newton - m).abs() <= tol)) | (b - a <= tol)
+        m = torch.where(converged & inside & ~done, newton, m)
+        done = done | converged
+        if bool(done.all()):
+            break
+        towards = torch.where(g > 0, a, b)
+        t = torch.where(inside, newton, 0.5 * (m + towards))
+        z = t[:, None] - x
+        f_t = penalty.value(z, c, alpha).sum(1)
+        d1, d2, _ = penalty.derivatives(z, c, alpha)
+        # a Newton step whose change of F is below rounding counts as a decrease
+        better = ((f_t < f_m) | (inside & (f_t <= f_m + noise * f_m.abs()))) & ~done
+        keep = ~better & ~done
+        below = t < m
+        a = torch.where(better & ~below, m, torch.where(keep & below, t, a))
+        b = torch.where(better & below, m, torch.where(keep & ~below, t, b))
+        m = torch.where(better, t, m)
+        f_m = torch.where(better, f_t, f_m)
+        g = torch.where(better, d1.sum(1), g)
+        h = torch.where(better, d2.sum(1), h)
+    f_m = penalty.value(m[:, None] - x, c, alpha).sum(1)
+    return m, f_m, ~done
+
+
+def _truncated_quadratic(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
+                         settings: SolverSettings):
+    r, n = x.shape
+    xs = x.sort(1).values
+    ref = xs[:, n // 2: n // 2 + 1]
+    centred = (xs - ref).double()
+    zero = centred.new_zeros(r, 1)
+    p1 = torch.cat([zero, centred.cumsum(1)], 1)
+    p2 = torch.cat([zero, (centred * centred).cumsum(1)], 1)
+    cd = c.double()
+    breaks = torch.cat([centred - cd, centred + cd], 1).sort(1).values
+    centres = torch.cat([breaks, 0.5 * (breaks[:, 1:] + breaks[:, :-1])], 1)
+    first = torch.searchsorted(centred, centres - cd, side="left")
+    last = torch.searchsorted(centred, centres + cd, side="right")
+    count = (last - first).to(centred.dtype)
+    s1 = p1.gather(1, last) - p1.gather(1, first)
+    s2 = p2.gather(1, last) - p2.gather(1, first)
+    sse = torch.where(count > 0, s2 - s1 * s1 / count.clamp_min(1), torch.zeros_like(s2))
+    bound = 0.5 * sse + 0.5 * cd * cd * (n - count)
+    m = min(_WINDOWS, bound.shape[1])
+    pick = bound.topk(m, dim=1, largest=False).indices
+    j0, j1 = first.gather(1, pick), last.gather(1, pick)  # (r, m) windows [j0, j1)
+    index = torch.arange(n, device=x.device)
+    inside = (index >= j0[:, :, None]) & (index < j1[:, :, None])  # (r, m, n)
+    means = (xs[:, None, :] * inside).sum(2) / inside.sum(2).clamp_min(1)
+    values = _objective(penalty, means, x, c, alpha)
+    y = means.gather(1, values.argmin(1, keepdim=True)).squeeze(1)
+    for _ in range(2):  # inlier-mean (majorise–minimise) polish
+        inlier = ((y[:, None] - x).abs() <= c).to(x.dtype)
+        y = torch.where(inlier.sum(1) > 0, (x * inlier).sum(1) / inlier.sum(1).clamp_min(1), y)
+    return y, torch.zeros(r, dtype=torch.bool, device=x.device)
