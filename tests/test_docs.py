@@ -12,7 +12,7 @@ Conventions (documented in ``docs/writing-docs.md``):
   block that starts with ``python -m ddnlib`` is run in the page's working directory after all of
   the page's Python blocks, and must exit with status 0.
 - Every public name of ``ddnlib``, ``ddnlib.nodes`` and ``ddnlib.testing`` has a ``::: module.name``
-  entry in ``docs/api.md``.
+  entry in ``docs/api.md`` (or ``::: module.sub.name`` for a name the module re-exports lazily).
 """
 
 from __future__ import annotations
@@ -143,5 +143,9 @@ _API_ENTRY = re.compile(r"^:::\s*([\w.]+)", re.MULTILINE)
 def test_api_reference_lists_every_public_name(module: str):
     mod = pytest.importorskip(module)
     documented = set(_API_ENTRY.findall((DOCS / "api.md").read_text(encoding="utf-8")))
-    missing = [name for name in getattr(mod, "__all__", []) if f"{module}.{name}" not in documented]
+    # A name re-exported lazily (module __getattr__) may be documented at its home submodule.
+    missing = [name for name in getattr(mod, "__all__", [])
+               if not any(entry == f"{module}.{name}"
+                          or (entry.startswith(f"{module}.") and entry.endswith(f".{name}"))
+                          for entry in documented)]
     assert not missing, f"docs/api.md lacks `::: {module}.<name>` entries for {missing}"
