@@ -185,7 +185,8 @@ def robust_global_pool(x: Tensor, penalty: str = "pseudo_huber", c: float | Tens
             ``(C,)`` per channel for ``x (B, C, N)``); differentiable.
         alpha: Barron's shape ``α`` (``penalty="general"`` only), like ``c``; differentiable.
         dim: the pooled dimension(s).
-        starts, options: see :class:`RobustPooling`.
+        starts: see :class:`RobustPooling`.
+        options: see :class:`RobustPooling`.
     """
     node = RobustPooling(penalty, starts=starts, options=options)
     return _pool(node, x, c, alpha, dim)
@@ -337,7 +338,8 @@ _MODULE_DOC = """Robust global pooling {shape}: ``y_bc = argmin_u Σ_i φ(u − 
         alpha_range: the open interval ``(lo, hi)`` of ``α``.
         channels: ``None`` for one ``c`` (and ``α``) shared by all channels; ``C`` for one per
             channel (the input must then have ``C`` channels).
-        starts, options: see :class:`RobustPooling`.
+        starts: see :class:`RobustPooling`.
+        options: see :class:`RobustPooling`.
     """
 
 

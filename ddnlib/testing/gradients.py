@@ -41,7 +41,8 @@ def check_gradients(
         node: the node to check (not modified: a float64 copy is checked).
         xs: the inputs, each ``(b, ...)``.
         eps: relative finite-difference step.
-        atol, rtol: the per-entry tolerance ``atol + rtol · |numeric|``.
+        atol: absolute part of the per-entry tolerance ``atol + rtol · |numeric|``.
+        rtol: relative part of that tolerance.
         max_elements: arguments (and outputs) up to this size are checked entry by entry; larger
             ones along ``directions`` random directions.
         directions: number of random directions for large arguments.
