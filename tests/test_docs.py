@@ -13,11 +13,13 @@ Conventions (documented in ``docs/writing-docs.md``):
   the page's Python blocks, and must exit with status 0.
 - Every public name of ``ddnlib``, ``ddnlib.nodes`` and ``ddnlib.testing`` has a ``::: module.name``
   entry in ``docs/api.md`` (or ``::: module.sub.name`` for a name the module re-exports lazily).
+- The plot scripts of ``docs/scripts/`` run and make exactly the figures the node reference shows.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import shlex
@@ -149,3 +151,25 @@ def test_api_reference_lists_every_public_name(module: str):
                           or (entry.startswith(f"{module}.") and entry.endswith(f".{name}"))
                           for entry in documented)]
     assert not missing, f"docs/api.md lacks `::: {module}.<name>` entries for {missing}"
+
+
+SCRIPTS = DOCS / "scripts"
+
+
+@pytest.mark.parametrize("script, figures", [
+    ("plot_penalties.py", {f"penalty_{name}.png" for name in (
+        "quadratic", "pseudo_huber", "huber", "welsch", "truncated_quadratic", "general")}),
+    ("plot_projections.py", {"projections.png"}),
+])
+def test_plot_scripts_make_the_figures_the_pages_show(script: str, figures: set, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), SCRIPTS / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.OUT = tmp_path if module.OUT.suffix == "" else tmp_path / module.OUT.name
+    module.main()
+    assert {p.name for p in tmp_path.iterdir()} == figures
+    page = (DOCS / "nodes.md").read_text(encoding="utf-8")
+    shown = set(re.findall(r"\]\(img/([\w.]+\.png)\)", page))
+    assert figures <= shown, f"nodes.md does not show {sorted(figures - shown)}"
+    assert all((DOCS / "img" / name).is_file() for name in figures), "figures not committed"
