@@ -35,6 +35,8 @@ examples:
   python -m ddnlib gradcheck mypkg.layers:MyNode --input-shape 3,5
   python -m ddnlib gradcheck mypkg.layers:Pair --input-shape 4,6 --input-shape 4,6 --samples 3
   python -m ddnlib gradcheck mypkg.layers:Ridge --kwargs '{"n": 5, "m": 3}' --input-shape 8,5
+  python -m ddnlib gradcheck RobustPooling --input-shape 3,6 --input-shape 3 --input-shape 3 \
+      --input-range normal --input-range 0.5,2 --input-range 0.5,2.5
 
 The module is imported from the current directory or sys.path. A bare class name (no ':') names
 a bundled node of ddnlib.nodes.
@@ -51,6 +53,19 @@ def _shape(text: str) -> tuple[int, ...]:
             f"invalid shape {text!r}: expected positive integers separated by commas, batch "
             "first, e.g. 3,5")
     return dims
+
+
+def _range(text: str) -> tuple[float, float] | None:
+    if text == "normal":
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        low = high = float("nan")
+    if not low < high:
+        raise argparse.ArgumentTypeError(
+            f"invalid range {text!r}: expected LOW,HIGH with LOW < HIGH (e.g. 0.5,2) or 'normal'")
+    return low, high
 
 
 def _kwargs(text: str) -> dict:
@@ -77,6 +92,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        metavar="B,N,...",
                        help="shape of one positional input, batch first; repeat once per input "
                             "(default: one input of shape 3,5)")
+    check.add_argument("--input-range", type=_range, action="append", dest="ranges",
+                       metavar="LOW,HIGH",
+                       help="draw the matching input uniformly from [LOW, HIGH] instead of a "
+                            "standard normal ('normal'); if given, once per --input-shape")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     check.add_argument("--samples", type=int, default=1, metavar="K",
                        help="number of independent random input draws to check (default 1)")
@@ -117,6 +136,10 @@ def _gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if len({s[0] for s in shapes}) > 1:
         parser.error(f"argument --input-shape: batch sizes {[s[0] for s in shapes]} differ: "
                      "every input needs the same leading batch dimension")
+    ranges = args.ranges or [None] * len(shapes)
+    if len(ranges) != len(shapes):
+        parser.error(f"argument --input-range: given {len(ranges)} times for {len(shapes)} "
+                     "inputs: expected none or one per --input-shape")
     try:
         cls = _load(args.target)
     except ValueError as error:
@@ -129,7 +152,7 @@ def _gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     failed = 0
     for k in range(args.samples):
         generator = torch.Generator().manual_seed(args.seed + k)
-        xs = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+        xs = [_draw(shape, bounds, generator) for shape, bounds in zip(shapes, ranges)]
         result = check_node(node, *xs, seed=args.seed + k)
         shown = ", ".join("x".join(map(str, s)) for s in shapes)
         print(f"== {cls.__name__}, sample {k + 1} of {args.samples} (seed {args.seed + k}, "
@@ -140,6 +163,13 @@ def _gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     print(f"{cls.__name__}: {'FAILED' if failed else 'PASSED'} "
           f"({args.samples - failed} of {args.samples} samples passed)")
     return 1 if failed else 0
+
+
+def _draw(shape: tuple[int, ...], bounds: tuple[float, float] | None, generator) -> torch.Tensor:
+    if bounds is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+    low, high = bounds
+    return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
