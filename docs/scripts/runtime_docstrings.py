@@ -27,10 +27,12 @@ class RuntimeDocstrings(griffe.Extension):
 
 
 def _runtime_doc(module: str, qualname: str) -> str | None:
+    if "__main__" in module.split("."):  # importing it would run the command line
+        return None
     try:
         value = importlib.import_module(module)
         for part in qualname.split("."):
             value = getattr(value, part)
-    except (ImportError, AttributeError):
+    except Exception:  # a module that cannot be imported here keeps its static docstring
         return None
     return inspect.getdoc(value)
