@@ -119,6 +119,7 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         for block in python:
             if block.title:
                 (tmp_path / block.title).write_text(block.source, encoding="utf-8")
+                sys.modules.pop(Path(block.title).stem, None)  # not a stale copy from another run
                 importlib.invalidate_caches()
             # Pad so that tracebacks name the Markdown file and its line numbers.
             code = compile("\n" * (block.line - 1) + block.source, str(page), "exec")
