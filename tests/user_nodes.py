@@ -24,7 +24,7 @@ class Smoother(DeclarativeNode):
     def objective(self, x, y):
         fit = 0.5 * ((y - x) ** 2).sum(-1)
         coupling = 0.25 * (y.diff(dim=-1) ** 2).sum(-1)
-        log_cosh = y.abs() + torch.nn.functional.softplus(-2 * y.abs()) - 0.6931471805599453
+        log_cosh = y + torch.nn.functional.softplus(-2 * y) - 0.6931471805599453
         return fit + coupling + self.theta.exp() * log_cosh.sum(-1)
 
 
@@ -69,7 +69,7 @@ class SoftThreshold(DeclarativeNode):
     """Defect: y = argmin_y ½‖y − x‖² + e^θ ‖y‖₁, not smooth where y_i = 0 (|x_i| ≤ e^θ)."""
 
     def __init__(self, theta: float = 0.0):
-        super().__init__(Options(max_iter=20))
+        super().__init__(Options(max_iter=8))
         self.theta = torch.nn.Parameter(torch.tensor(float(theta)))
 
     def objective(self, x, y):
@@ -134,3 +134,42 @@ class BallWrongSign(Ball):
     def solve(self, x):
         norm = x.norm(dim=-1, keepdim=True)
         return self.r * x / norm, {"mu": 0.5 * (norm / self.r - 1)}
+
+
+class SoftThresholdExact(SoftThreshold):
+    """The soft threshold with its exact solve and closed-form vjp: correct, though non-smooth.
+
+    y = sign(x) max(|x| − λ, 0), λ = e^θ: ∂y/∂x = 1[|x| > λ], ∂y/∂θ = −λ sign(x) 1[|x| > λ].
+    """
+
+    def solve(self, x):
+        lam = self.theta.exp()
+        return x.sign() * (x.abs() - lam).clamp_min(0)
+
+    def vjp(self, x, *, y, v, ctx=None):
+        lam = self.theta.exp()
+        moving = (x.abs() > lam).to(v.dtype)
+        grad_x = v * moving if x.requires_grad else None
+        grads = {"theta": -(v * moving * x.sign()).sum() * lam} if self.theta.requires_grad else {}
+        return (grad_x,), grads
+
+
+class SoftThresholdWrongVjp(SoftThresholdExact):
+    """Defect: the closed form misses the θ dependence of the solution."""
+
+    def vjp(self, x, *, y, v, ctx=None):
+        (grad_x,), grads = super().vjp(x, y=y, v=v, ctx=ctx)
+        return (grad_x,), {k: torch.zeros_like(g) for k, g in grads.items()}
+
+
+class Pair(DeclarativeNode):
+    """y = argmin_y ½‖y − a‖² + ½ e^θ ‖y − b‖² + Σ log cosh y: two inputs a, b of one shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(0.0))
+
+    def objective(self, a, b, y):
+        log_cosh = y + torch.nn.functional.softplus(-2 * y) - 0.6931471805599453
+        return (0.5 * ((y - a) ** 2).sum(-1) + 0.5 * self.theta.exp() * ((y - b) ** 2).sum(-1)
+                + log_cosh.sum(-1))
