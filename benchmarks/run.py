@@ -63,7 +63,9 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, "
              f"{m['threads']} threads, Python {m['python']}. Mode: "
-             f"{'quick' if result['quick'] else 'full'}; {result['elapsed_s']:.0f} s in all.", "",
+             f"{'quick' if result['quick'] else 'full'}; {result['elapsed_s']:.0f} s in all."
+             + (" Quick mode uses tiny sizes: its ratios and targets judge nothing."
+                if result["quick"] else ""), "",
              "| target | measured | wanted | met |", "|---|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['case']}: {t['what']} | {t['measured']:.3g} | {t['target']} | "
