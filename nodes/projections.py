@@ -65,6 +65,7 @@ from ddnlib import DeclarativeNode, Options
 __all__ = ["L1Sphere", "L1Ball", "L2Sphere", "L2Ball", "LInfSphere", "LInfBall", "project"]
 
 _FLOATS = (torch.float32, torch.float64)
+_LOG_RADIUS = "parametrizations.radius.original"
 
 
 class _Exp(torch.nn.Module):
@@ -94,24 +95,37 @@ def _l2(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
 
 
 def _l1_threshold(a: Tensor, r: Tensor) -> Tensor:
-    """``τ (b, 1)`` with ``Σ_i max(a_i − τ, 0) = r`` for ``a ≥ 0`` (Duchi et al. 2008, Fig. 1).
+    """``τ (b, 1)``, the root of ``φ(τ) = Σ_i max(a_i − τ, 0) = r`` for ``a ≥ 0`` (Michelot 1986).
 
-    With ``μ`` the magnitudes in decreasing order, ``ρ = max{j : μ_j > (Σ_{k≤j} μ_k − r) / j}`` and
-    ``τ = (Σ_{k≤ρ} μ_k − r) / ρ``; ``τ < 0`` when ``Σ a < r``.
+    Duchi et al.'s threshold ``τ = (Σ_{i∈S} a_i − r) / |S|`` over the support ``S = {a_i > τ}``,
+    found without sorting: from a lower bound ``t ≤ τ``, ``S_t = {a_i > t} ⊇ S`` and
+    ``t' = (Σ_{S_t} a_i − r) / |S_t|`` is again a lower bound (a Newton step on the convex,
+    decreasing, piecewise-linear ``φ``); the candidate set shrinks until it is ``S``, at most
+    ``n`` steps, in practice a handful. Starts from ``max((Σ a − r) / n, max a − r) ≤ τ``, the
+    exact answer when ``Σ a ≤ r`` (then ``τ ≤ 0``).
     """
-    mu = torch.sort(a, dim=-1, descending=True).values
-    excess = mu.cumsum(-1) - r
-    j = torch.arange(1, a.shape[-1] + 1, dtype=a.dtype, device=a.device)
-    rho = ((mu * j > excess) * j).amax(-1, keepdim=True)  # j = 1 always qualifies (r > 0)
-    return excess.gather(-1, rho.long() - 1) / rho
+    t = torch.maximum((a.sum(-1, keepdim=True) - r) / a.shape[-1], a.amax(-1, keepdim=True) - r)
+    count = None
+    for _ in range(a.shape[-1]):
+        excess = (a - t).clamp_min(0)
+        new_count = excess.sign().sum(-1, keepdim=True)  # |S_t| ≥ 1, as t < max a
+        step = (excess.sum(-1, keepdim=True) - r) / new_count
+        if count is not None and torch.equal(new_count, count):
+            break
+        t, count = t + step.clamp_min(0), new_count
+    return t
 
 
 def _l1(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
-    tau = _l1_threshold(x.abs(), r)
-    if sphere:
-        return _sign_plus(x) * (x.abs() - tau).clamp_min(0), tau
-    tau = tau.clamp_min(0)
-    return x.sign() * (x.abs() - tau).clamp_min(0), tau
+    a = x.abs()
+    tau = _l1_threshold(a, r)
+    if not sphere:
+        tau = tau.clamp_min(0)
+        return x.sign() * (a - tau).clamp_min(0), tau
+    y = x.sign() * (a - tau).clamp_min(0)
+    if (tau < 0).any():  # zeros grow too, toward +: sign(0) := +1
+        y = y + (1 - a.sign()) * (-tau).clamp_min(0)
+    return y, tau
 
 
 def _linf(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
@@ -146,13 +160,13 @@ def _l1_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tu
     gx = sigma.abs() * v - sigma * dot
     if sphere:
         return gx, dot.squeeze(-1)
-    active = (y != x).any(-1, keepdim=True)
+    active = (y - x).abs().amax(-1, keepdim=True) > 0
     return torch.where(active, gx, v), torch.where(active, dot, 0.0).squeeze(-1)
 
 
 def _linf_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
-    moved = y != x
-    return v.masked_fill(moved, 0.0), (y.sign() * v).masked_fill(~moved, 0.0).sum(-1)
+    moved_v = (y - x).abs().sign() * v  # v on the moved coordinates (float masks: fast on CPU)
+    return v - moved_v, (y.sign() * moved_v).sum(-1)
 
 
 _Algorithm = tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., tuple[Tensor, Tensor]]]
@@ -200,6 +214,11 @@ class _Projection(DeclarativeNode):
         else:
             self.register_buffer("radius", value)
 
+    def _plain_exp(self) -> bool:
+        """Whether ``r = exp(ρ)`` exactly, so that ``∂r/∂ρ = r`` (no autograd needed)."""
+        chain = self.parametrizations.radius
+        return len(chain) == 1 and type(chain[0]) is _Exp
+
     def extra_repr(self) -> str:
         learn = parametrize.is_parametrized(self, "radius")
         return f"radius={self.radius.item():.4g}, learn_radius={learn}"
@@ -238,8 +257,11 @@ class _Projection(DeclarativeNode):
         with torch.enable_grad():
             r = self.radius.to(x)
         gx, gr = _ALGORITHMS[self.p][1](x.detach(), y, v.to(y.dtype), r.detach(), self.sphere)
-        param_grads = {}
-        if params:
+        if not params:
+            param_grads = {}
+        elif params.keys() == {_LOG_RADIUS} and self._plain_exp():
+            param_grads = {_LOG_RADIUS: (gr.sum() * r.detach()).to(params[_LOG_RADIUS])}
+        else:  # parametrisations stacked by the user, parameters added by a subclass
             grads = (torch.autograd.grad(r, list(params.values()), gr.sum(), allow_unused=True)
                      if r.requires_grad else [None] * len(params))
             param_grads = {k: torch.zeros_like(p) if g is None else g
@@ -342,4 +364,4 @@ def project(x: Tensor, radius: float | Tensor = 1.0, p: float | str = 2,
         raise ValueError(f"radius={radius.item()!r}: expected a positive number")
     node = cls(learn_radius=True)
     return torch.func.functional_call(
-        node, {"parametrizations.radius.original": radius.log()}, (x,))
+        node, {_LOG_RADIUS: radius.log()}, (x,))
