@@ -1,0 +1,183 @@
+"""What both studies share: seeding, device choice, mini-batch training and evaluation, tracking
+of the learned node parameters, checkpoints, tables, CSV files and plots."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+from tqdm import tqdm
+
+__all__ = [
+    "base_parser",
+    "set_seed",
+    "resolve_device",
+    "batches",
+    "train",
+    "accuracy",
+    "learned_values",
+    "save_checkpoint",
+    "write_csv",
+    "format_table",
+    "median_ms",
+]
+
+# Attribute names under which the bundled nodes expose their learnable scalars (or vectors).
+_LEARNED = ("c", "alpha", "radius", "r")
+
+
+def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and shuffling")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--data-dir", type=Path, default=None, help="local copy of a real data set")
+    p.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest on a shared 2-core machine; results depend on it)")
+    p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    return p
+
+
+def set_seed(seed: int, threads: int, device: torch.device) -> None:
+    """Seed Python, NumPy and torch; fix the CPU thread count (CPU kernels are deterministic for
+    a fixed count) and ask for deterministic kernels on CUDA."""
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: expected a positive integer")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
+    """Index batches over ``range(n)``: shuffled with ``generator``, in order when it is None."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+def learned_values(model: torch.nn.Module) -> dict[str, float]:
+    """The current value of every learnable node scalar (``c``, ``alpha``, ``radius``), by module
+    path; read through the module attribute, so a parametrised value is the constrained one.
+    A per-channel parameter is summarised by its mean."""
+    out = {}
+    for path, module in model.named_modules():
+        for name in _LEARNED:
+            owned = name in module._parameters or parametrize.is_parametrized(module, name)
+            value = getattr(module, name) if owned else None
+            if isinstance(value, Tensor) and value.requires_grad:
+                out[f"{path}.{name}" if path else name] = float(value.detach().float().mean())
+    return out
+
+
+def train(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+    augment: Callable[[Tensor], Tensor] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Minimise cross-entropy; return one record per step (epoch, step, loss and the learned node
+    values after the step)."""
+    loss_fn = torch.nn.CrossEntropyLoss()
+    history = []
+    steps = epochs * -(-len(labels) // batch_size)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        for idx in batches(len(labels), batch_size, generator):
+            x = inputs[idx]
+            if augment is not None:
+                x = augment(x)
+            x, y = x.to(device), labels[idx].to(device)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            history.append({"epoch": epoch, "step": step, "loss": float(loss.detach()), **learned_values(model)})
+            bar.update()
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    bar.close()
+    return history
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, inputs: Tensor, labels: Tensor, batch_size: int, device) -> float:
+    """Top-1 accuracy in percent, evaluation mode."""
+    model.eval()
+    correct = 0
+    for idx in batches(len(labels), batch_size, None):
+        correct += int((model(inputs[idx].to(device)).argmax(1).cpu() == labels[idx]).sum())
+    return 100.0 * correct / max(len(labels), 1)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, **extra) -> None:
+    """``state_dict`` of the model plus the learned node values and ``extra`` metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "learned": learned_values(model), **extra}, path)
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(title: str, row_names: Sequence[str], col_names: Sequence[str], cells) -> str:
+    """A fixed-width text table; ``cells[i][j]`` is a number or None (printed as '-')."""
+    width = max(len(title), *(len(r) for r in row_names))
+    cw = [max(6, len(c)) for c in col_names]
+    head = f"{title:<{width}} | " + " ".join(f"{c:>{w}}" for c, w in zip(col_names, cw))
+    lines = [head, "-" * len(head)]
+    for name, row in zip(row_names, cells):
+        vals = " ".join(f"{'-':>{w}}" if v is None else f"{v:{w}.1f}" for v, w in zip(row, cw))
+        lines.append(f"{name:<{width}} | {vals}")
+    return "\n".join(lines)
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t))
+    return float(np.median(times))
