@@ -35,11 +35,13 @@ def test_issue_example_exit_status_from_a_real_process():
                                    cwd=TESTS, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
             for name in ("Smoother", "WrongVjp", "WrongSolve")}
-    outs = {name: run.communicate(timeout=240) for name, run in runs.items()}
-    elapsed = time.perf_counter() - start
+    outs, elapsed = {}, {}
+    for name, run in runs.items():  # each finish time is measured from the common start
+        outs[name] = run.communicate(timeout=240)
+        elapsed[name] = time.perf_counter() - start
     codes = {name: run.returncode for name, run in runs.items()}
     assert codes == {"Smoother": 0, "WrongVjp": 1, "WrongSolve": 1}, outs
-    assert elapsed < 120, f"three checks took {elapsed:.1f} s"
+    assert max(elapsed.values()) < 120, f"wall times (s, run side by side): {elapsed}"
     assert "Smoother: PASSED" in outs["Smoother"][0]
     assert "WrongVjp: FAILED" in outs["WrongVjp"][0]
     assert "Traceback" not in "".join(err for _, err in outs.values())
