@@ -15,6 +15,28 @@ settings.register_profile(
 )
 settings.load_profile("ddnlib")
 
+# `pytest -n 2` runs two workers on two cores: one intra-op thread each. Oversubscribed MKL/OpenMP
+# threads make small LAPACK calls ~1000x slower (16 ms for a 3x3 Cholesky under load).
+# Tests that need several threads (the batched-LU regression) use `threads(2)`.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def threads():
+    """Run a block with ``n`` intra-op threads: ``with threads(2): ...``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def use(n):
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return use
+
 
 @pytest.fixture(autouse=True)
 def _seed():

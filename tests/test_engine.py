@@ -179,17 +179,19 @@ def test_double_backward_and_func_grad_raise_clearly():
         torch.func.grad(lambda t: node(t).sum())(x.detach())
 
 
-def test_batched_dense_solve_is_right_at_size_160():
+def test_batched_dense_solve_is_right_at_size_160(threads):
     """Regression: batched LU on CPU with 2 threads is wrong at this size; the engine avoids it."""
     torch.manual_seed(3)
     node = Quadratic(n=160, m=160, options=DENSE)
     x = torch.randn(2, 160, dtype=torch.float64, requires_grad=True)
-    y = node(x)
+    with threads(2):
+        y = node(x)
     Q = node.Q().detach()
     ref = torch.stack([torch.linalg.solve(Q, node.B.detach() @ xi) for xi in x.detach()])
     torch.testing.assert_close(y, ref, atol=1e-8, rtol=1e-8)
     v = torch.randn_like(y)
-    (gx,) = torch.autograd.grad((y * v).sum(), x)
+    with threads(2):
+        (gx,) = torch.autograd.grad((y * v).sum(), x)
     ref_gx = torch.stack([node.B.detach().T @ torch.linalg.solve(Q, vi) for vi in v])
     torch.testing.assert_close(gx, ref_gx, atol=1e-8, rtol=1e-8)
 
