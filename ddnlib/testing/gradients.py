@@ -85,9 +85,13 @@ def check_gradients(
         if rows is not None:
             V, JtV = rows
             for i, label in enumerate(labels):
-                result.rows.append(_check_argument(solution, args, i, n, label, V, JtV[i], eps,
-                                                   atol, rtol, tol, max_elements, directions,
-                                                   generator))
+                try:
+                    row = _check_argument(solution, args, i, n, label, V, JtV[i], eps, atol, rtol,
+                                          tol, max_elements, directions, generator)
+                except Exception as error:  # a shifted solve failed (e.g. strict mode)
+                    row = CheckRow("gradient", label, float("nan"), tol, "fail",
+                                   f"finite differences: {type(error).__name__}: {error}")
+                result.rows.append(row)
     return result.extend(warning_rows("gradient", caught))
 
 

@@ -8,7 +8,8 @@ Per sample, with Lagrangian ``L = f + νᵀc`` over the equalities and the activ
 - feasibility: ``max(|h|, g⁺) ≤ tol · (1 + ‖y‖∞)``;
 - multiplier sign: active inequality multipliers ``μ ≥ −tol · (1 + ‖∇_y f‖∞)``;
 - perturbation: no nearby feasible point ``y' = y + δ`` (``‖δ‖∞ = radius · (1 + ‖y‖∞)``, moved
-  back onto violated constraints by Gauss–Newton) has ``f(y') < f(y) − ftol · (1 + |f(y)|)``;
+  back onto violated constraints by Gauss–Newton until it is as feasible as ``y``, up to
+  ``10⁻³ tol (1 + ‖y‖∞)``) has ``f(y') < f(y) − ftol · (1 + |f(y)|)``;
 - default solver (nodes with their own ``solve``): the default solver
   ``DeclarativeNode.solve(node, *xs)`` finds no feasible point with a lower objective (same rule).
 
@@ -172,8 +173,9 @@ def _row(argument: str, per_sample: Tensor, tol: float, what: str, decisive: boo
     return CheckRow("optimality", argument, worst, f"{tol:g}", status, detail)
 
 
-def _restore(problem: Problem, yf: Tensor, tol: float) -> Tensor:
-    """Gauss–Newton onto ``h = 0`` and the violated ``g ≤ 0`` (minimum-norm steps)."""
+def _restore(problem: Problem, yf: Tensor, target: Tensor) -> Tensor:
+    """Gauss–Newton onto ``h = 0`` and the violated ``g ≤ 0`` (minimum-norm steps), until the
+    violation is at most ``target (b,)``."""
     for _ in range(_RESTORE_STEPS):
         with torch.enable_grad():
             yv = yf.detach().requires_grad_()
@@ -182,7 +184,7 @@ def _restore(problem: Problem, yf: Tensor, tol: float) -> Tensor:
             sel = torch.cat([torch.ones_like(c[:, :p], dtype=torch.bool), c[:, p:] > 0], dim=1)
             A = batched_jacobian(c, yv).detach()
         c = c.detach() * sel
-        if not (c.abs().amax(-1) > 1e-3 * tol).any():
+        if not (c.abs().amax(-1) > target).any():
             break
         A = A * sel.unsqueeze(-1).to(A.dtype)
         step = torch.linalg.lstsq(A, -c.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
@@ -200,14 +202,16 @@ def _perturbation_row(problem: Problem, y: Tensor, tol: float, ftol: float, coun
     with torch.no_grad():
         f0 = problem.objective(yf)
         worst = torch.full_like(f0, -float("inf"))
+        # as feasible as y itself, up to a slack far below the tolerance
+        target = _violation(problem, yf) + 1e-3 * tol * scale
         tried = 0
         for _ in range(count):
             d = torch.randn(yf.shape, generator=generator, dtype=yf.dtype)
             d = d / d.abs().amax(-1, keepdim=True) * (radius * scale).unsqueeze(-1)
             yp = yf + d
             if problem.constrained:
-                yp = _restore(problem, yp, tol)
-                feasible = _violation(problem, yp) <= 1e-3 * tol * scale
+                yp = _restore(problem, yp, target)
+                feasible = _violation(problem, yp) <= target
             else:
                 feasible = torch.ones_like(f0, dtype=torch.bool)
             drop = (f0 - problem.objective(yp)) / (1 + f0.abs())
