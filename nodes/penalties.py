@@ -1,7 +1,7 @@
 """Robust penalties ``φ(z; c[, α])`` of the pooling problem ``y = argmin_u Σ_i φ(u − x_i)``.
 
 Each penalty is one small object: its value ``φ``, the derivatives in ``z`` that the solvers and
-the closed-form backward need (``φ′``, ``φ″`` and the majorise–minimise weight ``ω = φ′/z``), and,
+the closed-form backward need (``φ′`` and ``φ″``), and,
 for Barron's ``general`` loss, ``∂φ′/∂α``. ``z``, ``c`` and ``α`` broadcast together (in the
 pooling code ``z`` is ``(rows, n)`` and ``c``, ``α`` are ``(rows, 1)``).
 
@@ -54,9 +54,16 @@ class Penalty:
         """``φ(z)``."""
         raise NotImplementedError
 
-    def derivatives(self, z: Tensor, c: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(φ′(z), φ″(z), ω(z) = φ′(z)/z > 0)``; ``ω`` is the IRLS / majorise–minimise weight."""
+    def derivatives(self, z: Tensor, c: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """``(φ′(z), φ″(z))``."""
         raise NotImplementedError
+
+    def newton_sums(self, z: Tensor, c: Tensor, alpha: Tensor,
+                    scratch: Tensor) -> tuple[Tensor, Tensor]:
+        """Row sums ``(Σ φ′, Σ φ″)`` over the last dimension; may overwrite ``z`` and
+        ``scratch`` (a buffer like ``z``), which lets a penalty avoid allocating temporaries."""
+        d1, d2 = self.derivatives(z, c, alpha)
+        return d1.sum(-1), d2.sum(-1)
 
     def alpha_derivative(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
         """``∂φ′/∂α`` up to a term ``κ(α) φ′(z)`` constant over ``z`` (it cancels in ``Σ_i``
@@ -77,8 +84,7 @@ class _Quadratic(Penalty):
         return 0.5 * z * z
 
     def derivatives(self, z, c, alpha):
-        one = torch.ones_like(z)
-        return z, one, one
+        return z, torch.ones_like(z)
 
 
 class _PseudoHuber(Penalty):
@@ -89,7 +95,13 @@ class _PseudoHuber(Penalty):
     def derivatives(self, z, c, alpha):
         t = z / c
         r = torch.rsqrt(1 + t * t)
-        return z * r, r * r * r, r
+        return z * r, r * r * r
+
+    def newton_sums(self, z, c, alpha, scratch):
+        r = torch.mul(z, z, out=scratch).div_(c * c).add_(1).rsqrt_()
+        g = torch.mul(z, r, out=z).sum(-1)
+        h = torch.mul(r, r, out=z).mul_(r).sum(-1)
+        return g, h
 
 
 class _Huber(Penalty):
@@ -99,7 +111,7 @@ class _Huber(Penalty):
 
     def derivatives(self, z, c, alpha):
         a = z.abs()
-        return torch.clamp(z, -c, c), (a <= c).to(z.dtype), c / torch.maximum(a, c)
+        return torch.clamp(z, -c, c), (a <= c).to(z.dtype)
 
 
 class _Welsch(Penalty):
@@ -109,7 +121,7 @@ class _Welsch(Penalty):
     def derivatives(self, z, c, alpha):
         s = (z / c) ** 2
         w = torch.exp(-0.5 * s) / (c * c)
-        return z * w, w * (1 - s), w
+        return z * w, w * (1 - s)
 
 
 class _TruncatedQuadratic(Penalty):
@@ -118,7 +130,7 @@ class _TruncatedQuadratic(Penalty):
 
     def derivatives(self, z, c, alpha):
         inlier = (z.abs() <= c).to(z.dtype)
-        return z * inlier, inlier, inlier
+        return z * inlier, inlier
 
 
 def _safe(cond: Tensor, value: Tensor, fill: float) -> Tensor:
@@ -157,7 +169,7 @@ class _General(Penalty):
         w = power / (c * c)
         denominator = a + s
         ratio = _safe(denominator > 0, (a + (alpha - 1) * s) / _safe(denominator > 0, denominator, 1.0), 1.0)
-        return z * w, w * ratio, w
+        return z * w, w * ratio
 
     def alpha_derivative(self, z, c, alpha):
         s, a, _, _, _, power = self._parts(z, c, alpha)

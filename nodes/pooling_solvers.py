@@ -1,15 +1,17 @@
 """Forward solvers of the one-dimensional pooling problems ``y_r = argmin_u Σ_i φ(u − x_ri)``.
 
-All rows are solved at once, in blocks of rows small enough to stay in the CPU cache (the
-iterations then re-read cached data instead of streaming the whole input each pass).
+All rows are solved at once, in blocks of at most ``2**14`` entries: small enough to stay in the
+CPU cache (the iterations re-read cached data instead of streaming the whole input each pass) and
+for each operation to run single-threaded without large temporary allocations; on the CPU the
+blocks are shared among ``torch.get_num_threads()`` Python threads (torch releases the GIL).
 
 * ``quadratic``: the mean.
 * Convex penalties (``pseudo_huber``, ``huber``, ``general`` with ``α ≥ 1``): safeguarded Newton on
   ``g(u) = Σ φ′(u − x_i)`` (increasing), started from the median of at most 64 evenly spaced
   entries of the row, inside the bracket ``[lo, hi]`` (initially ``[min x, max x]``, where
-  ``g(lo) ≤ 0 ≤ g(hi)``) that every evaluation of ``g`` shrinks. A Newton step that leaves the
-  bracket is replaced by the majorise–minimise (IRLS) step ``u − g/Σω`` on even iterations and by
-  bisection on odd ones, so the bracket at least halves every two fallbacks.
+  ``g(lo) ≤ 0 ≤ g(hi)``) that every evaluation of ``g`` shrinks. Newton steps are taken from the
+  point with the smallest ``|g|`` so far; a trial that does not lower ``|g|`` only shrinks the
+  bracket, and a Newton step that leaves the bracket is replaced by bisection.
 * Non-convex penalties (``welsch``, ``general`` with ``α < 1``): multi-start. The objective is
   evaluated at ``min x``, ``max x`` and ``starts`` entries of the row (every entry when the row
   has at most ``starts``; otherwise evenly spaced ones), plus the midpoints between consecutive
@@ -32,6 +34,7 @@ reports rows that did not (:class:`~ddnlib.NonConvergenceWarning`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +46,7 @@ from .penalties import Penalty
 
 __all__ = ["SolverSettings", "solve_rows"]
 
-_BLOCK = 1 << 15  # elements per block of rows (about 128 KiB in float32)
+_BLOCK = 1 << 14  # entries per block of rows (64 KiB in float32)
 _REFINED = 3  # local searches of the multi-start strategy
 _WINDOWS = 4  # truncated-quadratic windows re-evaluated exactly
 
@@ -77,13 +80,31 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     y = x.new_empty(rows)
     failed = torch.zeros(rows, dtype=torch.bool, device=x.device)
     step = max(1, _BLOCK // max(n, 1))
-    for start in range(0, rows, step):
-        sl = slice(start, start + step)
-        xb = x[sl]
-        _check_finite(xb, start)
-        y[sl], failed[sl] = block_solver(penalty, xb, c[sl, None], alpha[sl, None], settings)
-        if on_block is not None:
-            on_block(sl, xb, y[sl])
+    starts = list(range(0, rows, step))
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+
+    grad_mode = torch.is_grad_enabled()  # thread-local: carried into the worker threads
+
+    def run(share: list[int]) -> None:
+        work = (x.new_empty(min(rows, step) * n), x.new_empty(min(rows, step) * n))
+        with torch.set_grad_enabled(grad_mode):
+            for start in share:
+                sl = slice(start, start + step)
+                xb = x[sl]
+                views = tuple(w[:xb.numel()].view(xb.shape) for w in work)
+                y[sl], failed[sl] = block_solver(penalty, xb, c[sl, None], alpha[sl, None],
+                                                 settings, views)
+                if on_block is not None:
+                    on_block(sl, xb, y[sl])
+
+    shares = [starts[i::workers] for i in range(workers)]
+    if workers == 1 or x.device.type != "cpu":
+        run(starts)
+    else:  # blocks are small enough that each op runs single-threaded: one block per thread
+        with ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(run, share) for share in shares]:
+                future.result()
+    _check_finite(x, y)
     bad = int(failed.sum())
     if bad:
         idx = failed.nonzero().flatten()[:8].tolist()
@@ -94,14 +115,19 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     return y
 
 
-def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings):
+def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
+          work: tuple[Tensor, Tensor]):
     return x.mean(1), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
 
-def _check_finite(xb: Tensor, offset: int) -> None:
-    if not bool(torch.isfinite(xb).all()):
-        row = offset + int((~torch.isfinite(xb)).any(1).nonzero()[0])
-        raise ValueError(f"x has a non-finite entry in pooled row {row}: expected finite values")
+def _check_finite(x: Tensor, y: Tensor) -> None:
+    """A non-finite entry of ``x`` makes its row's ``y`` non-finite (or, for the mean of huge
+    values, overflow does): either way the input is rejected."""
+    bad = ~torch.isfinite(y)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"pooled row {row} of x (values {x[row, :6].tolist()}…) has no finite "
+                         "result: expected finite values")
 
 
 def _median_start(x: Tensor) -> Tensor:
@@ -114,31 +140,36 @@ def _scale(lo: Tensor, hi: Tensor, c: Tensor) -> Tensor:
     return torch.minimum(c.squeeze(1), hi - lo)
 
 
-def _newton(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings):
+def _newton(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
+            work: tuple[Tensor, Tensor]):
     lo, hi = x.amin(1), x.amax(1)
     scale = _scale(lo, hi, c)
+    z, scratch = work
+
+    def sums(u: Tensor) -> tuple[Tensor, Tensor]:
+        return penalty.newton_sums(torch.sub(u[:, None], x, out=z), c, alpha, scratch)
+
     u = _median_start(x)
-    done = lo == hi
-    u = torch.where(done, lo, u)
-    for it in range(settings.max_iter):
-        d1, d2, omega = penalty.derivatives(u[:, None] - x, c, alpha)
-        g, h = d1.sum(1), d2.sum(1)
-        lo = torch.where(g <= 0, u, lo)
-        hi = torch.where(g >= 0, u, hi)
+    g, h = sums(u)
+    lo, hi = torch.where(g <= 0, u, lo), torch.where(g >= 0, u, hi)
+    done = torch.zeros_like(u, dtype=torch.bool)
+    for _ in range(settings.max_iter):
+        tol = settings.tol * (u.abs() + scale)
         newton = u - g / h
         inside = (newton > lo) & (newton < hi)  # False for NaN (h = 0)
-        small = (newton - u).abs() <= settings.tol * (u.abs() + scale)
-        fallback = u - g / omega.sum(1) if it % 2 == 0 else None
-        if fallback is None:
-            fallback = 0.5 * (lo + hi)
-        else:
-            fallback = torch.where((fallback > lo) & (fallback < hi), fallback, 0.5 * (lo + hi))
-        nxt = torch.where(inside, newton, fallback)
-        converged = (g == 0) | (inside & small) | (hi - lo <= settings.tol * (u.abs() + scale))
-        u = torch.where(done, u, torch.where(converged & ~inside, u, nxt))
+        converged = ~done & ((g == 0) | ((newton - u).abs() <= tol) | (hi - lo <= tol))
+        u = torch.where(converged & inside & (g != 0), newton, u)
         done = done | converged
         if bool(done.all()):
             break
+        trial = torch.where(inside, newton, 0.5 * (lo + hi))
+        g_t, h_t = sums(trial)
+        lo = torch.where(~done & (g_t <= 0), trial, lo)
+        hi = torch.where(~done & (g_t >= 0), trial, hi)
+        accept = ~done & (g_t.abs() < g.abs())
+        u = torch.where(accept, trial, u)
+        g = torch.where(accept, g_t, g)
+        h = torch.where(accept, h_t, h)
     return u, ~done
 
 
@@ -165,7 +196,8 @@ def _candidates(x: Tensor, starts: int) -> Tensor:
     return torch.cat([interleaved, points[:, -1:]], 1)
 
 
-def _multistart(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings):
+def _multistart(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
+                work: tuple[Tensor, Tensor]):
     r, n = x.shape
     cand = _candidates(x, settings.starts)
     values = _objective(penalty, cand, x, c, alpha)
@@ -195,7 +227,7 @@ def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: 
     """
     lo, hi = x.amin(1), x.amax(1)
     scale = _scale(lo, hi, c)
-    d1, d2, _ = penalty.derivatives(m[:, None] - x, c, alpha)
+    d1, d2 = penalty.derivatives(m[:, None] - x, c, alpha)
     g, h = d1.sum(1), d2.sum(1)
     done = torch.zeros_like(m, dtype=torch.bool)
     noise = x.shape[1] * torch.finfo(x.dtype).eps
@@ -212,7 +244,7 @@ def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: 
         t = torch.where(inside, newton, 0.5 * (m + towards))
         z = t[:, None] - x
         f_t = penalty.value(z, c, alpha).sum(1)
-        d1, d2, _ = penalty.derivatives(z, c, alpha)
+        d1, d2 = penalty.derivatives(z, c, alpha)
         # a Newton step whose change of F is below rounding counts as a decrease
         better = ((f_t < f_m) | (inside & (f_t <= f_m + noise * f_m.abs()))) & ~done
         keep = ~better & ~done
@@ -228,7 +260,7 @@ def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: 
 
 
 def _truncated_quadratic(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
-                         settings: SolverSettings):
+                         settings: SolverSettings, work: tuple[Tensor, Tensor]):
     r, n = x.shape
     xs = x.sort(1).values
     ref = xs[:, n // 2: n // 2 + 1]
