@@ -32,7 +32,8 @@ def curves(name: str, c: float, alpha: float) -> tuple[torch.Tensor, ...]:
     penalty = PENALTIES[name]
     c_t, a_t = torch.tensor(c, dtype=Z.dtype), torch.tensor(alpha, dtype=Z.dtype)
     phi = penalty.value(Z, c_t, a_t)
-    d1, _, weight = penalty.derivatives(Z, c_t, a_t)
+    d1, d2 = penalty.derivatives(Z, c_t, a_t)
+    weight = torch.where(Z != 0, d1 / Z.where(Z != 0, torch.ones_like(Z)), d2)  # φ″(0) at z = 0
     return phi, d1, weight
 
 
