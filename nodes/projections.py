@@ -45,8 +45,9 @@ Deterministic choices where the problem is not differentiable or not unique:
   when it is zero, so ``x = 0`` maps to ``r e_1``.
 
 The learnable radius is ``r = exp(ρ)`` (a :mod:`torch.nn.utils.parametrize` parametrisation, so
-``ρ`` appears in ``named_parameters()`` as ``parametrizations.radius.original``); a fixed radius is a
-buffer. The functional form is :func:`project`.
+``ρ`` appears in ``named_parameters()`` as ``parametrizations.radius.original``, in the default
+dtype until the node is converted, e.g. by ``.double()``); a fixed radius is a float64 buffer.
+Either is cast to the input's dtype and device per call. The functional form is :func:`project`.
 """
 
 from __future__ import annotations
@@ -207,12 +208,11 @@ class _Projection(DeclarativeNode):
             raise ValueError(f"radius={radius!r}: expected a positive finite number")
         if not isinstance(learn_radius, bool):
             raise TypeError(f"learn_radius={learn_radius!r}: expected True or False")
-        value = torch.tensor(float(radius))
         if learn_radius:
-            self.radius = torch.nn.Parameter(value)
+            self.radius = torch.nn.Parameter(torch.tensor(float(radius)))
             parametrize.register_parametrization(self, "radius", _Exp())
-        else:
-            self.register_buffer("radius", value)
+        else:  # float64, cast to the input's dtype per call: exact for float64 inputs
+            self.register_buffer("radius", torch.tensor(float(radius), dtype=torch.float64))
 
     def _plain_exp(self) -> bool:
         """Whether ``r = exp(ρ)`` exactly, so that ``∂r/∂ρ = r`` (no autograd needed)."""
