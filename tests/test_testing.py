@@ -87,6 +87,12 @@ def test_solve_that_is_not_the_minimiser_fails_optimality(node_cls, failing):
         assert _row(result, "optimality", argument).failed, str(result)
 
 
+def test_non_finite_solution_fails_without_comparisons():
+    result = check_optimality(U.NaNSolve(), *_inputs(U.NaNSolve))
+    assert _row(result, "optimality", "solve").failed
+    assert [r.argument for r in result.rows] == ["solve"]  # nothing compared with NaN
+
+
 @pytest.mark.parametrize("node_cls, warning", [
     (U.AbsoluteDeviation, "SingularSystemWarning"),
     (U.SoftThreshold, "OptimalityWarning"),

@@ -173,3 +173,12 @@ class Pair(DeclarativeNode):
         log_cosh = y + torch.nn.functional.softplus(-2 * y) - 0.6931471805599453
         return (0.5 * ((y - a) ** 2).sum(-1) + 0.5 * self.theta.exp() * ((y - b) ** 2).sum(-1)
                 + log_cosh.sum(-1))
+
+
+class NaNSolve(Smoother):
+    """Defect: ``solve`` returns NaN for the first sample."""
+
+    def solve(self, x):
+        y = x.clone()
+        y[0] = float("nan")
+        return y
