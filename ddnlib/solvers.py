@@ -42,7 +42,7 @@ import numpy as np
 import scipy.optimize
 
 from .engine import _samples, recover_multipliers, use_dense
-from .errors import NonConvergenceWarning, report
+from .errors import NonConvergenceWarning, SingularSystemWarning, report
 from .linalg import NullSpace, cg, solve_kkt
 from .problem import Problem, batched_jacobian, grad
 
@@ -59,8 +59,14 @@ def default_solve(node, xs: Sequence[Tensor]) -> Tensor | tuple[Tensor, dict]:
     if problem.has_ineq:
         return slsqp(problem, y0, node.options)
     if problem.has_eq:
-        y, nu, converged, residual = sqp(problem, y0, node.options)
+        y, nu, converged, residual, saddle = sqp(problem, y0, node.options)
         _report_sqp(converged, residual, node.options)
+        if saddle.any():
+            report(SingularSystemWarning,
+                   f"SQP stopped at a KKT point that is not a strict local minimum (the reduced "
+                   f"Hessian is not positive definite) at samples {_samples(saddle)}: a saddle "
+                   "point or maximum reached from initial_guess. Start from another "
+                   "initial_guess or supply solve().", node.options.strict)
         return y, {"lambda": nu}
     return newton(problem, y0, node.options)
 
@@ -164,13 +170,14 @@ def _backtrack(problem: Problem, y: Tensor, f: Tensor, g: Tensor, d: Tensor, run
 
 
 def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
-        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Batched SQP on ``min f`` s.t. ``c_j(x, y) = 0`` for the rows ``j`` of ``c = [h; g]`` marked
     ``active (b, p + q)`` (default: all rows; the others are ignored).
 
     Returns ``y (b, *out)``, the multipliers ``ν (b, p + q)`` (zero on ignored rows), the mask of
-    converged samples ``(b,)`` and the last relative KKT step ``(b,)`` (the residual that is
-    reported). Samples whose objective or constraints are not finite come back as NaN.
+    converged samples ``(b,)``, the last relative KKT step ``(b,)`` (the residual that is
+    reported) and the mask ``(b,)`` of converged samples whose reduced Hessian is not positive
+    definite (a saddle point or maximum: Newton's method converges to any KKT point). Samples whose objective or constraints are not finite come back as NaN.
     """
     b, m = problem.batch, problem.m
     tol = options.tol("solver_tol", y0.dtype)
@@ -181,6 +188,7 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
     finite = torch.ones_like(running)
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     rho = torch.zeros(b, dtype=y.dtype, device=y.device)
+    saddle = torch.zeros_like(running)
     nu = None
     for _ in range(options.max_iter):
         with torch.enable_grad():
@@ -197,17 +205,18 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
             gL = gf + grad((c * nu).sum(), [yv], create_graph=True)[0]
             if dense:
                 H = batched_jacobian(gL, yv).detach()
-                d, nu_new = _kkt_direction_dense(0.5 * (H + H.transpose(-1, -2)), A.detach(),
-                                                 active, gf.detach(), c.detach())
+                d, nu_new, indefinite = _kkt_direction_dense(
+                    0.5 * (H + H.transpose(-1, -2)), A.detach(), active, gf.detach(), c.detach())
                 curvature = torch.einsum("bi,bij,bj->b", d, H, d)
             else:
-                d, nu_new, curvature = _kkt_direction_cg(gL, yv, A.detach(), active, gf.detach(),
-                                                         c.detach(), options)
+                d, nu_new, curvature, indefinite = _kkt_direction_cg(
+                    gL, yv, A.detach(), active, gf.detach(), c.detach(), options)
         y, f, c, gf, A = y.detach(), f.detach(), c.detach() * act, gf.detach(), A.detach()
         finite &= torch.isfinite(f) & torch.isfinite(gf).all(-1) & torch.isfinite(c).all(-1)
         running &= finite
         step = torch.where(running, d.abs().amax(-1) / (1 + y.abs().amax(-1)), step)
         nu = torch.where(running.unsqueeze(-1), nu_new * act, nu)
+        saddle = torch.where(running, indefinite, saddle)
         converged |= running & (step <= tol)
         running &= ~(step <= tol)
         if not running.any():
@@ -222,16 +231,16 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
         y, moved = _merit_search(problem, y, f, c1, slope_f - rho * c1, d, A, active, rho, running)
         running &= moved  # a failed line search ends the sample (reported as not converged)
     y = torch.where(finite.unsqueeze(-1), y.detach(), torch.nan)
-    return problem.unflatten(y), nu, converged, step
+    return problem.unflatten(y), nu, converged, step, saddle & converged
 
 
 def _kkt_direction_dense(H: Tensor, A: Tensor, active: Tensor, gf: Tensor, c: Tensor
-                         ) -> tuple[Tensor, Tensor]:
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     """SQP step ``(d, λ⁺)`` from the dense KKT system, with ``H + γI`` (``γ = s · 10^k``, the
     smallest that works, ``s = 1 + max |H_ii|``) where the reduced Hessian is not positive
-    definite."""
+    definite (also returned, as a mask)."""
     U, W, info = solve_kkt(H, A, active, -gf.unsqueeze(-1), -c.unsqueeze(-1))
-    todo = info.not_pd
+    todo = info.not_pd.clone()
     if todo.any():
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
         scale = 1 + H.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
@@ -245,14 +254,16 @@ def _kkt_direction_dense(H: Tensor, A: Tensor, active: Tensor, gf: Tensor, c: Te
             todo[idx[ok]] = False
             if not todo.any():
                 break
-    return U.squeeze(-1), W.squeeze(-1)
+    return U.squeeze(-1), W.squeeze(-1), info.not_pd
 
 
 def _kkt_direction_cg(gL: Tensor, yv: Tensor, A: Tensor, active: Tensor, gf: Tensor, c: Tensor,
-                      options) -> tuple[Tensor, Tensor, Tensor]:
+                      options) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """SQP step by projected CG: ``d = −A⁺c + z``, ``z`` in ``null(A)`` from truncated CG on the
     reduced system (stopped at negative curvature), ``λ⁺`` the least-squares multipliers of
-    ``H d + ∇f``. Also returns ``dᵀHd``."""
+    ``H d + ∇f``. Where CG meets negative curvature before moving, ``z`` is the projected steepest
+    descent direction instead. Also returns ``dᵀHd`` and the mask of samples where CG met negative
+    curvature."""
 
     def hvp(p: Tensor) -> Tensor:  # (1, b, m)
         return grad(gL, [yv], p[0], retain_graph=True)[0].unsqueeze(0)
@@ -260,12 +271,14 @@ def _kkt_direction_cg(gL: Tensor, yv: Tensor, A: Tensor, active: Tensor, gf: Ten
     null = NullSpace(A, active)
     normal = -null.least_norm(c.unsqueeze(0))
     rhs = -gf.unsqueeze(0) - hvp(normal)
-    z, _ = cg(hvp, rhs, options.tol("cg_tol", gf.dtype), options.cg_max_iter or 2 * gf.shape[1] + 10,
+    z, info = cg(hvp, rhs, options.tol("cg_tol", gf.dtype), options.cg_max_iter or 2 * gf.shape[1] + 10,
               project=null)
+    stuck = info.not_pd & (z[0] == 0).all(-1)
+    z = torch.where(stuck.unsqueeze(-1), null(rhs), z)
     d = normal + z
     Hd = hvp(d)
     nu = null.coefficients(-gf.unsqueeze(0) - Hd)
-    return d[0], nu[0], (d * Hd).sum(-1)[0]
+    return d[0], nu[0], (d * Hd).sum(-1)[0], info.not_pd
 
 
 def _merit_search(problem: Problem, y: Tensor, f: Tensor, c1: Tensor, slope: Tensor, d: Tensor,
@@ -373,7 +386,7 @@ def slsqp(problem: Problem, y0: Tensor, options) -> tuple[Tensor, dict[str, Tens
 
     # Refine on the active set; keep the refined point where it is a KKT point of the original
     # problem (non-negative μ, inactive inequalities satisfied).
-    y_ref, nu_ref, conv_ref, _ = sqp(problem, problem.unflatten(y), options, active=active)
+    y_ref, nu_ref, conv_ref, _, _ = sqp(problem, problem.unflatten(y), options, active=active)
     y_ref = y_ref.reshape(b, m)
     g_ref = problem.ineq(y_ref)
     scale = 1 + y_ref.abs().amax(-1, keepdim=True)
