@@ -229,7 +229,7 @@ def run(args) -> dict:
             trajectories[variant] = history
             steps += [{"variant": variant, **h} for h in history]
         radius = getattr(model.projection, "radius", getattr(getattr(model.projection, "projection", None), "radius", None))
-        radius = None if radius is None else float(radius)
+        radius = None if radius is None else float(radius.detach())
         rows.append({"variant": variant, "accuracy": acc, "radius": radius, "train_s": round(train_s, 1)})
         common.save_checkpoint(out / "checkpoints" / f"{variant.replace(':', '-')}.pt", model,
                                variant=variant, seed=args.seed, epochs=args.epochs)
