@@ -9,9 +9,11 @@ projection ``y = argmin_u ½‖u − z‖²`` s.t. ``‖u‖_p = r`` (sphere) or
 ``E‖z‖_p`` for ``z ~ N(0, I_d)``: ``d·√(2/π)`` (L1), ``√d`` (L2), ``≈ √(2 ln d)`` (L∞), times
 ``--radius-scale``.
 
-Variant ``linf_*:learned-scaled`` is the remedy for the collapse of the learned L∞ radius
-(docs/experiments.md): the classifier reads ``y / r``, so ``r`` only sets *which* features are
-clipped and cannot be traded against the classifier's weights.
+About the collapse of the learned L∞ radius that the seed reports (docs/experiments.md):
+``linf_ball:learned-seedgrad`` differentiates ``r`` as the seed's code did (a per-sample *sign*
+of ``Σ_{i clipped} sign(z_i) ∂ℓ/∂y_i / |clipped|``), the plain ``learned`` variants use the exact
+closed form of ``ddnlib.nodes``; ``linf_*:learned-scaled`` feeds ``y / r`` to the classifier, so
+``r`` only sets *which* features are clipped and cannot be traded against the classifier's scale.
 
 Writes to ``--out``: ``table.txt``, ``accuracy.csv``, ``accuracy.png``, ``trajectory.csv`` /
 ``trajectory.png`` (learned radius per step), ``checkpoints/*.pt``.
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,7 +42,7 @@ __all__ = ["ResNet", "make_projection", "default_radius", "PROJECTIONS", "VARIAN
 
 PROJECTIONS = ("l1_sphere", "l1_ball", "l2_sphere", "l2_ball", "linf_sphere", "linf_ball")
 VARIANTS = ("none",) + tuple(f"{p}:{m}" for p in PROJECTIONS for m in ("fixed", "learned")) + (
-    "linf_sphere:learned-scaled", "linf_ball:learned-scaled")
+    "linf_sphere:learned-scaled", "linf_ball:learned-scaled", "linf_ball:learned-seedgrad")
 
 
 def default_radius(projection: str, d: int) -> float:
@@ -63,6 +66,46 @@ class Scaled(nn.Module):
         return self.projection(z) / self.projection.radius
 
 
+class _SeedLInfBallFn(torch.autograd.Function):
+    """``clamp(z, −r, r)`` with the radius gradient of the seed's published code: per sample,
+    ``sign(Σ_{i∈M} σ_i v_i / |M|)`` (``M`` the clipped coordinates, ``σ = sign(z)``), summed
+    over the batch. The exact derivative is ``Σ_{i∈M} σ_i v_i`` (no ``1/|M|``, no sign)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, r: Tensor) -> Tensor:
+        ctx.save_for_backward(z, r)
+        return torch.maximum(torch.minimum(z, r), -r)
+
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        z, r = ctx.saved_tensors
+        clipped = z.abs() > r
+        k = clipped.sum(-1)
+        per_sample = (v * z.sign() * clipped).sum(-1) / k.clamp_min(1)
+        return v * ~clipped, per_sample.sign().sum().reshape(r.shape)
+
+
+class _Exp(nn.Module):
+    def forward(self, rho: Tensor) -> Tensor:
+        return rho.exp()
+
+    def right_inverse(self, r: Tensor) -> Tensor:
+        return r.log()
+
+
+class SeedGradLInfBall(nn.Module):
+    """L∞-ball projection with a learned ``r = exp(ρ)`` differentiated as in the seed's code
+    (:class:`_SeedLInfBallFn`): reproduces the seed's collapse of ``r`` for comparison."""
+
+    def __init__(self, radius: float):
+        super().__init__()
+        self.radius = nn.Parameter(torch.tensor(float(radius)))
+        parametrize.register_parametrization(self, "radius", _Exp())
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _SeedLInfBallFn.apply(z, self.radius)
+
+
 def make_projection(variant: str, d: int, radius_scale: float = 1.0) -> nn.Module:
     """The projection layer of ``variant`` (one of :data:`VARIANTS`) for ``d`` features."""
     if variant not in VARIANTS:
@@ -77,7 +120,10 @@ def make_projection(variant: str, d: int, radius_scale: float = 1.0) -> nn.Modul
         "l2_sphere": nodes.L2Sphere, "l2_ball": nodes.L2Ball,
         "linf_sphere": nodes.LInfSphere, "linf_ball": nodes.LInfBall,
     }[name]  # fmt: skip
-    node = cls(radius=radius_scale * default_radius(name, d), learn_radius=mode != "fixed")
+    r0 = radius_scale * default_radius(name, d)
+    if mode == "learned-seedgrad":
+        return SeedGradLInfBall(r0)
+    node = cls(radius=r0, learn_radius=mode != "fixed")
     return Scaled(node) if mode == "learned-scaled" else node
 
 
@@ -128,7 +174,7 @@ def _parser():
     p.add_argument("--image-size", type=int, default=64, help="image folder: side after resize/crop")
     p.add_argument("--radius-scale", type=float, default=1.0, help="factor on the default radius")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training images")
-    p.set_defaults(epochs=15, lr=3e-3, batch_size=64)
+    p.set_defaults(epochs=10, lr=3e-3, batch_size=64)
     return p
 
 
@@ -182,7 +228,8 @@ def _plot(out: Path, results: dict, trajectories: dict) -> None:
         key = next(k for k in hist[0] if k.endswith(".radius"))
         r0 = hist[0][key]
         ax.plot([h["step"] for h in hist], [h[key] / r0 for h in hist],
-                "--" if name.endswith("-scaled") else "-", label=name)
+                {"learned": "-", "learned-scaled": "--", "learned-seedgrad": ":"}[name.split(":")[1]],
+                label=name)
     ax.set(xlabel="training step", ylabel="learned r / initial r", yscale="log",
            title="learned radius during training")
     ax.grid(alpha=0.3)
@@ -236,8 +283,9 @@ def run(args) -> dict:
         print(f"  {variant:<28} train {train_s:6.1f}s  top-1 {acc:5.1f}%"
               + ("" if radius is None else f"  r={radius:.4g}"), flush=True)
     projections = [p for p in PROJECTIONS if any(v.startswith(p) for v in variants)]
-    cols = ["fixed r", "learned r", "learned r, y/r"]
-    cells = [[results.get(f"{p}:{m}") for m in ("fixed", "learned", "learned-scaled")] for p in projections]
+    cols = ["fixed r", "learned r", "learned r, y/r", "learned r, seed's dr"]
+    modes = ("fixed", "learned", "learned-scaled", "learned-seedgrad")
+    cells = [[results.get(f"{p}:{m}") for m in modes] for p in projections]
     table = common.format_table("projection", projections, cols, cells)
     if "none" in results:
         table = f"no projection: {results['none']:.1f}\n{table}"
