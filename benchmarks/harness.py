@@ -71,6 +71,8 @@ class Report:
             unit: str = "s", **params: Any) -> None:
         """Rows for ``values`` (variant -> value), with ratios against ``values[baseline]``."""
         base = values[baseline]
+        print(f"  {setting}: " + ", ".join(f"{k} {v / base:.3g}x" for k, v in values.items()),
+              flush=True)
         for variant, value in values.items():
             ratio = value / base if base > 0 else math.nan
             self.rows.append(Row(case, setting, variant, float(value), unit, baseline, ratio,
