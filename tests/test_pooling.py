@@ -1,0 +1,354 @@
+"""Robust global pooling: forward optimality against independent solvers, gradients against the
+generic engine and finite differences, equivariance properties, parameters and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize_scalar
+
+from ddnlib import DeclarativeNode, Options
+from ddnlib.nodes import (PENALTIES, RobustGlobalPool1d, RobustGlobalPool2d, RobustPooling,
+                          robust_global_pool)
+
+ALPHA = {"general": 0.5}  # Barron's α for the tests that fix one (non-convex: the hard case)
+
+
+# -- an independent reference: the issue's formulas in numpy, a grid and Brent's method --------
+def phi(name: str, z: np.ndarray, c: float, alpha: float = 1.0) -> np.ndarray:
+    if name == "quadratic":
+        return 0.5 * z**2
+    if name == "pseudo_huber":
+        return c**2 * (np.sqrt(1 + (z / c) ** 2) - 1)
+    if name == "huber":
+        return np.where(np.abs(z) <= c, 0.5 * z**2, c * (np.abs(z) - 0.5 * c))
+    if name == "welsch":
+        return 1 - np.exp(-(z**2) / (2 * c**2))
+    if name == "truncated_quadratic":
+        return np.where(np.abs(z) <= c, 0.5 * z**2, 0.5 * c**2)
+    a = abs(alpha - 2)
+    return a / alpha * (((z / c) ** 2 / a + 1) ** (alpha / 2) - 1)
+
+
+def phi2(name: str, z: np.ndarray, c: float, alpha: float = 1.0) -> np.ndarray:
+    """``φ″`` differentiated by hand from the table (Huber / truncated: the inlier side at ``c``)."""
+    s = (z / c) ** 2
+    if name == "quadratic":
+        return np.ones_like(z)
+    if name == "pseudo_huber":
+        return (1 + s) ** -1.5
+    if name in ("huber", "truncated_quadratic"):
+        return (np.abs(z) <= c).astype(float)
+    if name == "welsch":
+        return np.exp(-s / 2) * (1 - s) / c**2
+    q = s / abs(alpha - 2)
+    return (1 + q) ** (alpha / 2 - 2) * (1 + (alpha - 1) * q) / c**2
+
+
+def reference_argmin(name: str, x: np.ndarray, c: float, alpha: float) -> float:
+    """Global minimiser: 40 points in each gap of the sorted data, then Brent on the best cell."""
+    f = lambda u: phi(name, u - x, c, alpha).sum()  # noqa: E731
+    s = np.unique(x)
+    grid = np.unique(np.concatenate([np.linspace(lo, hi, 40) for lo, hi in zip(s[:-1], s[1:])]
+                                    + [s]))
+    values = np.array([f(u) for u in grid])
+    k = int(values.argmin())
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    if hi <= lo:
+        return float(grid[k])
+    res = minimize_scalar(f, bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-13 * (1 + abs(grid[k]))})
+    return float(res.x) if res.fun <= values[k] else float(grid[k])
+
+
+def outlier_input(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(x.shape, generator=g) < 0.15
+    x = torch.where(mask, x + 20 * torch.randn(x.shape, generator=g, dtype=torch.float64), x)
+    x[0, 0, 0, 0], x[1, 2, 3, 3], x[2, 3, 5, 0] = 1e6, -1e6, 1e6
+    return x
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("name", list(PENALTIES))
+def test_matches_independent_reference(name, c):
+    alpha = ALPHA.get(name, 1.0)
+    x = outlier_input(int(10 * c)).requires_grad_()
+    pool = RobustGlobalPool2d(name, c=c, alpha=alpha).double()
+    y = pool(x)
+    v = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, v)
+    rows = x.detach().reshape(12, 36).numpy()
+    for r, (row, y_r) in enumerate(zip(rows, y.detach().flatten().tolist())):
+        y_ref = reference_argmin(name, row, c, alpha)
+        f_ours = phi(name, y_r - row, c, alpha).sum()
+        f_ref = phi(name, y_ref - row, c, alpha).sum()
+        assert f_ours <= f_ref + 1e-10 * (1 + abs(f_ref)), (r, y_r, y_ref)
+        w = phi2(name, y_ref - row, c, alpha)  # ∂y/∂x_i = φ″_i / Σ φ″ at the reference
+        expected = v.flatten()[r].item() * w / w.sum()
+        np.testing.assert_allclose(gx.reshape(12, 36)[r].numpy(), expected, atol=1e-5)
+
+
+def _module(name, channels=3, learn=True):
+    return RobustGlobalPool1d(name, c=torch.tensor([0.7, 1.0, 1.6]), learn_c=learn,
+                              alpha=torch.tensor([0.6, 1.4, 2.5]), channels=channels,
+                              learn_alpha=learn and name == "general").double()
+
+
+def _gradcheck_input(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, 7, generator=g, dtype=torch.float64).requires_grad_()
+
+
+@pytest.mark.parametrize("name", list(PENALTIES))
+def test_gradcheck_inputs_and_parameters(name):
+    """Finite differences for ``x`` and every learnable parameter (per-channel ``c`` and ``α``).
+
+    The random data keep every ``|y − x_i|`` away from ``c``, where Huber and the truncated
+    quadratic are not differentiable.
+    """
+    pool = _module(name)
+    params = [p for p in pool.parameters() if p.requires_grad]
+    assert params
+    names = [k for k, p in pool.named_parameters()]
+
+    def f(x, *theta):
+        swapped = dict(zip(names, theta))
+        return torch.func.functional_call(pool, swapped, (x,))
+
+    assert torch.autograd.gradcheck(f, (_gradcheck_input(), *params), atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 0.5, 1.0, 1.9, 2.0, 2.1, 2.9])
+def test_gradcheck_general_shape(alpha):
+    """Barron's loss with scalar ``c`` and ``α`` as differentiable inputs, including ``α → 0`` and
+    the limit ``α = 2`` (where ``∂y/∂α`` stays finite though ``∂φ/∂α`` diverges)."""
+    x = _gradcheck_input(1)
+    c = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, c, a: robust_global_pool(x, "general", c, a)  # noqa: E731
+    if alpha == 2.0:  # finite differences straddle the limit: compare α-gradient both sides
+        (g,) = torch.autograd.grad(fn(x, c, a).sum(), a)
+        (lo,) = torch.autograd.grad(fn(x, c, a - 1e-7).sum(), a)
+        assert torch.isfinite(g) and abs(g - lo) < 1e-4
+        a = a.detach()
+    assert torch.autograd.gradcheck(fn, (x, c, a), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(PENALTIES))
+def test_closed_form_vjp_matches_generic_engine(name):
+    node = RobustPooling(name)
+    x = outlier_input(3).reshape(12, 36).requires_grad_()
+    c = torch.full((12,), 1.3, dtype=torch.float64, requires_grad=True)
+    a = torch.full((12,), ALPHA.get(name, 1.0), dtype=torch.float64, requires_grad=True)
+    y = node(x, c, a).detach()
+    v = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ours, _ = node.vjp(x, c, a, y=y, v=v)
+    generic, _ = DeclarativeNode.vjp(node, x, c, a, y=y, v=v)
+    for got, want in zip(ours, generic):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,alpha", [("welsch", 1.0), ("truncated_quadratic", 1.0),
+                                        ("general", 0.3), ("general", 0.8)])
+@pytest.mark.parametrize("seed", range(4))
+def test_non_convex_global_minimum_against_grid(name, alpha, seed):
+    """Two or three clusters of different sizes: a local method would often stop in the wrong one."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([-3.0, 0.5, 4.0], dtype=torch.float64)[torch.randperm(3, generator=g)]
+    sizes = (9, 8, 4)
+    x = torch.cat([m + 0.6 * torch.randn(k, generator=g, dtype=torch.float64)
+                   for m, k in zip(centres, sizes)])
+    x = x[torch.randperm(len(x), generator=g)].reshape(1, 1, -1)
+    y = robust_global_pool(x, name, 0.8, alpha).item()
+    row = x.flatten().numpy()
+    grid = np.linspace(row.min(), row.max(), 40001)
+    brute = phi(name, grid[:, None] - row, 0.8, alpha).sum(1).min()
+    assert phi(name, y - row, 0.8, alpha).sum() <= brute + 1e-9
+
+
+def test_multistart_subsamples_long_rows():
+    """Rows longer than ``starts`` use evenly spaced candidates and still find the dense cluster."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, generator=g) * 0.2 + 5, torch.rand(200, generator=g) * 40 - 20])
+    x = x[torch.randperm(500, generator=g)].double().reshape(1, 1, -1)
+    y = robust_global_pool(x, "welsch", 0.5, starts=16).item()
+    assert abs(y - 5) < 0.1
+
+
+# -- properties --------------------------------------------------------------------------------
+rows = st.lists(st.floats(-50, 50, allow_nan=False, width=64), min_size=1, max_size=12)
+names = st.sampled_from(list(PENALTIES))
+
+
+def _pool(values, name, c=1.0, alpha=1.5):
+    x = torch.tensor(values, dtype=torch.float64).reshape(1, 1, -1)
+    return robust_global_pool(x, name, c, alpha)
+
+
+def _objective(values, name, y, c=1.0, alpha=1.5):
+    return phi(name, y - np.asarray(values), c, alpha).sum()
+
+
+def _same_optimum(values, name, y1, y2, c=1.0):
+    """Equal, or (for a non-unique global minimum) equally good."""
+    f1, f2 = _objective(values, name, y1, c), _objective(values, name, y2, c)
+    return abs(y1 - y2) <= 1e-7 * (1 + abs(y1)) or abs(f1 - f2) <= 1e-9 * (1 + abs(f1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows, names, st.floats(-1e3, 1e3))
+def test_shift_equivariance(values, name, t):
+    y = _pool(values, name).item()
+    shifted = _pool([v + t for v in values], name).item() - t
+    assert _same_optimum(values, name, y, shifted)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows, names, st.floats(0.01, 100))
+def test_scale_equivariance_with_c(values, name, s):
+    y = _pool(values, name, c=1.0).item()
+    scaled = _pool([v * s for v in values], name, c=s).item() / s
+    assert _same_optimum(values, name, y, scaled)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows, names, st.randoms(use_true_random=False))
+def test_permutation_invariance_and_range(values, name, rnd):
+    y = _pool(values, name).item()
+    perm = list(values)
+    rnd.shuffle(perm)
+    assert _same_optimum(values, name, y, _pool(perm, name).item())
+    assert min(values) <= y <= max(values)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows)
+def test_quadratic_is_the_mean(values):
+    assert _pool(values, "quadratic").item() == pytest.approx(np.mean(values), abs=1e-12)
+
+
+# -- awkward inputs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PENALTIES))
+@pytest.mark.parametrize("c", [1e-6, 1e6])
+def test_extreme_c_ties_and_constant_rows(name, c):
+    x = torch.tensor([[[2.0] * 6, [1.0, 1.0, 1.0, 3.0, 3.0, 1e6], [-1e6, 0.0, 0.0, 0.1, 0.2, 1e6]]],
+                     dtype=torch.float64, requires_grad=True)
+    y = robust_global_pool(x, name, c, ALPHA.get(name, 1.0))
+    assert torch.isfinite(y).all()
+    assert y[0, 0].item() == 2.0
+    for r in range(3):
+        row = x[0, r].detach().numpy()
+        f = _objective(row, name, y[0, r].item(), c, ALPHA.get(name, 1.0))
+        for u in np.unique(row):  # no worse than any data point (each is a candidate)
+            assert f <= _objective(row, name, u, c, ALPHA.get(name, 1.0)) + 1e-9 * (1 + abs(f))
+    (g,) = torch.autograd.grad(y[0, 0], x)
+    torch.testing.assert_close(g[0, 0], torch.full((6,), 1 / 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(PENALTIES))
+def test_dtypes_shapes_and_empty_batch(name, dtype):
+    pool = RobustGlobalPool2d(name, learn_c=True, channels=4).to(dtype)
+    x = torch.randn(2, 4, 5, 3, dtype=dtype, requires_grad=True)
+    y = pool(x)
+    assert y.shape == (2, 4) and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    assert pool.parametrizations.c.original.grad.shape == (4,)
+    empty = pool(torch.randn(0, 4, 5, 3, dtype=dtype, requires_grad=True))
+    assert empty.shape == (0, 4)
+    mean = robust_global_pool(x.detach().to(torch.float64), name, 1.0, dim=(2, 3))
+    torch.testing.assert_close(y.detach().double(), mean, rtol=1e-4, atol=1e-4)
+
+
+def test_parameters_are_parametrised_and_learn():
+    pool = RobustGlobalPool1d("general", c=2.0, learn_c=True, alpha=0.5, learn_alpha=True,
+                              alpha_range=(0.2, 2.5))
+    names = dict(pool.named_parameters())
+    assert set(names) == {"parametrizations.c.original", "parametrizations.alpha.original"}
+    assert pool.c.item() == pytest.approx(2.0) and pool.alpha.item() == pytest.approx(0.5)
+    x = torch.randn(4, 3, 20)
+    x[:, :, 0] = 30.0
+    opt = torch.optim.SGD(pool.parameters(), lr=5.0)
+    for _ in range(5):  # pull every pooled value towards zero: shrink the outlier's influence
+        opt.zero_grad()
+        (pool(x) ** 2).mean().backward()
+        opt.step()
+    assert 0.2 < pool.alpha.item() < 2.5 and pool.c.item() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in pool.parameters())
+
+
+def test_fixed_parameters_follow_double_and_are_buffers():
+    pool = RobustGlobalPool1d("huber", c=0.3).double()
+    assert not list(pool.parameters())
+    assert pool.c.dtype == torch.float64
+    assert pool(torch.randn(2, 3, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_singular_curvature_warns_and_zeroes():
+    """Huber at a point of its flat minimum set (no entry within ``c``): ``Σ φ″ = 0``."""
+    from ddnlib.errors import SingularSystemWarning
+    node = RobustPooling("huber")
+    x = torch.tensor([[0.0, 10.0]], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([1e-3], dtype=torch.float64)
+    y = torch.tensor([5.0], dtype=torch.float64)
+    with pytest.warns(SingularSystemWarning, match="flat or degenerate"):
+        (g, _, _), _ = node.vjp(x, c, torch.ones(1, dtype=torch.float64), y=y,
+                                v=torch.ones(1, dtype=torch.float64))
+    assert (g == 0).all()
+    damped = RobustPooling("huber", options=Options(damping=1.0))
+    (g, _, _), _ = damped.vjp(x, c, torch.ones(1, dtype=torch.float64), y=y,
+                              v=torch.ones(1, dtype=torch.float64))
+    assert (g == 0).all()  # φ″ = 0 everywhere: damping makes H > 0 but the weights are zero
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(penalty="cauchy"), "penalty='cauchy'"),
+    (dict(c=0.0), "c=0.0"),
+    (dict(c=-1.0), "c=-1.0"),
+    (dict(penalty="general", alpha=3.0), "alpha=3.0"),
+    (dict(penalty="general", alpha=0.0), "alpha=0.0"),
+    (dict(penalty="general", alpha=1.0, alpha_range=(2.0, 1.0)), "alpha_range"),
+    (dict(penalty="huber", learn_alpha=True), "learn_alpha"),
+    (dict(channels=0), "channels=0"),
+    (dict(c=torch.ones(2), channels=3), "shape"),
+])
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RobustGlobalPool1d(**kwargs)
+
+
+def test_bad_call():
+    pool = RobustGlobalPool1d(channels=3)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\).*\(B, C, N\)"):
+        pool(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="4 channels"):
+        pool(torch.randn(2, 4, 5))
+    with pytest.raises(TypeError, match="torch.int64"):
+        pool(torch.ones(2, 3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="pooled dimensions"):
+        pool(torch.randn(2, 3, 0))
+    with pytest.raises(ValueError, match="expected finite c > 0"):
+        robust_global_pool(torch.randn(2, 3), c=torch.tensor([1.0, -2.0]))
+    with pytest.raises(ValueError, match="finite"):
+        robust_global_pool(torch.tensor([[1.0, float("nan")]]), "pseudo_huber")
+    with pytest.raises(TypeError, match="dtype torch.float64 but x has torch.float32"):
+        robust_global_pool(torch.randn(2, 3), c=torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dim"):
+        robust_global_pool(torch.randn(2, 3), dim=2)
+
+
+def test_options_reach_the_solver():
+    x = torch.randn(4, 3, 50, dtype=torch.float64) * 100
+    from ddnlib.errors import NonConvergenceError
+    with pytest.raises(NonConvergenceError):
+        robust_global_pool(x, "pseudo_huber", 1e-3, options=Options(max_iter=1, strict=True))
+    assert math.isfinite(robust_global_pool(x, "pseudo_huber", 1e-3).sum().item())
