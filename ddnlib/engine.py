@@ -58,7 +58,12 @@ def active_set(problem: Problem, c: Tensor, ctx: Mapping[str, Any] | None, tol: 
 def recover_multipliers(grad_f: Tensor, A: Tensor, active: Tensor) -> Tensor:
     """``ν = argmin ‖∇_y f + Aᵀν‖`` per sample over the active rows (inactive ``ν_j = 0``)."""
     At = (A * active.unsqueeze(-1).to(A.dtype)).transpose(-1, -2)
-    return torch.linalg.lstsq(At, -grad_f.unsqueeze(-1)).solution.squeeze(-1)
+    # a non-finite sample (a NaN input) gets NaN multipliers and is kept away from LAPACK
+    finite = torch.isfinite(At).all((-2, -1)) & torch.isfinite(grad_f).all(-1)
+    At = torch.where(finite[:, None, None], At, 0.0)
+    rhs = torch.where(finite[:, None], -grad_f, 0.0).unsqueeze(-1)
+    nu = torch.linalg.lstsq(At, rhs).solution.squeeze(-1)
+    return torch.where(finite[:, None], nu, float("nan"))
 
 
 def _given_multipliers(problem: Problem, ctx, c: Tensor) -> Tensor | None:

@@ -53,6 +53,10 @@ def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Solve
     """Solve ``(H + γI) X = B`` per sample; Cholesky, least squares where not positive definite."""
     if damping:
         H = H + damping * _eye_like(H)
+    # a sample with a non-finite H or B (a NaN input) gets a NaN solution and is kept away from
+    # LAPACK, which rejects the whole batch on non-finite values
+    finite = torch.isfinite(H).all((-2, -1)) & torch.isfinite(B).all((-2, -1))
+    H = torch.where(finite[:, None, None], H, _eye_like(H))
     L, info = torch.linalg.cholesky_ex(H)
     not_pd = info != 0
     X = torch.cholesky_solve(B, L)
@@ -62,6 +66,7 @@ def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Solve
         Xf, sing = _lstsq(H[not_pd], B[not_pd])
         X[not_pd] = Xf
         singular[not_pd] = sing
+    X = torch.where(finite[:, None, None], X, float("nan"))
     return X, SolveInfo(not_pd=not_pd, singular=singular)
 
 
@@ -79,9 +84,14 @@ def solve_kkt(
     """
     if damping:
         H = H + damping * _eye_like(H)
-    act = active.to(A.dtype)
-    A = A * act.unsqueeze(-1)
-    Bc = Bc * act.unsqueeze(-1)
+    # a non-finite sample (a NaN input) gets a NaN solution and is kept away from LAPACK
+    finite = (torch.isfinite(H).all((-2, -1)) & torch.isfinite(A).all((-2, -1))
+              & torch.isfinite(By).all((-2, -1)) & torch.isfinite(Bc).all((-2, -1)))
+    H = torch.where(finite[:, None, None], H, _eye_like(H))
+    act = active.to(A.dtype) * finite[:, None].to(A.dtype)
+    A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
+    By = torch.where(finite[:, None, None], By, 0.0)
+    Bc = torch.where(finite[:, None, None], Bc, 0.0) * act.unsqueeze(-1)
     inactive_diag = torch.diag_embed(1 - act)
     L, info = torch.linalg.cholesky_ex(H)
     h_not_pd = info != 0
@@ -110,6 +120,8 @@ def solve_kkt(
         min_eig[fallback] = eig
         scale = 1 + H[fallback].abs().amax((-2, -1))
         not_pd[fallback] = eig <= m * torch.finfo(H.dtype).eps * scale
+    U = torch.where(finite[:, None, None], U, float("nan"))
+    W = torch.where(finite[:, None, None], W, float("nan"))
     return U, W, SolveInfo(not_pd=not_pd, singular=singular, min_eig=min_eig)
 
 
@@ -145,16 +157,19 @@ class NullSpace:
 
     def __init__(self, A: Tensor, active: Tensor):
         act = active.to(A.dtype)
-        self.A = A * act.unsqueeze(-1)
+        finite = torch.isfinite(A).all((-2, -1))  # a non-finite sample gets NaN, not an SVD error
+        self.A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
         V, S, Qt = torch.linalg.svd(self.A, full_matrices=False)
+        Qt = torch.where(finite[:, None, None], Qt, float("nan"))
         eps = torch.finfo(A.dtype).eps * max(A.shape[-2:], default=1)
         top = S.amax(-1, keepdim=True) if S.shape[-1] else S.new_zeros(S.shape[0], 1)
         keep = S > eps * top
         self.V, self.Qt = V, Qt
         self.inv_s = torch.where(keep, 1 / S.where(keep, torch.ones_like(S)), torch.zeros_like(S))
+        self.inv_s = torch.where(finite[:, None], self.inv_s, float("nan"))
         self.keep = keep.to(A.dtype)
         n_active = active.sum(-1)
-        self.rank_deficient = keep.sum(-1) < n_active
+        self.rank_deficient = (keep.sum(-1) < n_active) & finite
         rank = keep.sum(-1).clamp_min(1)
         smallest = S.gather(-1, (rank - 1).unsqueeze(-1)).squeeze(-1) if S.shape[-1] else top[:, 0]
         self.sigma_min = torch.where(self.rank_deficient, torch.zeros_like(smallest),
