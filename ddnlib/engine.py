@@ -221,7 +221,8 @@ def _solve_matrix_free(g: Tensor, yf: Tensor, null: NullSpace | None, By: Tensor
 
 def _rank_detail(null: NullSpace, active: Tensor) -> str:
     i = null.rank_deficient.nonzero()[0, 0]
-    return f"{int(null.keep[i].sum().item())} < {int(active[i].sum().item())} active rows at sample {int(i)}"
+    rank, rows = int(null.keep[i].sum().item()), int(active[i].sum().item())
+    return f"{rank} < {rows} active rows at sample {int(i)}"
 
 
 def _check_optimality(problem: Problem, y: Tensor, step: Tensor, c: Tensor, A: Tensor,

@@ -177,7 +177,8 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
     Returns ``y (b, *out)``, the multipliers ``ν (b, p + q)`` (zero on ignored rows), the mask of
     converged samples ``(b,)``, the last relative KKT step ``(b,)`` (the residual that is
     reported) and the mask ``(b,)`` of converged samples whose reduced Hessian is not positive
-    definite (a saddle point or maximum: Newton's method converges to any KKT point). Samples whose objective or constraints are not finite come back as NaN.
+    definite (a saddle point or maximum: Newton's method converges to any KKT point). Samples
+    whose objective or constraints are not finite come back as NaN.
     """
     b, m = problem.batch, problem.m
     tol = options.tol("solver_tol", y0.dtype)
@@ -271,8 +272,8 @@ def _kkt_direction_cg(gL: Tensor, yv: Tensor, A: Tensor, active: Tensor, gf: Ten
     null = NullSpace(A, active)
     normal = -null.least_norm(c.unsqueeze(0))
     rhs = -gf.unsqueeze(0) - hvp(normal)
-    z, info = cg(hvp, rhs, options.tol("cg_tol", gf.dtype), options.cg_max_iter or 2 * gf.shape[1] + 10,
-              project=null)
+    max_iter = options.cg_max_iter or 2 * gf.shape[1] + 10
+    z, info = cg(hvp, rhs, options.tol("cg_tol", gf.dtype), max_iter, project=null)
     stuck = info.not_pd & (z[0] == 0).all(-1)
     z = torch.where(stuck.unsqueeze(-1), null(rhs), z)
     d = normal + z
@@ -324,12 +325,12 @@ def _merit_search(problem: Problem, y: Tensor, f: Tensor, c1: Tensor, slope: Ten
     return y_new, ~searching
 
 
-def _report_sqp(converged: Tensor, residual: Tensor, options, what: str = "SQP") -> None:
+def _report_sqp(converged: Tensor, residual: Tensor, options) -> None:
     failed = ~converged
     if failed.any():
         worst = residual[failed].max().item()
         report(NonConvergenceWarning,
-               f"{what} did not converge within {options.max_iter} iterations at samples "
+               f"SQP did not converge within {options.max_iter} iterations at samples "
                f"{_samples(failed)}; worst relative KKT step {worst:.3g} > tol "
                f"{options.tol('solver_tol', residual.dtype):g} (or the merit line search "
                "failed, or the problem is not finite there). Raise Options(max_iter=...), start "

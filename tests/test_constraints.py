@@ -383,7 +383,8 @@ def test_batched_kkt_solve_at_size_160_is_right():
     gx, gQ = torch.autograd.grad((node(x) * v).sum(), [x, node.Q])
     Qr = Q.clone().requires_grad_()
     xr = x.detach().requires_grad_()
-    ref = torch.stack([_kkt_reference(0.5 * (Qr + Qr.T), xi) for xi in xr])  # f sees Q's symmetric part
+    Qsym = 0.5 * (Qr + Qr.T)  # the objective only sees the symmetric part of Q
+    ref = torch.stack([_kkt_reference(Qsym, xi) for xi in xr])
     ex, eQ = torch.autograd.grad((ref * v).sum(), [xr, Qr])
     torch.testing.assert_close(gx, ex, atol=1e-9, rtol=1e-7)
     torch.testing.assert_close(gQ, eQ, atol=1e-9, rtol=1e-7)
