@@ -170,5 +170,6 @@ def test_node_inputs_strategy(data, tail):
 
 @settings(max_examples=6, deadline=None)
 @given(xs=node_inputs((4,), batch=st.integers(1, 3)))
-def test_smooth_node_passes_gradient_check_on_awkward_inputs(xs):
+def test_smooth_node_passes_on_awkward_inputs(xs):
+    assert_optimal(U.Smoother(), *xs)
     assert_gradients(U.Smoother(), *xs)
