@@ -121,9 +121,9 @@ def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: Solve
 
 
 def _check_finite(x: Tensor, y: Tensor) -> None:
-    """A non-finite entry of ``x`` makes its row's ``y`` non-finite (or, for the mean of huge
-    values, overflow does): either way the input is rejected."""
-    bad = ~torch.isfinite(y)
+    """A row with a non-finite entry of ``x`` (whatever its ``y``: the multi-start solvers can
+    return a finite one), or whose ``y`` overflowed (the mean of huge values), is rejected."""
+    bad = ~torch.isfinite(y) | ~torch.isfinite(x).all(1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
         raise ValueError(f"pooled row {row} of x (values {x[row, :6].tolist()}…) has no finite "
