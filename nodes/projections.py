@@ -89,7 +89,8 @@ def _sign_plus(x: Tensor) -> Tensor:
 def _l2(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     if sphere:
-        unit = torch.where(norm > 0, x / norm, x.shape[-1] ** -0.5)
+        nonzero = norm > 0
+        unit = x / norm if nonzero.all() else torch.where(nonzero, x / norm, x.shape[-1] ** -0.5)
         return r * unit, norm - r
     scale = torch.where(norm > r, r / norm, 1.0)
     return x * scale, (norm - r).clamp_min(0)
@@ -142,27 +143,30 @@ def _linf(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
 
 # -- closed-form pullbacks: (x, y, v, r) -> (∂ℓ/∂x (b, n), ∂ℓ/∂r per sample (b,)) ----------------
 
+def _inside_identity(active: Tensor, gx: Tensor, dot: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """A ball's pullback: ``(gx, dot)`` where the constraint is ``active (b, 1)``, else ``(v, 0)``."""
+    if active.all():
+        return gx, dot.squeeze(-1)
+    return torch.where(active, gx, v), torch.where(active, dot, 0.0).squeeze(-1)
+
+
 def _l2_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     unit = y / r
     dot = (unit * v).sum(-1, keepdim=True)
     scale = torch.where(norm > 0, r / norm, 0.0)
     gx = scale * (v - unit * dot)
-    if sphere:
-        return gx, dot.squeeze(-1)
-    active = norm > r
-    return torch.where(active, gx, v), torch.where(active, dot, 0.0).squeeze(-1)
+    return (gx, dot.squeeze(-1)) if sphere else _inside_identity(norm > r, gx, dot, v)
 
 
 def _l1_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
     sigma = y.sign()
-    k = sigma.abs().sum(-1, keepdim=True)
-    dot = (sigma * v).sum(-1, keepdim=True) / k
-    gx = sigma.abs() * v - sigma * dot
+    support = sigma.abs()
+    dot = (sigma * v).sum(-1, keepdim=True) / support.sum(-1, keepdim=True)
+    gx = support * v - sigma * dot
     if sphere:
         return gx, dot.squeeze(-1)
-    active = (y - x).abs().amax(-1, keepdim=True) > 0
-    return torch.where(active, gx, v), torch.where(active, dot, 0.0).squeeze(-1)
+    return _inside_identity((y - x).abs().amax(-1, keepdim=True) > 0, gx, dot, v)
 
 
 def _linf_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
