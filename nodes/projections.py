@@ -14,10 +14,15 @@ of the active constraints. ``super().vjp`` is the generic engine, valid for L2 e
 Forward algorithms (``s = sign(x)``, ``a = |x|``):
 
 - **L2**: ``y = r x / ‖x‖`` (a ball returns ``x`` when ``‖x‖ ≤ r``).
-- **L1**: ``y = s ⊙ max(a − τ, 0)`` where ``τ`` solves ``Σ_i max(a_i − τ, 0) = r``, found by
-  sorting ``a`` (Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008, Fig. 1: the projection of
-  ``a`` onto the simplex of radius ``r``). For a sphere ``τ < 0`` when ``‖x‖₁ < r`` (every
-  magnitude grows by ``−τ``); a ball uses ``max(τ, 0)``, i.e. returns ``x`` when ``‖x‖₁ ≤ r``.
+- **L1**: ``y = s ⊙ max(a − τ, 0)``, the projection of ``a`` onto the simplex of radius ``r``
+  with the signs restored (Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008), ``τ`` the root of
+  ``Σ_i max(a_i − τ, 0) = r``. Duchi et al.'s Fig. 1 finds ``τ`` by sorting ``a``; the same ``τ``
+  is found here without a sort by Michelot's support-shrinking iteration (see
+  :func:`_l1_threshold`), which is exact too and about 3x faster on CPU, where ``torch.sort`` of
+  a ``(256, 512)`` batch alone costs more than the whole target budget. For a sphere ``τ < 0``
+  when ``‖x‖₁ < r`` (every magnitude grows by ``−τ``); a ball uses ``max(τ, 0)``, i.e. returns
+  ``x`` when ``‖x‖₁ ≤ r``. Like any floating-point method its absolute accuracy is
+  ``~eps · ‖x‖∞``, so a radius below that (``r ≪ eps ‖x‖∞``) is not resolved.
 - **L∞ ball**: ``y = clamp(x, −r, r)``.
 - **L∞ sphere**: the clamp when ``‖x‖∞ ≥ r``; otherwise ``x`` with its largest-magnitude
   coordinate moved to ``±r``.
@@ -89,7 +94,7 @@ def _sign_plus(x: Tensor) -> Tensor:
 def _l2(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     if sphere:
-        nonzero = norm > 0
+        nonzero = norm != 0  # a NaN norm (NaN input) stays NaN, not the x = 0 choice
         unit = x / norm if nonzero.all() else torch.where(nonzero, x / norm, x.shape[-1] ** -0.5)
         return r * unit, norm - r
     scale = torch.where(norm > r, r / norm, 1.0)
