@@ -384,14 +384,18 @@ def test_linf_choices_at_ties():
 
 @pytest.mark.parametrize("cls", NODES, ids=ids)
 def test_leading_dims_empty_and_vectors(cls):
-    node = cls(1.0)
+    node = cls(1.0, learn_radius=True).double()
     x = torch.randn(2, 3, 5, dtype=D)
     y = node(x)
     assert y.shape == x.shape
     torch.testing.assert_close(y, node(x.reshape(6, 5)).reshape(2, 3, 5))
     torch.testing.assert_close(node(x[0, 0]), y[0, 0])
-    assert node(torch.zeros(0, 5)).shape == (0, 5)
     torch.testing.assert_close(torch.func.vmap(node)(x), y)
+    empty = torch.zeros(0, 5, dtype=D, requires_grad=True)
+    out = node(empty)
+    assert out.shape == (0, 5)
+    gx, grho = torch.autograd.grad(out.sum(), (empty, node.parametrizations.radius.original))
+    assert gx.shape == (0, 5) and grho.item() == 0.0
 
 
 @pytest.mark.parametrize("cls", NODES, ids=ids)
