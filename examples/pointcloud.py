@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ddnlib import Options
+from ddnlib import NonConvergenceWarning, Options
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -150,6 +151,18 @@ def _outlier_generator(seed: int, rate: int, split: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_000_003 * seed + 101 * rate + split)
 
 
+def _count_nonconvergence(caught: list) -> str:
+    """Re-issue the warnings caught during a run, except the pooling solver's non-convergence
+    reports, which are summarised (how many calls left rows unconverged)."""
+    count = 0
+    for w in caught:
+        if issubclass(w.category, NonConvergenceWarning):
+            count += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return f"{count} pooling calls left a few rows unconverged (NonConvergenceWarning)" if count else ""
+
+
 def time_pooling(pool: nn.Module, features: Tensor, repeats: int = 5) -> tuple[float, float]:
     """Median forward and forward+backward ms of ``pool`` on a feature batch ``(B, C, N)``."""
     x = features.detach().clone().requires_grad_(True)
@@ -197,6 +210,7 @@ def _plot(out: Path, rates, results: dict, trajectories: dict, title: str) -> No
 
 def run(args) -> dict:
     """The study; returns ``{pooling: [accuracy per rate]}``."""
+    started = time.perf_counter()
     device = common.resolve_device(args.device)
     common.set_seed(args.seed, args.threads, device)
     specs = list(POOLINGS) if args.poolings == "all" else [s.strip() for s in args.poolings.split(",") if s.strip()]
@@ -229,15 +243,18 @@ def run(args) -> dict:
                 gen = _outlier_generator(args.seed, train_rate, 0)
                 augment = lambda x, r=train_rate, g=gen: shapes.add_outliers(x, r / 100, g)  # noqa: E731
             label = spec if train_rate is None else f"{spec} @{train_rate}%"
-            t0 = time.perf_counter()
-            history = common.train(
-                model, train_x, train_y, epochs=args.epochs, batch_size=args.batch_size,
-                optimizer=opt, generator=shuffle, device=device, augment=augment, desc=label,
-                progress=progress,
-            )  # fmt: skip
-            train_s = time.perf_counter() - t0
-            eval_rates = rates if train_rate is None else [train_rate]
-            accs += [common.accuracy(model, tests[r], test_y, 2 * args.batch_size, device) for r in eval_rates]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NonConvergenceWarning)
+                t0 = time.perf_counter()
+                history = common.train(
+                    model, train_x, train_y, epochs=args.epochs, batch_size=args.batch_size,
+                    optimizer=opt, generator=shuffle, device=device, augment=augment, desc=label,
+                    progress=progress,
+                )  # fmt: skip
+                train_s = time.perf_counter() - t0
+                eval_rates = rates if train_rate is None else [train_rate]
+                accs += [common.accuracy(model, tests[r], test_y, 2 * args.batch_size, device) for r in eval_rates]
+            unconverged = _count_nonconvergence(caught)
             tag = spec.replace(":", "-") + ("" if train_rate is None else f"-train{train_rate}")
             common.save_checkpoint(out / "checkpoints" / f"{tag}.pt", model, pooling=spec,
                                    train_rate=train_rate, seed=args.seed, epochs=args.epochs)
@@ -245,8 +262,9 @@ def run(args) -> dict:
             if learned:
                 trajectories[label] = history
                 steps += [{"pooling": spec, "train_rate": train_rate, **h} for h in history]
-            print(f"  {label:<24} train {train_s:6.1f}s  clean acc {accs[0]:5.1f}%  "
-                  + " ".join(f"{k.split('.')[-1]}={v:.3g}" for k, v in learned.items()), flush=True)
+            print(f"  {label:<24} train {train_s:6.1f}s  acc {accs[-len(eval_rates)]:5.1f}% at {eval_rates[0]}%  "
+                  + " ".join(f"{k.split('.')[-1]}={v:.3g}" for k, v in learned.items())
+                  + (f"  [{unconverged}]" if unconverged else ""), flush=True)
         results[spec] = accs
         rows += [{"pooling": spec, "mode": args.mode, "outlier_rate": r, "accuracy": a} for r, a in zip(rates, accs)]
         # forward/backward time of the pooling alone, on this model's features of a test batch
@@ -267,7 +285,8 @@ def run(args) -> dict:
         common.write_csv(out / "trajectory.csv", steps)
     _plot(out, rates, results, trajectories, title)
     print(f"\n{title}\n{table}\n\npooling time per batch {timing[0]['batch']}\n{timing_table}")
-    print(f"\nwritten to {out}/: table.txt accuracy.csv accuracy.png timing.csv trajectory.csv checkpoints/")
+    print(f"\nwritten to {out}/: table.txt accuracy.csv accuracy.png timing.csv trajectory.csv checkpoints/"
+          f"\ntotal {time.perf_counter() - started:.0f} s wall, {time.process_time():.0f} s CPU")
     return results
 
 
