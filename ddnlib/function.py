@@ -5,7 +5,9 @@ whose backward calls ``node.vjp``. The node's learnable parameters (those requir
 in ``named_parameters()``) are inputs of the Function, so their gradients flow to ``.grad`` like any
 other leaf, also through ``torch.nn.utils.parametrize`` and inside ``torch.func.functional_call``.
 Under ``torch.func.vmap`` the mapped dimension is folded into the batch dimension, which is exact
-because the problem is separable across the batch. The backward is first order: double backward
+because the problem is separable across the batch. Samples whose input or solution is not finite
+are left out of the backward pass: their input gradients are NaN and they add nothing to the
+parameter gradients, so one bad sample never poisons the others. The backward is first order: double backward
 (``create_graph=True``) and torch.func gradient transforms raise instead of returning wrong numbers.
 """
 
@@ -107,23 +109,23 @@ class _Declarative(torch.autograd.Function):
                 "gradient is first-order only. Call backward/autograd.grad without "
                 "create_graph=True through a DeclarativeNode.")
         *xs, y = ctx.saved_tensors
-        n, node, names = ctx.n, ctx.node, ctx.names
-        needs = ctx.needs_input_grad[_N_META:]
-        none = (None,) * _N_META
-        if y.shape[0] == 0:
-            return none + tuple(torch.zeros_like(t) if need else None
-                                for t, need in zip(list(xs) + list(ctx.params), needs))
-        xs = [x.detach().requires_grad_(need) for x, need in zip(xs, needs[:n])]
-        current = dict(node.named_parameters())
-        if all(current.get(k) is p for k, p in zip(names, ctx.params)):
-            input_grads, param_grads = node.vjp(*xs, y=y, v=v, ctx=ctx.solve_ctx)
-        else:  # called inside functional_call: differentiate at the parameters of that call
-            swapped = {f"node.{k}": p.detach().requires_grad_() for k, p in zip(names, ctx.params)}
-            input_grads, param_grads = torch.func.functional_call(
-                _Bound(node), swapped, tuple(xs), dict(y=y, v=v, ctx=ctx.solve_ctx))
-        param_grads = [param_grads.get(k) if need else None for k, need in zip(names, needs[n:])]
-        input_grads = [g if need else None for g, need in zip(input_grads, needs[:n])]
-        return none + tuple(input_grads) + tuple(param_grads)
+        n, needs = ctx.n, ctx.needs_input_grad[_N_META:]
+        b = y.shape[0]
+        good = torch.stack([torch.isfinite(t).reshape(b, -1).all(-1) if b else t.new_ones(0).bool()
+                            for t in (y, *xs)]).all(0)
+        input_grads = [torch.full_like(x, torch.nan) if need else None
+                       for x, need in zip(xs, needs[:n])]
+        param_grads = [torch.zeros_like(p) if need else None
+                       for p, need in zip(ctx.params, needs[n:])]
+        if good.any():
+            if not good.all():  # non-finite samples are left out; their input gradients are NaN
+                xs, y, v = [x[good] for x in xs], y[good], v[good]
+            sub_inputs, sub_params = _vjp(ctx, xs, y, v, _rows(ctx.solve_ctx, good, b))
+            for full, g in zip(input_grads, sub_inputs):
+                if full is not None:
+                    full[good] = g
+            param_grads = [g if need else None for g, need in zip(sub_params, needs[n:])]
+        return (None,) * _N_META + tuple(input_grads) + tuple(param_grads)
 
     @staticmethod
     def vmap(info, in_dims, node, holder, n, names, *tensors):
@@ -139,6 +141,30 @@ class _Declarative(torch.autograd.Function):
             xs.append(x.reshape(size * x.shape[1], *x.shape[2:]))
         y = _Declarative.apply(node, _Holder(), n, names, *xs, *tensors[n:])
         return y.reshape(size, -1, *y.shape[1:]), 0
+
+
+def _rows(solve_ctx, keep: Tensor, b: int):
+    """The per-sample entries (tensors with leading size ``b``) of ``solve_ctx`` at rows ``keep``."""
+    if solve_ctx is None or bool(keep.all()):
+        return solve_ctx
+    return {k: v[keep] if isinstance(v, Tensor) and v.dim() and v.shape[0] == b else v
+            for k, v in solve_ctx.items()}
+
+
+def _vjp(ctx, xs, y, v, solve_ctx) -> tuple[list, list]:
+    """``ctx.node.vjp`` at the parameters the forward saw: (input grads, param grads) as lists."""
+    node, names, needs = ctx.node, ctx.names, ctx.needs_input_grad[_N_META:]
+    xs = [x.detach().requires_grad_(need) for x, need in zip(xs, needs[: ctx.n])]
+    current = dict(node.named_parameters())
+    if all(current.get(k) is p for k, p in zip(names, ctx.params)):
+        input_grads, param_grads = node.vjp(*xs, y=y, v=v, ctx=solve_ctx)
+    else:  # called inside functional_call: differentiate at the parameters of that call
+        swapped = {f"node.{k}": p.detach().requires_grad_() for k, p in zip(names, ctx.params)}
+        input_grads, param_grads = torch.func.functional_call(
+            _Bound(node), swapped, tuple(xs), dict(y=y, v=v, ctx=solve_ctx))
+    zeros = [torch.zeros_like(p) for p in ctx.params]
+    params = [param_grads.get(k) for k in names]
+    return list(input_grads), [z if g is None else g for g, z in zip(params, zeros)]
 
 
 def declarative_apply(node, xs: Sequence[Tensor]) -> Tensor:

@@ -298,3 +298,22 @@ def test_objective_with_wrong_shape_is_reported():
 def test_options_type_is_checked():
     with pytest.raises(TypeError, match="options"):
         Quartic(options={"strict": True})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@SOLVERS
+def test_a_non_finite_sample_does_not_poison_the_others(bad, options):
+    node = PseudoHuberRegression(options=options)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    clean = x[[0, 2, 3]].clone().requires_grad_()
+    y_clean = node(clean)
+    ref = torch.autograd.grad(y_clean.square().sum(), [clean, node.A, node.c])
+    x[1, 2] = bad
+    x.requires_grad_()
+    y = node(x)
+    got = torch.autograd.grad(y.square().sum(), [x, node.A, node.c])
+    assert torch.isnan(y[1]).all() and torch.isnan(got[0][1]).all()
+    torch.testing.assert_close(y[[0, 2, 3]], y_clean, atol=0, rtol=0)
+    torch.testing.assert_close(got[0][[0, 2, 3]], ref[0])
+    for g, r in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(g, r)
