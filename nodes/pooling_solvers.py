@@ -198,6 +198,8 @@ def _candidates(x: Tensor, starts: int) -> Tensor:
 
 def _multistart(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
                 work: tuple[Tensor, Tensor]):
+    dtype = x.dtype  # objective comparisons in float64: float32 sums are too coarse to rank
+    x, c, alpha = x.double(), c.double(), alpha.double()
     r, n = x.shape
     cand = _candidates(x, settings.starts)
     values = _objective(penalty, cand, x, c, alpha)
@@ -212,7 +214,7 @@ def _multistart(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings:
     y, f, failed = _bracketed_search(penalty, rep(x), rep(c), rep(alpha), left.flatten(),
                                      mid.flatten(), right.flatten(), f_mid.flatten(), settings)
     choice = f.view(r, m).argmin(1, keepdim=True)
-    y = y.view(r, m).gather(1, choice).squeeze(1)
+    y = y.view(r, m).gather(1, choice).squeeze(1).to(dtype)
     return y, failed.view(r, m).gather(1, choice).squeeze(1)
 
 
