@@ -149,7 +149,7 @@ def _linf(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
 # -- closed-form pullbacks: (x, y, v, r) -> (∂ℓ/∂x (b, n), ∂ℓ/∂r per sample (b,)) ----------------
 
 def _inside_identity(active: Tensor, gx: Tensor, dot: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """A ball's pullback: ``(gx, dot)`` where the constraint is ``active (b, 1)``, else ``(v, 0)``."""
+    """Ball pullback: ``(gx, dot)`` where the constraint is ``active (b, 1)``, else ``(v, 0)``."""
     if active.all():
         return gx, dot.squeeze(-1)
     return torch.where(active, gx, v), torch.where(active, dot, 0.0).squeeze(-1)
@@ -174,7 +174,8 @@ def _l1_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tu
     return _inside_identity((y - x).abs().amax(-1, keepdim=True) > 0, gx, dot, v)
 
 
-def _linf_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
+def _linf_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool
+                   ) -> tuple[Tensor, Tensor]:
     moved_v = (y - x).abs().sign() * v  # v on the moved coordinates (float masks: fast on CPU)
     return v - moved_v, (y.sign() * moved_v).sum(-1)
 

@@ -232,7 +232,7 @@ def test_stacked_parametrisation_uses_autograd_chain():
     assert torch.autograd.gradcheck(with_log_radius(node), (x, log_radius(node)))
 
 
-# -- hypothesis properties --------------------------------------------------------------------------
+# -- hypothesis properties -------------------------------------------------------------------------
 
 SCALES = st.sampled_from([1e-6, 1e-3, 1.0, 1e3, 1e6])
 
@@ -380,7 +380,7 @@ def test_linf_choices_at_ties():
                                torch.tensor([[0.3, -1.0, 0.5, 0.1]], dtype=D))
 
 
-# -- shapes, dtypes, devices, transforms ------------------------------------------------------------
+# -- shapes, dtypes, devices, transforms -----------------------------------------------------------
 
 @pytest.mark.parametrize("cls", NODES, ids=ids)
 def test_leading_dims_empty_and_vectors(cls):
