@@ -173,6 +173,9 @@ def _parser():
     p.add_argument("--width", type=int, default=16, help="channels of the first stage")
     p.add_argument("--image-size", type=int, default=64, help="image folder: side after resize/crop")
     p.add_argument("--radius-scale", type=float, default=1.0, help="factor on the default radius")
+    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
+                   help="adam, or the seed's SGD (momentum 0.9, weight decay 1e-4)")
+    p.add_argument("--radius-lr", type=float, default=None, help="learning rate of the radius (default: --lr)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training images")
     p.set_defaults(epochs=10, lr=3e-3, batch_size=64)
     return p
@@ -239,6 +242,16 @@ def _plot(out: Path, results: dict, trajectories: dict) -> None:
     plt.close(fig)
 
 
+def _optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """Adam, or the seed's SGD; the radius has its own learning rate ``--radius-lr``."""
+    radius = [p for n, p in model.named_parameters() if "radius" in n]
+    rest = [p for n, p in model.named_parameters() if "radius" not in n]
+    groups = [{"params": rest}] + ([{"params": radius, "lr": args.radius_lr or args.lr}] if radius else [])
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    return torch.optim.Adam(groups, lr=args.lr)
+
+
 def run(args) -> dict:
     """The study; returns ``{variant: top-1 accuracy}``."""
     device = common.resolve_device(args.device)
@@ -259,7 +272,7 @@ def run(args) -> dict:
         torch.manual_seed(args.seed)
         model = ResNet(train_x.shape[1], len(names), make_projection(variant, d, args.radius_scale), args.width)
         model = model.to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        opt = _optimizer(model, args)
         augment_gen = torch.Generator().manual_seed(args.seed + 1)
         t0 = time.perf_counter()
         history = common.train(
