@@ -32,6 +32,8 @@ from .problem import Problem, batched_jacobian, grad
 
 __all__ = ["implicit_vjp", "active_set", "recover_multipliers", "use_dense"]
 
+CHECK_CG_TOL = 0.1
+
 
 def use_dense(options, rows: int) -> bool:
     """Whether a per-sample system with ``rows`` rows is solved densely under ``options``."""
@@ -204,7 +206,11 @@ def _solve_matrix_free(g: Tensor, yf: Tensor, null: NullSpace | None, By: Tensor
         return out + damping * p if damping else out
 
     rhs_y = By.movedim(-1, 0)  # (k, b, m)
-    tol = options.tol("cg_tol", yf.dtype)
+    # The backward system to cg_tol; the optimality-check step (second column) only needs its
+    # size, so it stops at a relative residual of CHECK_CG_TOL.
+    tol = torch.full((rhs_y.shape[0], 1), options.tol("cg_tol", yf.dtype), dtype=yf.dtype,
+                     device=yf.device)
+    tol[1:] = tol[1:].clamp_min(CHECK_CG_TOL)
     max_iter = options.cg_max_iter or 2 * yf.shape[1] + 10
     if null is None:
         x, info = cg(hvp, rhs_y, tol, max_iter)

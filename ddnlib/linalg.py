@@ -201,8 +201,9 @@ def cg(
 
     ``matvec`` applies the symmetric operator to a ``(k, b, m)`` tensor. With ``project`` the
     iteration runs in the range of that projector (null-space CG for equality constraints).
-    Each ``(k, b)`` system stops at ``‖r‖ ≤ tol ‖rhs‖`` (``tol`` a number or a ``(b,)`` tensor); a direction of non-positive curvature
-    stops its system and marks the sample not positive definite.
+    Each ``(k, b)`` system stops at ``‖r‖ ≤ tol ‖rhs‖`` (``tol`` a number or a tensor broadcasting
+    to ``(k, b)``); a direction of non-positive curvature stops its system and marks the sample not
+    positive definite. ``matvec`` is applied only to the right-hand sides still running.
     """
     P = project if project is not None else (lambda t: t)
     x = torch.zeros_like(rhs)
@@ -215,7 +216,12 @@ def cg(
     for _ in range(max_iter):
         if bool(done.all()):
             break
-        Mp = P(matvec(p))
+        live = ~done.all(-1)
+        if bool(live.all()):
+            Mp = P(matvec(p))
+        else:
+            Mp = torch.zeros_like(p)
+            Mp[live] = P(matvec(p[live]))
         curvature = (p * Mp).sum(-1)
         negative = (curvature <= 0) & ~done
         not_pd |= negative

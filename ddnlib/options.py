@@ -39,7 +39,7 @@ class Options:
     """
 
     linear_solver: str = "auto"
-    dense_max: int = 256
+    dense_max: int = 128
     damping: float = 0.0
     cg_tol: float | None = None
     cg_max_iter: int | None = None
