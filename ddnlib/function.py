@@ -111,6 +111,13 @@ class _Declarative(torch.autograd.Function):
         *xs, y = ctx.saved_tensors
         n, needs = ctx.n, ctx.needs_input_grad[_N_META:]
         b = y.shape[0]
+        if b and all(bool(torch.isfinite(t.sum())) for t in (y, *xs)):
+            # every sample finite (one reduction per tensor): no masks, no copies. The per-sample
+            # masks below cost more than a closed-form vjp on CPU (e.g. 2x on (256, 512) L2Sphere)
+            sub_inputs, sub_params = _vjp(ctx, xs, y, v, ctx.solve_ctx)
+            return ((None,) * _N_META
+                    + tuple(g if need else None for g, need in zip(sub_inputs, needs[:n]))
+                    + tuple(g if need else None for g, need in zip(sub_params, needs[n:])))
         good = torch.stack([torch.isfinite(t).reshape(b, -1).all(-1) if b else t.new_ones(0).bool()
                             for t in (y, *xs)]).all(0)
         input_grads = [torch.full_like(x, torch.nan) if need else None
