@@ -92,6 +92,7 @@ class RobustPooling(DeclarativeNode):
         settings = SolverSettings(options.tol("solver_tol", x.dtype), options.max_iter,
                                   options.strict, self.starts)
         wanted = (x.requires_grad, c.requires_grad, alpha.requires_grad)
+        x, c, alpha = x.detach(), c.detach(), alpha.detach()  # solve records no graph
         ctx: dict[str, Tensor] = {}
         on_block = None
         if any(wanted):
