@@ -132,7 +132,7 @@ def implicit_vjp(
     b = y.shape[0]
     params = {name: p for name, p in node.named_parameters() if p.requires_grad}
     wanted = [x for x in xs if x.requires_grad] + list(params.values())
-    if b == 0 or not wanted:
+    if y.numel() == 0 or not wanted:  # an empty batch or an empty output: zero gradients
         return tuple(torch.zeros_like(x) if x.requires_grad else None for x in xs), {
             name: torch.zeros_like(p) for name, p in params.items()
         }

@@ -55,6 +55,8 @@ _MAX_BACKTRACKS = 40
 def default_solve(node, xs: Sequence[Tensor]) -> Tensor | tuple[Tensor, dict]:
     """Solve ``node`` at ``xs`` with the default solver for its kind of problem."""
     y0 = node.initial_guess(*xs)
+    if y0.numel() == 0:  # an empty output per sample: nothing to solve
+        return y0
     problem = Problem(node, xs, y0.shape)
     if problem.has_ineq:
         return slsqp(problem, y0, node.options)
