@@ -4,9 +4,8 @@ faults, input immutability, threads, reproducibility, serialisation, double back
 The NaN/Inf policy tested here is documented in ``docs/reliability.md``:
 
 - projections and generic nodes: a sample with a non-finite input gets an output with a non-finite
-  entry; every other sample's output and input gradient equal those of a call without the bad
-  sample. Parameter gradients are sums over the batch, so they are non-finite then (as for any
-  torch layer).
+  entry (L∞: ``±inf`` is clamped to ``±r``) and NaN input gradients; every other sample's output
+  and input gradient, and the parameter gradients, equal those of a call without the bad sample.
 - robust pooling: a row with a non-finite entry raises ``ValueError`` naming the row.
 """
 
@@ -319,12 +318,15 @@ def test_non_finite_sample_does_not_poison_the_others(name, bad):
     keep = [i for i in range(x.shape[0]) if i != 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DDNWarning)  # the bad sample is reported
-        y_bad, (gx_bad, *_) = _run(node, x_bad)
-        y_ref, (gx_ref, *_) = _run(node, x[keep])
+        y_bad, (gx_bad, *gp_bad) = _run(node, x_bad)
+        y_ref, (gx_ref, *gp_ref) = _run(node, x[keep])
     if math.isnan(bad) or not name.startswith("LInf"):  # L∞: ±inf is clamped to ±r, its limit
         assert not torch.isfinite(y_bad[1]).all(), "a non-finite input gave a finite output"
     torch.testing.assert_close(y_bad[keep], y_ref, rtol=1e-7, atol=1e-9)
+    assert torch.isnan(gx_bad[1]).all()
     torch.testing.assert_close(gx_bad[keep], gx_ref, rtol=1e-6, atol=1e-8)
+    for g, ref in zip(gp_bad, gp_ref):  # the bad sample adds nothing to parameter gradients
+        torch.testing.assert_close(g, ref, rtol=1e-6, atol=1e-8)
 
 
 @NON_FINITE
