@@ -564,12 +564,14 @@ def test_torch_save_and_load_of_a_model_state_dict():
     assert torch.equal(fresh(x), model(x))
 
 
-# -- 5. double backward ------------------------------------------------------------------------
+# -- 5. double backward and torch.func.grad ------------------------------------------------
 
 @pytest.mark.parametrize("name", list(ALL))
-def test_double_backward_raises_clearly(name):
+def test_double_backward_and_func_grad_raise_clearly(name):
     node, x = ALL[name]()
     x.requires_grad_()
     y = node(x)
     with pytest.raises(RuntimeError, match="double backward .* not supported"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="gradient transforms"):
+        torch.func.grad(lambda t: node(t).square().sum())(x.detach())
