@@ -363,7 +363,8 @@ def test_non_finite_incoming_gradient_stays_in_its_pooled_row(name):
 
 def test_pooling_non_convergence_warns_with_numbers_and_strict_raises():
     x = 100 * torch.randn(3, 2, 50, dtype=F64)
-    with pytest.warns(NonConvergenceWarning, match=r"did not converge in 1 iterations for \d+ of 6"):
+    counted = r"did not converge in 1 iterations for \d+ of 6 rows \(first rows \["
+    with pytest.warns(NonConvergenceWarning, match=counted):
         robust_global_pool(x, "pseudo_huber", c=0.01, options=Options(max_iter=1))
     with pytest.raises(NonConvergenceError, match="did not converge"):
         robust_global_pool(x, "pseudo_huber", c=0.01, options=Options(max_iter=1, strict=True))
