@@ -242,6 +242,15 @@ BAD_INPUT = {
     # ddnlib.testing
     "check_gradients node": (lambda: ddnlib.testing.check_gradients("node", torch.ones(2, 3)),
                              TypeError, "node='node'"),
+    "check_gradients eps": (lambda: ddnlib.testing.check_gradients(
+        PseudoHuberRegression(), torch.ones(2, 6, dtype=F64), eps=-1e-6), ValueError, "eps=-1e-06"),
+    "check_vjp samples": (lambda: ddnlib.testing.check_vjp(
+        L2Ball(), torch.ones(2, 3, dtype=F64), samples=0), ValueError, "samples=0"),
+    "check_optimality tol": (lambda: ddnlib.testing.check_optimality(
+        L2Ball(), torch.ones(2, 3, dtype=F64), tol=-1.0), ValueError, "tol=-1.0"),
+    "check_optimality perturbations": (lambda: ddnlib.testing.check_optimality(
+        L2Ball(), torch.ones(2, 3, dtype=F64), perturbations=-2), ValueError, "perturbations=-2"),
+    "strategies scales": (lambda: ddnlib.testing.scales(low=1e7), ValueError, "low=10000000.0"),
     "check_gradients x int": (
         lambda: ddnlib.testing.check_gradients(PseudoHuberRegression(),
                                                torch.ones(2, 6, dtype=torch.int64)),
@@ -301,6 +310,31 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(name):
     params = [p for p in node.parameters() if p.requires_grad]
     grads = torch.autograd.grad(y.sum(), [empty, *params], allow_unused=True)
     assert all(g is None or (g == 0).all() for g in grads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(BUNDLED))
+def test_output_and_gradients_follow_the_input_device_and_dtype(name, dtype):
+    node, x = BUNDLED[name]()
+    node = node.to("cuda", dtype)
+    y, grads = _run(node, x.to("cuda", dtype))
+    y_cpu, grads_cpu = _run(node.cpu(), x.to(dtype))
+    assert y.device.type == "cuda" and y.dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(y.cpu(), y_cpu, **tol)
+    for g, g_cpu in zip(grads, grads_cpu):
+        torch.testing.assert_close(g.cpu(), g_cpu, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensors_on_different_devices_are_rejected():
+    x = torch.randn(2, 3, 5, device="cuda")
+    with pytest.raises(ValueError, match="c is on cpu"):
+        robust_global_pool(x, c=torch.ones(3))
+    from toy_nodes import WeightedMean
+    with pytest.raises(ValueError, match="input 1 is on cpu"):
+        WeightedMean()(x[:, 0], torch.ones(2, 5))
 
 
 # -- 2. numerical faults ---------------------------------------------------------------------------
