@@ -110,7 +110,11 @@ def test_fuzz_projections(data, p, kind, b, n, log_r, learn):
     if kind == "ball":
         assert (norm <= r.detach() + tol).all()
         inside = torch.linalg.vector_norm(x.detach(), ord=p, dim=-1) <= r.detach()
-        assert torch.equal(y.detach()[inside], x.detach()[inside])
+        if learn:  # a radius that requires grad goes through r = exp(log r): 1 ulp on the boundary
+            moved = (y.detach() - x.detach()).abs().amax(-1)
+            assert (moved[inside] <= tol[inside]).all()
+        else:
+            assert torch.equal(y.detach()[inside], x.detach()[inside])
     else:
         assert ((norm - r.detach()).abs() <= tol).all()
     again = project(y.detach(), radius=r.detach(), p=p, kind=kind)
