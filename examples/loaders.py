@@ -66,7 +66,11 @@ def load_modelnet40_h5(root, split: str, num_points: int = 1024) -> tuple[Tensor
         raise ValueError(f"no ply_data_{split}*.h5 in {str(root)!r}: expected {layout}")
     data, labels = [], []
     for f in files:
-        with h5py.File(f, "r") as h:
+        try:
+            h = h5py.File(f, "r")
+        except OSError as exc:
+            raise ValueError(f"{str(f)!r} is not a readable HDF5 file: {exc}") from exc
+        with h:
             if "data" not in h or "label" not in h:
                 raise ValueError(f"{str(f)!r} has datasets {list(h)}: expected 'data' and 'label'")
             x, y = np.asarray(h["data"]), np.asarray(h["label"]).reshape(-1)

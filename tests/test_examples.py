@@ -108,8 +108,10 @@ def test_clear_errors(main, argv, message, tmp_path, capsys):
 def test_malformed_data_dir(tmp_path, capsys):
     (tmp_path / "ply_data_train0.h5").write_bytes(b"not hdf5")
     (tmp_path / "ply_data_test0.h5").write_bytes(b"not hdf5")
-    with pytest.raises((SystemExit, OSError)):
+    with pytest.raises(SystemExit) as exc:
         pointcloud.main(["--data", "modelnet40", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "ply_data_train0.h5' is not a readable HDF5 file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("penalty", ["pseudo_huber", "welsch", "general"])
@@ -142,3 +144,24 @@ def test_learned_values_reads_constrained_parameters():
     values = common.learned_values(model)
     assert values == pytest.approx({"pool.c": 2.0, "pool.alpha": 1.0})
     assert common.learned_values(pointcloud.PointNet(3, pointcloud.make_pooling("huber:fixed"))) == {}
+
+
+def test_seed_linf_radius_gradient_is_the_seeds_formula():
+    """The reimplementation used to study the seed's L∞ collapse: ``∂ℓ/∂z = v`` on unclipped
+    features, 0 on clipped ones; ``∂ℓ/∂r = Σ_b sign(Σ_{i∈M_b} σ_i v_i / |M_b|)``."""
+    r = torch.tensor(1.0, requires_grad=True)
+    z = torch.tensor([[2.0, -3.0, 0.5], [0.1, 0.2, -0.3], [-1.5, 0.0, 4.0]])
+    v = torch.tensor([[1.0, 5.0, 7.0], [1.0, 1.0, 1.0], [-2.0, 3.0, 1.0]])
+    y = images._SeedLInfBallFn.apply(z, r)
+    torch.testing.assert_close(y, z.clamp(-1, 1))
+    z = z.clone().requires_grad_(True)
+    gz, gr = torch.autograd.grad(images._SeedLInfBallFn.apply(z, r), (z, r), v)
+    torch.testing.assert_close(gz, torch.tensor([[0.0, 0.0, 7.0], [1.0, 1.0, 1.0], [0.0, 3.0, 0.0]]))
+    # sample 0: (1·1 + (−1)·5)/2 < 0 → −1; sample 1: nothing clipped → 0; sample 2: (2 + 1)/2 > 0 → +1
+    assert float(gr) == 0.0
+    # the exact derivative of the bundled node differs: Σ_{i∈M} σ_i v_i summed over the batch = −4 + 3
+    from ddnlib.nodes import LInfBall
+
+    node = LInfBall(radius=1.0, learn_radius=True)
+    (g_exact,) = torch.autograd.grad((node(z) * v).sum(), [p for p in node.parameters()])
+    assert float(g_exact) == pytest.approx(-1.0 * 1.0)  # ∂ℓ/∂ρ = r ∂ℓ/∂r with r = exp(ρ) = 1
