@@ -35,12 +35,12 @@ _LEARNED = ("c", "alpha", "radius", "r")
 
 
 def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and shuffling")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--data-dir", type=Path, default=None, help="local copy of a real data set")
     p.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
     p.add_argument("--threads", type=int, default=1,
