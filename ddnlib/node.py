@@ -19,18 +19,22 @@ from torch import Tensor
 from .engine import implicit_vjp
 from .function import declarative_apply
 from .options import Options
+from .pickling import Picklable
 
 __all__ = ["DeclarativeNode"]
 
 _FLOATS = (torch.float32, torch.float64)
 
 
-class DeclarativeNode(torch.nn.Module):
+class DeclarativeNode(Picklable, torch.nn.Module):
     """Base class of declarative nodes.
 
     Batch convention: every positional input has a leading batch dimension ``b``, ``y`` has shape
     ``(b, *out)``, and the problem is separable across the batch (sample ``i``'s objective and
     constraints depend only on sample ``i`` and on the shared parameters).
+
+    Nodes pickle (``pickle``, ``torch.save``, multiprocessing) also with ``parametrize``
+    parametrisations on their parameters (:class:`~ddnlib.pickling.Picklable`).
 
     Args:
         options: how the node is solved and differentiated (:class:`~ddnlib.Options`).

@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from ddnlib import DeclarativeNode, Options
 from ddnlib.errors import SingularSystemWarning, report
+from ddnlib.pickling import Picklable
 
 from .penalties import PENALTIES, Penalty, get_penalty
 from .pooling_solvers import SolverSettings, solve_rows
@@ -264,7 +265,7 @@ def _initial(name: str, value, channels: int | None) -> Tensor:
     return t.expand(shape).clone()
 
 
-class _RobustGlobalPool(torch.nn.Module):
+class _RobustGlobalPool(Picklable, torch.nn.Module):
     _pooled: tuple[int, ...] = ()
     _ndim = 0
     _layout = ""

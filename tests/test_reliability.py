@@ -526,12 +526,6 @@ def test_state_dict_round_trip_preserves_parametrised_values_exactly(name):
     assert torch.equal(trained(x), fresh(x))
 
 
-_PARAMETRIZE_PICKLE = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="torch.nn.utils.parametrize refuses to pickle a parametrised module (only its "
-           "state_dict); the learnable c, alpha, radius are parametrisations")
-
-
 def _deepcopy(module):
     return copy.deepcopy(module)
 
@@ -547,7 +541,7 @@ def _torch_saved(module):
     return torch.load(buffer, weights_only=False)
 
 
-@pytest.mark.parametrize("clone", [_deepcopy, pytest.param(_pickled, marks=_PARAMETRIZE_PICKLE)])
+@pytest.mark.parametrize("clone", [_deepcopy, _pickled])
 @pytest.mark.parametrize("name", list(LEARNABLE))
 def test_deepcopy_and_pickle_give_independent_equal_modules(name, clone):
     original = LEARNABLE[name](torch.tensor([0.5, 1.5, 2.5]))
@@ -578,7 +572,6 @@ def _trained_model():
     return model, x
 
 
-@_PARAMETRIZE_PICKLE
 def test_torch_save_and_load_of_a_whole_model():
     model, x = _trained_model()
     assert torch.equal(_torch_saved(model)(x), model(x))
