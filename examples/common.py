@@ -49,6 +49,17 @@ def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     return p
 
 
+def run_program(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], object],
+                argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and ``run``; a missing or malformed data set is a usage error (exit 2)."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+    return 0
+
+
 def set_seed(seed: int, threads: int, device: torch.device) -> None:
     """Seed Python, NumPy and torch; fix the CPU thread count (CPU kernels are deterministic for
     a fixed count) and ask for deterministic kernels on CUDA."""

@@ -290,13 +290,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
-    return 0
+    return common.run_program(_parser(), run, argv)
 
 
 if __name__ == "__main__":
