@@ -16,11 +16,21 @@ ROOT = Path(__file__).resolve().parents[2]
 VIEW = ROOT / "build" / "api-view"
 
 
-def on_config(config, **kwargs):
+def write_view() -> None:
     package = VIEW / "ddnlib"
     if VIEW.exists():
         shutil.rmtree(VIEW)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "ddnlib", package, ignore=ignore)
     shutil.copytree(ROOT / "nodes", package / "nodes", ignore=ignore)
+
+
+# Written when MkDocs loads this hook, i.e. while it reads mkdocs.yml: mkdocstrings resolves its
+# ``paths`` in its own ``on_config``, which runs before a hook's, and drops a folder that does not
+# exist yet (a fresh clone has no build/).
+write_view()
+
+
+def on_config(config, **kwargs):
+    write_view()  # again for `mkdocs serve` rebuilds, so the view follows edited sources
     return config
