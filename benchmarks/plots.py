@@ -42,12 +42,7 @@ def plot_time_vs_m(result: dict, path: Path) -> bool:
         ax.set_title(f"{kind}-coupled node, b=16, float64")
         ax.set_xlabel("output size m")
         ax.set_ylabel("backward time [ms] (machine-dependent)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(fig, axes[0], path)
 
 
 def plot_memory_vs_iterations(result: dict, path: Path) -> bool:
@@ -61,8 +56,14 @@ def plot_memory_vs_iterations(result: dict, path: Path) -> bool:
     ax.set_xlabel("solver iterations")
     ax.set_ylabel("saved for backward [MiB]")
     ax.set_title("denoiser b=16, m=256, float64")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    return _save(fig, [ax], path)
+
+
+def _save(fig, axes, path: Path) -> bool:
+    """Grid and legend on every axis, then write ``path`` and close the figure."""
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
