@@ -114,25 +114,21 @@ class _Declarative(torch.autograd.Function):
         if b and all(bool(torch.isfinite(t.sum())) for t in (y, *xs)):
             # every sample finite (one reduction per tensor): no masks, no copies. The per-sample
             # masks below cost more than a closed-form vjp on CPU (e.g. 2x on (256, 512) L2Sphere)
-            sub_inputs, sub_params = _vjp(ctx, xs, y, v, ctx.solve_ctx)
-            return ((None,) * _N_META
-                    + tuple(g if need else None for g, need in zip(sub_inputs, needs[:n]))
-                    + tuple(g if need else None for g, need in zip(sub_params, needs[n:])))
-        good = torch.stack([torch.isfinite(t).reshape(b, -1).all(-1) if b else t.new_ones(0).bool()
-                            for t in (y, *xs)]).all(0)
-        input_grads = [torch.full_like(x, torch.nan) if need else None
-                       for x, need in zip(xs, needs[:n])]
-        param_grads = [torch.zeros_like(p) if need else None
-                       for p, need in zip(ctx.params, needs[n:])]
-        if good.any():
-            if not good.all():  # non-finite samples are left out; their input gradients are NaN
-                xs, y, v = [x[good] for x in xs], y[good], v[good]
-            sub_inputs, sub_params = _vjp(ctx, xs, y, v, _rows(ctx.solve_ctx, good, b))
-            for full, g in zip(input_grads, sub_inputs):
-                if full is not None:
-                    full[good] = g
-            param_grads = [g if need else None for g, need in zip(sub_params, needs[n:])]
-        return (None,) * _N_META + tuple(input_grads) + tuple(param_grads)
+            inputs, params = _vjp(ctx, xs, y, v, ctx.solve_ctx)
+        else:  # non-finite samples are left out: NaN input gradients, no parameter contribution
+            good = (torch.stack([torch.isfinite(t).reshape(b, -1).all(-1) for t in (y, *xs)]).all(0)
+                    if b else torch.zeros(0, dtype=torch.bool, device=y.device))
+            inputs = [torch.full_like(x, torch.nan) if need else None
+                      for x, need in zip(xs, needs[:n])]
+            params = [torch.zeros_like(p) for p in ctx.params]
+            if good.any():
+                sub_inputs, params = _vjp(ctx, [x[good] for x in xs], y[good], v[good],
+                                          _rows(ctx.solve_ctx, good, b))
+                for full, g in zip(inputs, sub_inputs):
+                    if full is not None:
+                        full[good] = g
+        grads = [g if need else None for g, need in zip([*inputs, *params], needs)]
+        return (None,) * _N_META + tuple(grads)
 
     @staticmethod
     def vmap(info, in_dims, node, holder, n, names, *tensors):
