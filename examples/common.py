@@ -162,6 +162,15 @@ def save_checkpoint(path: Path, model: torch.nn.Module, **extra) -> None:
     torch.save({"state_dict": model.state_dict(), "learned": learned_values(model), **extra}, path)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (PNG, 120 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))

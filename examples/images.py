@@ -221,9 +221,7 @@ def _plot(out: Path, results: dict, trajectories: dict) -> None:
     ax.set(xlabel="top-1 accuracy (%)", xlim=(max(0, lo - 5), 100), title="projection layer variants")
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, out / "accuracy.png")
     if not trajectories:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -237,9 +235,7 @@ def _plot(out: Path, results: dict, trajectories: dict) -> None:
            title="learned radius during training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "trajectory.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, out / "trajectory.png")
 
 
 def _optimizer(model: nn.Module, args) -> torch.optim.Optimizer:

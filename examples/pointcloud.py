@@ -190,9 +190,7 @@ def _plot(out: Path, rates, results: dict, trajectories: dict, title: str) -> No
     ax.set(xlabel="outlier rate (%)", ylabel="top-1 accuracy (%)", title=title, ylim=(0, 100))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, out / "accuracy.png")
     if not trajectories:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -202,9 +200,7 @@ def _plot(out: Path, rates, results: dict, trajectories: dict, title: str) -> No
     ax.set(xlabel="training step", ylabel="learned value", title="learned c and α during training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "trajectory.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, out / "trajectory.png")
 
 
 def run(args) -> dict:
