@@ -91,48 +91,65 @@ def _sign_plus(x: Tensor) -> Tensor:
     return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
 
 
+def _scaled_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, x / s, ‖x‖)`` with ``s = max |x_i|`` (``1`` for a zero row) per row: the squares of
+    ``x / s`` neither overflow nor underflow, so ``‖x‖ = s ‖x / s‖`` holds over the whole float
+    range (``torch.linalg.vector_norm`` squares the entries: in float32 ``‖x‖ ≳ 1.8e19`` is inf
+    and ``‖x‖ ≲ 1e-23`` is 0)."""
+    s = x.abs().amax(-1, keepdim=True)
+    s = torch.where(s > 0, s, 1.0)  # a NaN row stays NaN
+    xs = x / s
+    return s, xs, s * torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
+
+
 def _l2(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    _, xs, norm = _scaled_norm(x)
+    unit_norm = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)  # ∈ [1, √n] or 0
     if sphere:
-        nonzero = norm != 0  # a NaN norm (NaN input) stays NaN, not the x = 0 choice
-        unit = x / norm if nonzero.all() else torch.where(nonzero, x / norm, x.shape[-1] ** -0.5)
+        nonzero = unit_norm != 0  # a NaN norm (NaN input) stays NaN, not the x = 0 choice
+        unit = (xs / unit_norm if nonzero.all()
+                else torch.where(nonzero, xs / unit_norm, x.shape[-1] ** -0.5))
         return r * unit, norm - r
-    scale = torch.where(norm > r, r / norm, 1.0)
-    return x * scale, (norm - r).clamp_min(0)
+    inside = ~(norm > r)
+    y = torch.where(inside, x, r * (xs / torch.where(inside, 1.0, unit_norm)))
+    return y, (norm - r).clamp_min(0)
 
 
-def _l1_threshold(a: Tensor, r: Tensor) -> Tensor:
-    """``τ (b, 1)``, the root of ``φ(τ) = Σ_i max(a_i − τ, 0) = r`` for ``a ≥ 0`` (Michelot 1986).
+def _l1_threshold(d: Tensor, r: Tensor) -> Tensor:
+    """``t (b, 1)``, the root of ``ψ(t) = Σ_i max(t − d_i, 0) = r`` for ``d ≥ 0`` (Michelot 1986).
 
-    Duchi et al.'s threshold ``τ = (Σ_{i∈S} a_i − r) / |S|`` over the support ``S = {a_i > τ}``,
-    found without sorting: from a lower bound ``t ≤ τ``, ``S_t = {a_i > t} ⊇ S`` and
-    ``t' = (Σ_{S_t} a_i − r) / |S_t|`` is again a lower bound (a Newton step on the convex,
-    decreasing, piecewise-linear ``φ``); the candidate set shrinks until it is ``S``, at most
-    ``n`` steps, in practice a handful. Starts from ``max((Σ a − r) / n, max a − r) ≤ τ``, the
-    exact answer when ``Σ a ≤ r`` (then ``τ ≤ 0``).
+    With ``a = |x|`` and ``d = max a − a`` this is Duchi et al.'s threshold ``τ = max a − t`` of
+    ``Σ_i max(a_i − τ, 0) = r``; working with the gaps ``d`` (exact near the top) resolves a
+    radius far below ``eps · ‖x‖∞`` (a tied row ``|x_i| = 1`` with ``r = 1e-5`` has
+    ``t = r / n``, while ``τ = 1 − r/n`` rounds to ``1`` in float32). The root is found without
+    sorting: from an upper bound ``t ≥ t*``, ``S_t = {d_i < t} ⊇ S`` and
+    ``t' = (Σ_{S_t} d_i + r) / |S_t|`` is again an upper bound (a Newton step on the convex,
+    increasing, piecewise-linear ``ψ``); the candidate set shrinks until it is the support ``S``,
+    at most ``n`` steps, in practice a handful. Starts from ``min(r, (Σ d + r) / n) ≥ t*``, the
+    exact answer when ``Σ a ≤ r`` (then ``t ≥ max a``).
     """
-    t = torch.maximum((a.sum(-1, keepdim=True) - r) / a.shape[-1], a.amax(-1, keepdim=True) - r)
+    t = torch.minimum((d.sum(-1, keepdim=True) + r) / d.shape[-1], r.expand(d.shape[:-1] + (1,)))
     count = None
-    for _ in range(a.shape[-1]):
-        excess = (a - t).clamp_min(0)
-        new_count = excess.sign().sum(-1, keepdim=True)  # |S_t| ≥ 1, as t < max a
-        step = (excess.sum(-1, keepdim=True) - r) / new_count
+    for _ in range(d.shape[-1]):
+        inside = (t - d).clamp_min(0).sign()
+        new_count = inside.sum(-1, keepdim=True)  # |S_t| ≥ 1: d_i = 0 at the maximum, t > 0
         if count is not None and torch.equal(new_count, count):
             break
-        t, count = t + step.clamp_min(0), new_count
+        t_new = ((d * inside).sum(-1, keepdim=True) + r) / new_count
+        t, count = torch.minimum(t, t_new), new_count
     return t
 
 
 def _l1(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
     a = x.abs()
-    tau = _l1_threshold(a, r)
-    if not sphere:
-        tau = tau.clamp_min(0)
-        return x.sign() * (a - tau).clamp_min(0), tau
-    y = x.sign() * (a - tau).clamp_min(0)
-    if (tau < 0).any():  # zeros grow too, toward +: sign(0) := +1
-        y = y + (1 - a.sign()) * (-tau).clamp_min(0)
-    return y, tau
+    top = a.amax(-1, keepdim=True)
+    t = _l1_threshold(top - a, r)
+    tau = top - t  # Duchi et al.'s threshold, the multiplier
+    if sphere:  # below ‖x‖₁ = r every magnitude grows, zeros toward +: sign(0) := +1
+        return _sign_plus(x) * (t - (top - a)).clamp_min(0), tau
+    y = x.sign() * (t - (top - a)).clamp_min(0)
+    inside = tau <= 0  # ‖x‖₁ ≤ r: x itself
+    return (torch.where(inside, x, y) if inside.any() else y), tau.clamp_min(0)
 
 
 def _linf(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
@@ -156,7 +173,7 @@ def _inside_identity(active: Tensor, gx: Tensor, dot: Tensor, v: Tensor) -> tupl
 
 
 def _l2_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    norm = _scaled_norm(x)[2]
     unit = y / r
     dot = (unit * v).sum(-1, keepdim=True)
     scale = torch.where(norm > 0, r / norm, 0.0)
@@ -186,6 +203,16 @@ _ALGORITHMS: dict[float, _Algorithm] = {
     2: (_l2, _l2_pullback),
     math.inf: (_linf, _linf_pullback),
 }
+
+
+def _refuse_tracing(name: str) -> None:
+    """``torch.jit.trace`` records tensor operations only: the node's forward is a custom
+    autograd Function around a solver with data-dependent control flow, which a trace cannot
+    replay (torch fails with ``unordered_map::at``). Refused with a clear message instead."""
+    if torch.jit.is_tracing():
+        raise TypeError(f"{name}: torch.jit.trace cannot record a declarative node (a solver "
+                        "with data-dependent control flow inside a custom autograd Function); "
+                        "call the module eagerly, or trace the layers around it")
 
 
 def _norm(y: Tensor, p: float) -> Tensor:
@@ -231,7 +258,19 @@ class _Projection(DeclarativeNode):
 
     def extra_repr(self) -> str:
         learn = parametrize.is_parametrized(self, "radius")
-        return f"radius={self.radius.item():.4g}, learn_radius={learn}"
+        r = self.radius
+        shown = "<meta>" if r.device.type == "meta" else f"{r.item():.4g}"
+        return f"radius={shown}, learn_radius={learn}"
+
+    def _radius(self, like: Tensor) -> Tensor:
+        """The radius in ``like``'s dtype and device, checked on every call: a value set by
+        ``load_state_dict``, an optimiser step or by hand is validated like the constructor's."""
+        r = self.radius.to(like)
+        if r.device.type != "meta" and not bool(torch.isfinite(r) & (r > 0)):
+            raise ValueError(f"{type(self).__name__}: radius={r.item()!r} in {like.dtype}: "
+                             "expected a positive finite number (was it set through "
+                             "load_state_dict, an optimiser step or a parametrisation?)")
+        return r
 
     # -- the problem ----------------------------------------------------------------------------
     def objective(self, x: Tensor, y: Tensor) -> Tensor:
@@ -252,11 +291,12 @@ class _Projection(DeclarativeNode):
         if x.dim() == 0 or x.shape[-1] == 0:
             raise ValueError(f"{name}(): x has shape {tuple(x.shape)}: expected (..., n) with "
                              "n ≥ 1")
+        _refuse_tracing(name)
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
     def solve(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The exact projection of ``x (b, n)`` and the constraint multiplier(s)."""
-        y, multiplier = _ALGORITHMS[self.p][0](x, self.radius.to(x), self.sphere)
+        y, multiplier = _ALGORITHMS[self.p][0](x, self._radius(x), self.sphere)
         return y, {"lambda" if self.sphere else "mu": multiplier}
 
     # -- backward -------------------------------------------------------------------------------

@@ -486,3 +486,84 @@ def test_bad_functional_arguments():
         project(x, torch.tensor(-1.0, requires_grad=True), 2)
     with pytest.raises(ValueError, match="radius"):
         project(x, torch.tensor(0.0), 1, "sphere")
+
+
+# -- the whole float range (issue 18) --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("s", [1e-20, 1e20])
+@pytest.mark.parametrize("cls", NODES, ids=ids)
+def test_homogeneous_over_the_float_range(cls, s, dtype):
+    """``P_{s r}(s x) = s P_r(x)`` for every projection: at ``s = 1e±20`` the float32 squares of
+    an unscaled L2 norm overflow / underflow."""
+    x = mixed_points(cls, 1.5, b=8, n=7).to(dtype)
+    y = cls(1.5)(x)
+    ys = cls(1.5 * s)(x * s)
+    assert torch.isfinite(ys).all()
+    torch.testing.assert_close(ys / s, y, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=0.0)
+    x64 = x.double()[:3].requires_grad_()
+    node = cls(1.5 * s, learn_radius=True).double()
+    rho = log_radius(node)
+    scaled = lambda x, rho: with_log_radius(node)(x * s, rho) / s  # noqa: E731
+    assert torch.autograd.gradcheck(scaled, (x64, rho))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", [L1Sphere, L1Ball], ids=ids)
+def test_l1_tied_row_with_tiny_radius(cls, dtype):
+    """A tied row ``|x_i| = 1`` (n = 1000) and ``r = 1e-5``: every coordinate is in the support,
+    ``y = sign(x) r / n``, finite gradients (``τ = 1 − r/n`` rounds to 1 in float32)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.where(torch.rand(2, 1000, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    node = cls(1e-5, learn_radius=True).to(dtype)
+    xg = x.clone().requires_grad_()
+    y = node(xg)
+    torch.testing.assert_close(y, x * 1e-8, rtol=1e-4, atol=0.0)
+    v = torch.randn(x.shape, generator=g, dtype=dtype)
+    gx, grho = torch.autograd.grad(y, [xg, node.parametrizations.radius.original], v)
+    sigma = x.sign()
+    torch.testing.assert_close(gx, v - sigma * (sigma * v).mean(-1, keepdim=True),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grho, ((sigma * v).mean(-1) * 1e-5).sum().to(grho.dtype),
+                               rtol=1e-3, atol=0.0)
+
+
+@pytest.mark.parametrize("cls", [L1Sphere, L1Ball], ids=ids)
+def test_gradcheck_l1_nearly_tied_row_with_small_radius(cls):
+    g = torch.Generator().manual_seed(4)
+    sign = torch.where(torch.rand(3, 6, generator=g) < 0.5, -1.0, 1.0).double()
+    x = (sign * (1 + 1e-5 * torch.rand(3, 6, generator=g, dtype=D))).requires_grad_()
+    node = cls(1e-3, learn_radius=True).double()
+    assert (node(x) != 0).all()
+    assert torch.autograd.gradcheck(with_log_radius(node), (x, log_radius(node)), eps=1e-8)
+
+
+@pytest.mark.parametrize("learn, value", [(False, -1.0), (False, 0.0), (False, math.nan),
+                                          (False, math.inf), (True, math.nan),
+                                          (True, -math.inf), (True, 100.0)])
+@pytest.mark.parametrize("cls", NODES, ids=ids)
+def test_radius_is_checked_on_every_call(cls, learn, value):
+    """A radius set after construction (``load_state_dict``, an optimiser) is rejected when the
+    node runs, not silently used: r = −1, 0, NaN, inf, and ``ρ = log r`` NaN, −inf (r = 0) or
+    100 (r = e¹⁰⁰ = inf in float32)."""
+    node = cls(1.0, learn_radius=learn)
+    node.load_state_dict({LOG_RADIUS if learn else "radius": torch.tensor(value)})
+    with pytest.raises(ValueError, match="radius="):
+        node(torch.randn(2, 3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("cls", NODES, ids=ids)
+def test_jit_trace_is_refused_clearly(cls):
+    with pytest.raises(TypeError, match="torch.jit.trace"):
+        torch.jit.trace(cls(1.0), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("learn", [False, True])
+@pytest.mark.parametrize("cls", NODES, ids=ids)
+def test_repr_on_the_meta_device(cls, learn):
+    with torch.device("meta"):
+        node = cls(2.0, learn_radius=learn)
+    assert "radius=<meta>" in repr(node)
+    assert "radius=2" in repr(cls(2.0, learn_radius=learn))
