@@ -58,15 +58,32 @@ class Penalty:
         """``(φ′(z), φ″(z))``."""
         raise NotImplementedError
 
+    def ranked(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
+        """``φ(z) / λ(c)`` with ``λ(c) > 0`` constant along a row (``c²`` for the penalties that
+        scale like ``c²``): compares objectives of one row without overflowing ``c·c``."""
+        return self.value(z, c, alpha)
+
+    def curvature_scale(self, c: Tensor) -> Tensor:
+        """``κ(c)``, the per-row factor of :meth:`scaled_derivatives` (``1`` by default)."""
+        return torch.ones_like(c)
+
+    def scaled_derivatives(self, z: Tensor, c: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """``(κ φ′(z), κ φ″(z))`` with ``κ = curvature_scale(c)``: what the solvers and the
+        backward use, as they need only ratios along a row (Newton steps ``Σφ′/Σφ″``,
+        ``∂y/∂x_i = φ″_i / Σφ″``). Welsch and Barron's loss have ``κ = c²``, which keeps
+        ``1/c²`` out of the arithmetic (it overflows for ``c ≲ 1e-19`` in float32)."""
+        return self.derivatives(z, c, alpha)
+
     def newton_sums(self, z: Tensor, c: Tensor, alpha: Tensor,
                     scratch: Tensor) -> tuple[Tensor, Tensor]:
-        """Row sums ``(Σ φ′, Σ φ″)`` over the last dimension; may overwrite ``z`` and
-        ``scratch`` (a buffer like ``z``), which lets a penalty avoid allocating temporaries."""
-        d1, d2 = self.derivatives(z, c, alpha)
+        """Row sums ``(Σ κφ′, Σ κφ″)`` over the last dimension; may overwrite ``z`` and
+        ``scratch`` (a buffer like ``z``), which lets a penalty avoid allocating temporaries.
+        The caller guarantees ``|z / c| < 1e18`` (a fast path may square ``z / c``)."""
+        d1, d2 = self.scaled_derivatives(z, c, alpha)
         return d1.sum(-1), d2.sum(-1)
 
     def alpha_derivative(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
-        """``∂φ′/∂α`` up to a term ``κ(α) φ′(z)`` constant over ``z`` (it cancels in ``Σ_i``
+        """``κ ∂φ′/∂α`` up to a term ``k(α) φ′(z)`` constant over ``z`` (it cancels in ``Σ_i``
         at a minimiser, where ``Σ_i φ′(z_i) = 0``)."""
         return torch.zeros_like(z)
 
@@ -88,17 +105,24 @@ class _Quadratic(Penalty):
 
 
 class _PseudoHuber(Penalty):
+    """``t = z/c``: ``φ = c² t² / (1 + √(1 + t²))``, ``φ′ = z / √(1 + t²)``,
+    ``φ″ = (1 + t²)^{−3/2}``; ``√(1 + t²)`` as ``hypot(t, 1)``, finite for any ``t``, and
+    ``φ = z · z / (1 + √(1 + t²))`` without forming ``z²`` or ``c²``."""
+
     def value(self, z, c, alpha):
-        s = (z / c) ** 2
-        return c * c * s / (1 + torch.sqrt(1 + s))  # = c² (√(1+s) − 1) without cancellation
+        t = z / c
+        return z * (z / (1 + torch.hypot(t, torch.ones_like(t))))  # |z / (1 + …)| < c
+
+    def ranked(self, z, c, alpha):
+        t = z / c
+        return t * (t / (1 + torch.hypot(t, torch.ones_like(t))))
 
     def derivatives(self, z, c, alpha):
-        t = z / c
-        r = torch.rsqrt(1 + t * t)
+        r = torch.hypot(z / c, torch.ones_like(z)).reciprocal()
         return z * r, r * r * r
 
     def newton_sums(self, z, c, alpha, scratch):
-        r = torch.mul(z, z, out=scratch).div_(c * c).add_(1).rsqrt_()
+        r = torch.div(z, c, out=scratch).square_().add_(1).rsqrt_()
         g = torch.mul(z, r, out=z).sum(-1)
         h = torch.mul(r, r, out=z).mul_(r).sum(-1)
         return g, h
@@ -109,24 +133,50 @@ class _Huber(Penalty):
         a = z.abs()
         return torch.where(a <= c, 0.5 * z * z, c * (a - 0.5 * c))
 
+    def ranked(self, z, c, alpha):
+        t = (z / c).abs()
+        return torch.where(t <= 1, 0.5 * t * t, t - 0.5)
+
     def derivatives(self, z, c, alpha):
         a = z.abs()
         return torch.clamp(z, -c, c), (a <= c).to(z.dtype)
 
 
+_S_MAX = 1e4  # exp(−s/2) = 0 beyond: clamping s keeps e·(1 − s) finite (0, not 0·inf)
+
+
 class _Welsch(Penalty):
+    """``s = (z/c)²``, ``e = exp(−s/2)``: ``φ = 1 − e``, ``c²φ′ = z e``, ``c²φ″ = e (1 − s)``."""
+
     def value(self, z, c, alpha):
         return -torch.expm1(-0.5 * (z / c) ** 2)
 
+    def curvature_scale(self, c):
+        return c * c
+
     def derivatives(self, z, c, alpha):
-        s = (z / c) ** 2
-        w = torch.exp(-0.5 * s) / (c * c)
-        return z * w, w * (1 - s)
+        d1, d2 = self.scaled_derivatives(z, c, alpha)
+        return d1 / (c * c), d2 / (c * c)
+
+    def scaled_derivatives(self, z, c, alpha):
+        s = ((z / c) ** 2).clamp_max(_S_MAX)
+        e = torch.exp(-0.5 * s)
+        return z * e, e * (1 - s)
+
+    def newton_sums(self, z, c, alpha, scratch):
+        s = torch.div(z, c, out=scratch).square_().clamp_max_(_S_MAX)
+        e = torch.mul(s, -0.5).exp_()
+        g = z.mul_(e).sum(-1)
+        h = e.mul_(s.neg_().add_(1)).sum(-1)
+        return g, h
 
 
 class _TruncatedQuadratic(Penalty):
     def value(self, z, c, alpha):
         return 0.5 * torch.minimum(z * z, c * c)
+
+    def ranked(self, z, c, alpha):
+        return 0.5 * ((z / c) ** 2).clamp_max(1)
 
     def derivatives(self, z, c, alpha):
         inlier = (z.abs() <= c).to(z.dtype)
@@ -140,8 +190,8 @@ def _safe(cond: Tensor, value: Tensor, fill: float) -> Tensor:
 
 class _General(Penalty):
     """Barron's loss with ``a = |α − 2|``, ``s = (z/c)²``, ``q = s/a``:
-    ``φ = (a/α) expm1((α/2) log1p(q))``, ``φ′ = (z/c²)(1 + q)^{α/2−1}``,
-    ``φ″ = (1/c²)(1 + q)^{α/2−1} (a + (α−1)s)/(a + s)`` and
+    ``φ = (a/α) expm1((α/2) log1p(q))``, ``c²φ′ = z (1 + q)^{α/2−1}``,
+    ``c²φ″ = (1 + q)^{α/2−1} (1 − (2−α) s/(a + s))`` and
     ``∂φ′/∂α = ½ φ′ (log(a + s) − s/(a + s))`` (dropping ``−½ log(a) φ′``, constant over ``z``).
     ``(1 + q)^{α/2−1} = exp((α/2−1) log1p(q))`` tends to ``1`` as ``α → 2`` (no overflow), and
     ``expm1(αt/2)/α`` tends to ``t/2`` as ``α → 0``; both limits are used exactly at ``α ∈ {0, 2}``.
@@ -164,20 +214,28 @@ class _General(Penalty):
         out = torch.where(zero, torch.log1p(0.5 * s), general)
         return torch.where(two.expand_as(s), 0.5 * s, out)
 
+    def curvature_scale(self, c):
+        return c * c
+
+    def _share(self, s, a):
+        """``s / (a + s)``, also for ``s = inf`` (→ 1) and ``a = s = 0`` (→ 0)."""
+        positive = s > 0
+        return _safe(positive, (1 + a / _safe(positive, s, 1.0)).reciprocal(), 0.0)
+
     def derivatives(self, z, c, alpha):
+        d1, d2 = self.scaled_derivatives(z, c, alpha)
+        return d1 / (c * c), d2 / (c * c)
+
+    def scaled_derivatives(self, z, c, alpha):
         s, a, _, _, _, power = self._parts(z, c, alpha)
-        w = power / (c * c)
-        denominator = a + s
-        ratio = _safe(denominator > 0, (a + (alpha - 1) * s) / _safe(denominator > 0, denominator, 1.0), 1.0)
-        return z * w, w * ratio
+        return z * power, power * (1 - (2 - alpha) * self._share(s, a))
 
     def alpha_derivative(self, z, c, alpha):
         s, a, _, _, _, power = self._parts(z, c, alpha)
-        d1 = z * power / (c * c)
-        denominator = a + s
-        positive = denominator > 0
-        den = _safe(positive, denominator, 1.0)
-        return _safe(positive, 0.5 * d1 * (torch.log(den) - s / den), 0.0)
+        d1 = z * power
+        den = a + s
+        keep = (den > 0) & (d1 != 0)
+        return _safe(keep, 0.5 * d1 * (torch.log(_safe(keep, den, 1.0)) - self._share(s, a)), 0.0)
 
 
 PENALTIES: dict[str, Penalty] = {

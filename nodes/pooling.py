@@ -117,7 +117,7 @@ class RobustPooling(DeclarativeNode):
         """Backward quantities of ``rows``: ``w = φ″(y − x)``, ``H = Σ w``, ``Σ w z``, ``Σ ∂φ′/∂α``."""
         z = y[:, None] - x
         c, alpha = c[:, None], alpha[:, None]
-        w = self.penalty.derivatives(z, c, alpha)[1]
+        w = self.penalty.scaled_derivatives(z, c, alpha)[1]  # κ φ″: only ratios are used
         ctx["curvature"][rows] = w.sum(1)
         if "weights" in ctx:
             ctx["weights"][rows] = w
@@ -136,7 +136,10 @@ class RobustPooling(DeclarativeNode):
             ctx = self._allocate(x, *need)
             with torch.no_grad():
                 self._fill(ctx, slice(None), x.detach(), y.detach(), c.detach(), alpha.detach())
-        curvature = ctx["curvature"] + self.options.damping
+        curvature = ctx["curvature"]
+        if self.options.damping:  # H + γ in the units of φ″: κ H + κ γ (κ = c² may overflow)
+            kappa = self.penalty.curvature_scale(c.detach().double())
+            curvature = (curvature.double() + kappa * self.options.damping).to(curvature.dtype)
         singular = ~(curvature > 0)
         if bool(singular.any()):
             rows = singular.nonzero().flatten()[:8].tolist()
@@ -255,7 +258,10 @@ class _Interval(torch.nn.Module):
 def _initial(name: str, value, channels: int | None) -> Tensor:
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name}={value!r}: expected a number or a tensor")
-    t = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach().clone()
+    # a number is checked on the CPU, then placed on the default device (also under
+    # ``with torch.device("meta")``, where no value could be read)
+    device = value.device if isinstance(value, Tensor) else torch.device("cpu")
+    t = torch.as_tensor(value, dtype=torch.get_default_dtype(), device=device).detach().clone()
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
     shape = () if channels is None else (channels,)
@@ -263,6 +269,11 @@ def _initial(name: str, value, channels: int | None) -> Tensor:
         raise ValueError(f"{name} has shape {tuple(t.shape)}: expected a number"
                          f"{' or shape ' + str(shape) if channels else ''}")
     return t.expand(shape).clone()
+
+
+def _placed(value, t: Tensor) -> Tensor:
+    """``t`` (built from a number on the CPU) on the default device; a tensor stays where it is."""
+    return t if isinstance(value, Tensor) else t.to(torch.get_default_device())
 
 
 class _RobustGlobalPool(Picklable, torch.nn.Module):
@@ -284,16 +295,16 @@ class _RobustGlobalPool(Picklable, torch.nn.Module):
         if learn_alpha and not uses_alpha:
             raise ValueError(f"learn_alpha=True with penalty={penalty!r}: only 'general' has α")
         c0 = _initial("c", c, channels)
-        if not bool(((c0 > 0) & torch.isfinite(c0)).all()):
+        if c0.device.type != "meta" and not bool(((c0 > 0) & torch.isfinite(c0)).all()):
             raise ValueError(f"c={c!r}: expected finite c > 0")
-        self._register("c", c0, _Exp() if learn_c else None)
+        self._register("c", _placed(c, c0), _Exp() if learn_c else None)
         if uses_alpha:
             lo, hi = _check_range(alpha_range)
             a0 = _initial("alpha", alpha, channels)
-            if not bool(((a0 > lo) & (a0 < hi)).all()):
+            if a0.device.type != "meta" and not bool(((a0 > lo) & (a0 < hi)).all()):
                 raise ValueError(f"alpha={alpha!r}: expected inside the open alpha_range "
                                  f"({lo}, {hi})")
-            self._register("alpha", a0, _Interval(lo, hi) if learn_alpha else None)
+            self._register("alpha", _placed(alpha, a0), _Interval(lo, hi) if learn_alpha else None)
         else:
             self.register_buffer("alpha", torch.ones(()), persistent=False)
 
@@ -315,6 +326,11 @@ class _RobustGlobalPool(Picklable, torch.nn.Module):
         if self.channels is not None and x.shape[1] != self.channels:
             raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}): this module "
                              f"was built with channels={self.channels}")
+        if torch.jit.is_tracing():
+            raise TypeError(f"{type(self).__name__}: torch.jit.trace cannot record a declarative "
+                            "node (a solver with data-dependent control flow inside a custom "
+                            "autograd Function); call the module eagerly, or trace the layers "
+                            "around it")
         return _pool(self.node, x, self.c, self.alpha, self._pooled)
 
 

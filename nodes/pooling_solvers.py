@@ -84,11 +84,13 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     starts = list(range(0, rows, step))
     workers = max(1, min(torch.get_num_threads(), len(starts)))
 
-    grad_mode = torch.is_grad_enabled()  # thread-local: carried into the worker threads
+    # grad and inference modes are thread-local: carried into the worker threads (an inference
+    # tensor written outside inference mode is an error)
+    grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run(share: list[int]) -> None:
-        work = (x.new_empty(min(rows, step) * n), x.new_empty(min(rows, step) * n))
-        with torch.set_grad_enabled(grad_mode):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode):
+            work = (x.new_empty(min(rows, step) * n), x.new_empty(min(rows, step) * n))
             for start in share:
                 sl = slice(start, start + step)
                 xb = x[sl]
@@ -147,8 +149,15 @@ def _newton(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: Sol
     scale = _scale(lo, hi, c)
     z, scratch = work
 
+    # the fast sums may square z / c: only when no |z / c| reaches 1e18 (else overflow)
+    fast = bool(((hi - lo) < 1e18 * c.squeeze(1)).all())
+
     def sums(u: Tensor) -> tuple[Tensor, Tensor]:
-        return penalty.newton_sums(torch.sub(u[:, None], x, out=z), c, alpha, scratch)
+        zu = torch.sub(u[:, None], x, out=z)
+        if fast:
+            return penalty.newton_sums(zu, c, alpha, scratch)
+        d1, d2 = penalty.scaled_derivatives(zu, c, alpha)
+        return d1.sum(-1), d2.sum(-1)
 
     u = _median_start(x)
     g, h = sums(u)
@@ -182,7 +191,7 @@ def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor)
     step = max(1, _BLOCK // max(r * n, 1))
     for j in range(0, k, step):
         z = u[:, j:j + step, None] - x[:, None, :]
-        out[:, j:j + step] = penalty.value(z, c[:, :, None], alpha[:, :, None]).sum(2)
+        out[:, j:j + step] = penalty.ranked(z, c[:, :, None], alpha[:, :, None]).sum(2)
     return out
 
 
@@ -230,7 +239,7 @@ def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: 
     """
     lo, hi = x.amin(1), x.amax(1)
     scale = _scale(lo, hi, c)
-    d1, d2 = penalty.derivatives(m[:, None] - x, c, alpha)
+    d1, d2 = penalty.scaled_derivatives(m[:, None] - x, c, alpha)
     g, h = d1.sum(1), d2.sum(1)
     done = torch.zeros_like(m, dtype=torch.bool)
     noise = x.shape[1] * torch.finfo(x.dtype).eps
@@ -246,8 +255,8 @@ def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: 
         towards = torch.where(g > 0, a, b)
         t = torch.where(inside, newton, 0.5 * (m + towards))
         z = t[:, None] - x
-        f_t = penalty.value(z, c, alpha).sum(1)
-        d1, d2 = penalty.derivatives(z, c, alpha)
+        f_t = penalty.ranked(z, c, alpha).sum(1)
+        d1, d2 = penalty.scaled_derivatives(z, c, alpha)
         # a Newton step whose change of F is below rounding counts as a decrease
         better = ((f_t < f_m) | (inside & (f_t <= f_m + noise * f_m.abs()))) & ~done
         keep = ~better & ~done
@@ -258,7 +267,7 @@ def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: 
         f_m = torch.where(better, f_t, f_m)
         g = torch.where(better, d1.sum(1), g)
         h = torch.where(better, d2.sum(1), h)
-    f_m = penalty.value(m[:, None] - x, c, alpha).sum(1)
+    f_m = penalty.ranked(m[:, None] - x, c, alpha).sum(1)
     return m, f_m, ~done
 
 

@@ -13,7 +13,8 @@ of the active constraints. ``super().vjp`` is the generic engine, valid for L2 e
 
 Forward algorithms (``s = sign(x)``, ``a = |x|``):
 
-- **L2**: ``y = r x / ‖x‖`` (a ball returns ``x`` when ``‖x‖ ≤ r``).
+- **L2**: ``y = r x / ‖x‖`` (a ball returns ``x`` when ``‖x‖ ≤ r``), with
+  ``‖x‖ = s ‖x / s‖``, ``s = max_i |x_i|``: no overflow or underflow of the squares.
 - **L1**: ``y = s ⊙ max(a − τ, 0)``, the projection of ``a`` onto the simplex of radius ``r``
   with the signs restored (Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008), ``τ`` the root of
   ``Σ_i max(a_i − τ, 0) = r``. Duchi et al.'s Fig. 1 finds ``τ`` by sorting ``a``; the same ``τ``
@@ -21,8 +22,8 @@ Forward algorithms (``s = sign(x)``, ``a = |x|``):
   :func:`_l1_threshold`), which is exact too and about 3x faster on CPU, where ``torch.sort`` of
   a ``(256, 512)`` batch alone costs more than the whole target budget. For a sphere ``τ < 0``
   when ``‖x‖₁ < r`` (every magnitude grows by ``−τ``); a ball uses ``max(τ, 0)``, i.e. returns
-  ``x`` when ``‖x‖₁ ≤ r``. Like any floating-point method its absolute accuracy is
-  ``~eps · ‖x‖∞``, so a radius below that (``r ≪ eps ‖x‖∞``) is not resolved.
+  ``x`` when ``‖x‖₁ ≤ r``. The threshold is found on the gaps ``max a − a`` (exact near the
+  top), so a radius far below ``eps · ‖x‖∞`` is resolved too (a tied row ``|x_i| = 1``, ``r = 1e-5``).
 - **L∞ ball**: ``y = clamp(x, −r, r)``.
 - **L∞ sphere**: the clamp when ``‖x‖∞ ≥ r``; otherwise ``x`` with its largest-magnitude
   coordinate moved to ``±r``.

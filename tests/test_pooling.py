@@ -4,6 +4,7 @@ generic engine and finite differences, equivariance properties, parameters and b
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -352,3 +353,75 @@ def test_options_reach_the_solver():
     with pytest.raises(NonConvergenceError):
         robust_global_pool(x, "pseudo_huber", 1e-3, options=Options(max_iter=1, strict=True))
     assert math.isfinite(robust_global_pool(x, "pseudo_huber", 1e-3).sum().item())
+
+
+# -- the whole float range and the rest of PyTorch (issues 17, 18) --------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("s", [1e-20, 1e20])
+@pytest.mark.parametrize("name", list(PENALTIES))
+def test_scale_equivariance_over_the_float_range(name, s, dtype):
+    """``y(s x; s c) = s y(x; c)`` at ``s = 1e±20``, where ``c·c`` and ``(x/c)²`` would
+    overflow / underflow float32; gradients for ``x``, ``c`` and ``α`` by finite differences."""
+    x = _gradcheck_input(5).detach()
+    alpha = ALPHA.get(name, 1.0) if name != "general" else 1.5  # convex here: the Newton path
+    y = robust_global_pool(x.to(dtype), name, 0.9, alpha)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no non-convergence, no singular system
+        ys = robust_global_pool(x.to(dtype) * s, name, 0.9 * s, alpha)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(ys / s, y, rtol=tol, atol=tol)
+    c = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, c, a: robust_global_pool(x * s, name, c * s, a) / s  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), c, a), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["welsch", "general", "pseudo_huber"])
+def test_tiny_c_gives_finite_gradients(name, dtype):
+    """``c = 1e-20`` against unit-scale data: every ``(x/c)²`` overflows; ``y`` is a data point
+    (the Welsch and Barron objectives count the points at ``y``) and the gradients are finite."""
+    x = torch.tensor([[0.3, 0.3, 1.0, 2.0, 0.3, -1.0]], dtype=dtype, requires_grad=True)
+    c = torch.tensor([1e-20], dtype=dtype, requires_grad=True)
+    a = torch.tensor([0.5], dtype=dtype, requires_grad=True)
+    y = RobustPooling(name)(x, c, a)
+    if name != "pseudo_huber":
+        assert y.item() == pytest.approx(0.3)
+    grads = torch.autograd.grad(y.sum(), [x, c, a], allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("cls,shape", [(RobustGlobalPool1d, (2, 8, 9000)),
+                                       (RobustGlobalPool2d, (2, 8, 90, 100))])
+def test_inference_mode_with_threads_over_several_blocks(cls, shape):
+    """Worker threads do not inherit inference mode; the solver carries it in."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        pool = cls("pseudo_huber")
+        with torch.inference_mode():
+            y = pool(x)
+        assert y.is_inference()
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y.clone(), pool(x))
+
+
+@pytest.mark.parametrize("cls", [RobustGlobalPool1d, RobustGlobalPool2d])
+def test_construction_on_the_meta_device(cls):
+    with torch.device("meta"):
+        pool = cls("general", c=2.0, learn_c=True, alpha=0.5, learn_alpha=True, channels=3)
+        fixed = cls("welsch", c=0.5)
+    assert pool.parametrizations.c.original.device.type == "meta"
+    assert fixed.c.device.type == "meta"
+    assert "RobustPooling" in repr(pool)
+    with pytest.raises(ValueError, match="c="):
+        with torch.device("meta"):
+            cls("welsch", c=-1.0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_is_refused_clearly():
+    with pytest.raises(TypeError, match="torch.jit.trace"):
+        torch.jit.trace(RobustGlobalPool1d("welsch"), torch.randn(2, 3, 5))
