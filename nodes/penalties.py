@@ -43,12 +43,15 @@ class Penalty:
         uses_alpha: whether ``φ`` depends on ``α`` (Barron's ``general`` only).
         convex_from: ``φ`` is convex in ``z`` when ``α ≥ convex_from`` (``-inf``: always,
             ``inf``: never).
+        radial: ``φ(z) = f(|z|/c)`` with ``f`` non-decreasing and ``ranked = f``: the
+            histogram bounds of :mod:`~ddnlib.nodes.pooling_global` apply.
     """
 
     name: str
     uses_c: bool = True
     uses_alpha: bool = False
     convex_from: float = float("-inf")
+    radial: bool = False
 
     def value(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
         """``φ(z)``."""
@@ -189,53 +192,50 @@ def _safe(cond: Tensor, value: Tensor, fill: float) -> Tensor:
 
 
 class _General(Penalty):
-    """Barron's loss with ``a = |α − 2|``, ``s = (z/c)²``, ``q = s/a``:
-    ``φ = (a/α) expm1((α/2) log1p(q))``, ``c²φ′ = z (1 + q)^{α/2−1}``,
-    ``c²φ″ = (1 + q)^{α/2−1} (1 − (2−α) s/(a + s))`` and
+    """Barron's loss with ``a = |α − 2|``, ``s = (z/c)²``, ``L = log1p(s/a)``:
+    ``φ = (a/α) expm1(αL/2)``, ``c²φ′ = z e^{(α/2−1)L}``,
+    ``c²φ″ = e^{(α/2−1)L} (1 − (2−α) s/(a + s))`` and
     ``∂φ′/∂α = ½ φ′ (log(a + s) − s/(a + s))`` (dropping ``−½ log(a) φ′``, constant over ``z``).
-    ``(1 + q)^{α/2−1} = exp((α/2−1) log1p(q))`` tends to ``1`` as ``α → 2`` (no overflow), and
-    ``expm1(αt/2)/α`` tends to ``t/2`` as ``α → 0``; both limits are used exactly at ``α ∈ {0, 2}``.
+    The limits need no branch: at ``α = 2``, ``a`` is replaced by ``1`` (then ``φ = ½ expm1(L)
+    = ½ s`` and ``e^{(α/2−1)L} = 1``), and at ``α = 0`` by ``10⁻³⁰`` in ``a/α`` and ``αL/2``
+    (``expm1`` is exact there: ``φ = aL/2 = log1p(s/2)``).
     """
 
-    def _parts(self, z, c, alpha):
-        s = (z / c) ** 2
+    @staticmethod
+    def _a(alpha):
         a = (alpha - 2).abs()
-        two = a == 0
-        a_safe = _safe(~two, a, 1.0).expand_as(s)
-        log1p_q = torch.log1p(s / a_safe)
-        power = _safe(~two.expand_as(s), torch.exp((0.5 * alpha - 1) * log1p_q), 1.0)
-        return s, a, two, a_safe, log1p_q, power
+        return torch.where(a == 0, 1.0, a)
+
+    def _log1p_q(self, z, c, alpha):
+        s = (z / c) ** 2
+        return s, torch.log1p(s / self._a(alpha))
 
     def value(self, z, c, alpha):
-        s, a, two, a_safe, log1p_q, _ = self._parts(z, c, alpha)
-        zero = (alpha == 0).expand_as(s)
-        alpha_safe = _safe(~zero, alpha.expand_as(s), 1.0)
-        general = a_safe / alpha_safe * torch.expm1(0.5 * alpha_safe * log1p_q)
-        out = torch.where(zero, torch.log1p(0.5 * s), general)
-        return torch.where(two.expand_as(s), 0.5 * s, out)
+        _, log1p_q = self._log1p_q(z, c, alpha)
+        alpha_safe = torch.where(alpha == 0, 1e-30, alpha)
+        return self._a(alpha) / alpha_safe * torch.expm1((0.5 * alpha_safe) * log1p_q)
 
     def curvature_scale(self, c):
         return c * c
-
-    def _share(self, s, a):
-        """``s / (a + s)``, also for ``s = inf`` (→ 1) and ``a = s = 0`` (→ 0)."""
-        positive = s > 0
-        return _safe(positive, (1 + a / _safe(positive, s, 1.0)).reciprocal(), 0.0)
 
     def derivatives(self, z, c, alpha):
         d1, d2 = self.scaled_derivatives(z, c, alpha)
         return d1 / (c * c), d2 / (c * c)
 
     def scaled_derivatives(self, z, c, alpha):
-        s, a, _, _, _, power = self._parts(z, c, alpha)
-        return z * power, power * (1 - (2 - alpha) * self._share(s, a))
+        s, log1p_q = self._log1p_q(z, c, alpha)
+        power = torch.exp((0.5 * alpha - 1) * log1p_q)
+        a = self._a(alpha)
+        share = 1 - a / (a + s)  # s/(a + s), also 1 at s = inf (the factor 2 − α is 0 at a = 0)
+        return z * power, power * (1 - (2 - alpha) * share)
 
     def alpha_derivative(self, z, c, alpha):
-        s, a, _, _, _, power = self._parts(z, c, alpha)
-        d1 = z * power
-        den = a + s
-        keep = (den > 0) & (d1 != 0)
-        return _safe(keep, 0.5 * d1 * (torch.log(_safe(keep, den, 1.0)) - self._share(s, a)), 0.0)
+        s, log1p_q = self._log1p_q(z, c, alpha)
+        d1 = z * torch.exp((0.5 * alpha - 1) * log1p_q)
+        den = _safe(d1 != 0, (alpha - 2).abs() + s, 1.0)  # > 0 where z ≠ 0; finite where kept
+        keep = (d1 != 0) & torch.isfinite(den)
+        den = _safe(keep, den, 1.0)
+        return _safe(keep, 0.5 * d1 * (torch.log(den) - s / den), 0.0)
 
 
 PENALTIES: dict[str, Penalty] = {
@@ -244,9 +244,9 @@ PENALTIES: dict[str, Penalty] = {
         _Quadratic("quadratic", uses_c=False),
         _PseudoHuber("pseudo_huber"),
         _Huber("huber"),
-        _Welsch("welsch", convex_from=float("inf")),
+        _Welsch("welsch", convex_from=float("inf"), radial=True),
         _TruncatedQuadratic("truncated_quadratic", convex_from=float("inf")),
-        _General("general", uses_alpha=True, convex_from=1.0),
+        _General("general", uses_alpha=True, convex_from=1.0, radial=True),
     )
 }
 

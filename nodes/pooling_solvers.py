@@ -44,6 +44,7 @@ from torch import Tensor
 from ddnlib.errors import NonConvergenceWarning, report
 
 from .penalties import Penalty
+from .pooling_global import histogram_search
 
 __all__ = ["SolverSettings", "solve_rows"]
 
@@ -76,6 +77,8 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
         block_solver = _truncated_quadratic
     elif penalty.convex(alpha):
         block_solver = _newton
+    elif penalty.radial:
+        block_solver = _global
     else:
         block_solver = _multistart
     y = x.new_empty(rows)
@@ -204,6 +207,18 @@ def _candidates(x: Tensor, starts: int) -> Tensor:
     mids = 0.5 * (points[:, 1:] + points[:, :-1])
     interleaved = torch.stack([points[:, :-1], mids], 2).flatten(1)
     return torch.cat([interleaved, points[:, -1:]], 1)
+
+
+def _global(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
+            work: tuple[Tensor, Tensor]):
+    """Branch and bound on histograms (:func:`~.pooling_global.histogram_search`); the rows it
+    does not settle go to :func:`_multistart`."""
+    y, resolved = histogram_search(penalty, x, c, alpha, settings.tol, settings.max_iter)
+    failed = torch.zeros_like(resolved)
+    if not bool(resolved.all()):
+        rows = (~resolved).nonzero().flatten()
+        y[rows], failed[rows] = _multistart(penalty, x[rows], c[rows], alpha[rows], settings, work)
+    return y, failed
 
 
 def _multistart(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
