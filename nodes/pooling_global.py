@@ -40,6 +40,7 @@ _BINS = 32
 _FINE = 0.25  # bin width / c at which the runs are refined
 _LEVELS = 10
 _RUNS = 3
+_PROBLEMS = 8  # open ranges per row
 
 
 def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
@@ -48,18 +49,25 @@ def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor)
 
 
 def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
-            h: Tensor) -> Tensor:
-    """``L (r, B)``, the lower bounds of ``F`` over the bins ``[a + k h, a + (k+1) h]``."""
+            h: Tensor) -> tuple[Tensor, Tensor]:
+    """``(L (r, B), u (r,))``: the lower bounds of ``F`` over the bins ``[a + k h, a + (k+1) h]``
+    and a candidate, the mean of the entries in the three bins around the smallest bound."""
     r = x.shape[0]
     t = ((x - a[:, None]) / h[:, None]).floor_().clamp_(-1, _BINS).add_(1)
-    index = t.to(torch.int64) + (torch.arange(r, device=x.device) * (_BINS + 2))[:, None]
-    counts = torch.bincount(index.flatten(), minlength=r * (_BINS + 2)).view(r, _BINS + 2)
+    index = (t.to(torch.int64) + (torch.arange(r, device=x.device) * (_BINS + 2))[:, None]
+             ).flatten()
+    counts = torch.bincount(index, minlength=r * (_BINS + 2)).view(r, _BINS + 2).to(x.dtype)
     gaps = (torch.arange(_BINS + 2, device=x.device, dtype=x.dtype) - 1).clamp_min(0) * h[:, None]
     psi = penalty.ranked(gaps, c, alpha)  # (r, B + 2): f(gap_m / c), gap_m = max(0, m − 1) h
     # L_k = Σ_j count_j ψ_|j−k|: windows of the mirrored ψ (a strided view, no gather)
     windows = torch.cat([psi.flip(1)[:, :-1], psi], 1).unfold(1, _BINS + 2, 1)
-    bound = torch.bmm(windows, counts.to(x.dtype)[:, :, None]).squeeze(2).flip(1)
-    return bound[:, 1:-1]
+    bound = torch.bmm(windows, counts[:, :, None]).squeeze(2).flip(1)[:, 1:-1]
+    sums = torch.bincount(index, weights=(x - a[:, None]).flatten().to(torch.float64),
+                          minlength=r * (_BINS + 2)).view(r, _BINS + 2).to(x.dtype)
+    k = bound.argmin(1, keepdim=True) + 1  # in the padded numbering
+    near = torch.cat([k - 1, k, k + 1], 1)
+    mean = sums.gather(1, near).sum(1) / counts.gather(1, near).sum(1).clamp_min(1)
+    return bound, a + mean
 
 
 def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,6 +98,19 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
     bisection on the sign of ``F′``. Returns ``(y, converged)``."""
     g_lo, _ = _sums(penalty, lo, x, c, alpha)
     g_hi, _ = _sums(penalty, hi, x, c, alpha)
+    # an end where F still descends outwards moves out (width doubling, then the data's range,
+    # where F′(min x) ≤ 0 ≤ F′(max x) always holds) until the ends bracket a minimum
+    x_lo, x_hi = x.amin(1), x.amax(1)
+    width = hi - lo
+    for k in range(5):
+        out_lo, out_hi = g_lo > 0, g_hi < 0
+        if not bool((out_lo | out_hi).any()):
+            break
+        step = width * 2.0 ** k if k < 4 else torch.full_like(width, float("inf"))
+        lo = torch.where(out_lo, torch.maximum(lo - step, x_lo), lo)
+        hi = torch.where(out_hi, torch.minimum(hi + step, x_hi), hi)
+        g_lo = torch.where(out_lo, _sums(penalty, lo, x, c, alpha)[0], g_lo)
+        g_hi = torch.where(out_hi, _sums(penalty, hi, x, c, alpha)[0], g_hi)
     bracketed = (g_lo <= 0) & (g_hi >= 0)
     g, h = _sums(penalty, u, x, c, alpha)
     scale = torch.minimum(c.squeeze(1), hi - lo)
@@ -120,68 +141,90 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
 
 def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol: float,
                      max_iter: int) -> tuple[Tensor, Tensor]:
-    """``(y (r,), resolved (r,))`` for the rows ``x (r, n)``, ``c, α (r, 1)``."""
-    r = x.shape[0]
+    """``(y (r,), resolved (r,))`` for the rows ``x (r, n)``, ``c, α (r, 1)``.
+
+    The search runs on problems ``(row, [a, b])``; a problem whose surviving bins do not halve
+    its range splits into the quarters holding surviving bins (at most ``_PROBLEMS`` per row).
+    """
+    r, n = x.shape
+    dev = x.device
     lo, hi = x.amin(1), x.amax(1)
-    a, b = lo.clone(), hi.clone()
     flat = hi == lo  # constant rows: y = x_1
-    resolved = flat.clone()
-    active = ~flat
+    resolved = torch.ones_like(flat)
     best_u, best_f = lo.clone(), torch.full_like(lo, float("inf"))
-    cs = c.squeeze(1)
-    final = (torch.zeros_like(lo), torch.zeros_like(lo))  # (a, h) of the refined level
-    runs = None
+    row = (~flat).nonzero().flatten()
+    a, b = lo[row], hi[row]
+    nb = torch.arange(_BINS, device=dev)
+    finals: list[tuple[Tensor, ...]] = []  # (row, a, h, first, last, lower) of refined levels
     for _ in range(_LEVELS):
-        h = torch.where(active, (b - a) / _BINS, 1.0)
-        bound = _bounds(penalty, x, c, alpha, a, h)
-        k = bound.argmin(1)
-        u = a + (k + 0.5) * h
-        f = _objective(penalty, u, x, c, alpha)
-        better = active & (f < best_f)
-        best_u, best_f = torch.where(better, u, best_u), torch.where(better, f, best_f)
-        slack = 1e-6 * best_f.abs() + x.shape[1] * torch.finfo(x.dtype).eps * best_f.abs()
-        survive = bound <= (best_f + slack)[:, None]
-        fine = active & (h <= _FINE * cs)
+        if row.numel() == 0:
+            break
+        whole = row.numel() == r and bool((row == torch.arange(r, device=dev)).all())
+        xp, cp, ap = (x, c, alpha) if whole else (x[row], c[row], alpha[row])
+        h = ((b - a) / _BINS).clamp_min(torch.finfo(x.dtype).tiny)
+        bound, u = _bounds(penalty, xp, cp, ap, a, h)
+        f = _objective(penalty, u, xp, cp, ap)
+        # per-row upper bound: the best value over all of the row's problems
+        best_f.scatter_reduce_(0, row, f, "amin")
+        hit = (f == best_f[row]).nonzero().flatten()
+        best_u[row[hit]] = u[hit]
+        ub = best_f[row]
+        slack = (1e-6 + n * torch.finfo(x.dtype).eps) * ub.abs()
+        survive = bound <= (ub + slack)[:, None]
+        first, last, lower = _runs(survive, bound)
+        # bins below c / 4, or a range of a few ulps (c far below the spacing of equal entries)
+        fine = (h <= _FINE * cp.squeeze(1)) | (b - a <= 64 * torch.finfo(x.dtype).eps * a.abs())
         if bool(fine.any()):
-            first, last, lower = _runs(survive, bound)
-            runs = (first, last, lower) if runs is None else tuple(
-                torch.where(fine[:, None], new, old) for new, old in zip((first, last, lower), runs))
-            final = (torch.where(fine, a, final[0]), torch.where(fine, h, final[1]))
-            resolved = resolved | fine
-        active = active & ~fine
-        if not bool(active.any()):
-            break
-        nb = torch.arange(_BINS, device=x.device)
-        first = torch.where(survive, nb, _BINS).amin(1)
-        last = torch.where(survive, nb, -1).amax(1)
-        new_a, new_b = a + first * h, a + (last + 1) * h
-        stuck = active & (new_b - new_a > 0.5 * (b - a))
-        active = active & ~stuck
-        a, b = torch.where(active, new_a, a), torch.where(active, new_b, b)
-        if not bool(active.any()):
-            break
-    resolved = resolved & ~active
-    y = torch.where(flat, lo, best_u)
-    if runs is None:
-        return y, resolved
-    first, last, lower = runs
-    fa, fh = final
-    for q in range(first.shape[1] - 1 if first.shape[1] > _RUNS else first.shape[1]):
-        rows = (resolved & ~flat & (lower[:, q] <= best_f)).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        sub = lambda t: t.index_select(0, rows)  # noqa: E731
-        xs, cq, aq = sub(x), sub(c), sub(alpha)
-        run_lo = sub(fa) + (sub(first[:, q]) - 1).clamp_min(0) * sub(fh)
-        run_hi = sub(fa) + (sub(last[:, q]) + 2).clamp_max(_BINS) * sub(fh)
-        start = torch.where((sub(best_u) > run_lo) & (sub(best_u) < run_hi), sub(best_u),
-                            0.5 * (run_lo + run_hi))
-        u, ok = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, tol, max_iter)
-        f = _objective(penalty, u, xs, cq, aq)
-        better = ok & (f <= sub(best_f))
-        best_u[rows] = torch.where(better, u, sub(best_u))
-        best_f[rows] = torch.where(better, f, sub(best_f))
-        resolved[rows] = sub(resolved) & ok | ~(sub(lower[:, q]) <= sub(best_f))
-    if first.shape[1] > _RUNS:  # a further run that might hold a better point: not settled
-        resolved = resolved & ~(lower[:, _RUNS] <= best_f)
+            i = fine.nonzero().flatten()
+            finals.append((row[i], a[i], h[i], first[i], last[i], lower[i]))
+        lo_k = torch.where(survive, nb, _BINS).amin(1)
+        hi_k = torch.where(survive, nb, -1).amax(1)
+        new_a, new_b = a + lo_k * h, a + (hi_k + 1) * h
+        shrinks = ~fine & (new_b - new_a <= 0.5 * (b - a))
+        split = ~fine & ~shrinks
+        children_rows, children_a, children_b = [row[shrinks]], [new_a[shrinks]], [new_b[shrinks]]
+        # a range that does not halve splits into quarters, each cut to its surviving bins:
+        # separated clusters part, and bins too coarse to prune become four times finer
+        quarter = _BINS // 4
+        for q in range(4):
+            part = survive & (nb >= q * quarter) & (nb < (q + 1) * quarter)
+            take = split & part.any(1)
+            q_lo = torch.where(part, nb, _BINS).amin(1)[take]
+            q_hi = torch.where(part, nb, -1).amax(1)[take]
+            children_rows.append(row[take])
+            children_a.append(a[take] + q_lo * h[take])
+            children_b.append(a[take] + (q_hi + 1) * h[take])
+        row, a, b = torch.cat(children_rows), torch.cat(children_a), torch.cat(children_b)
+        crowded = torch.bincount(row, minlength=r) > _PROBLEMS  # too many open ranges: give up
+        if bool(crowded.any()):
+            resolved[crowded] = False
+            keep = ~crowded[row]
+            row, a, b = row[keep], a[keep], b[keep]
+    resolved[row] = False  # still open after _LEVELS
+    failed: list[tuple[Tensor, Tensor]] = []
+    for q in range(_RUNS):
+        for p_row, p_a, p_h, first, last, lower in finals:
+            if q >= lower.shape[1]:
+                continue
+            i = (lower[:, q] <= best_f[p_row]).nonzero().flatten()
+            if i.numel() == 0:
+                continue
+            rows, fa, fh = p_row[i], p_a[i], p_h[i]
+            run_lo = fa + (first[i, q] - 1).clamp_min(0) * fh
+            run_hi = fa + (last[i, q] + 2).clamp_max(_BINS) * fh
+            xs, cq, aq = x[rows], c[rows], alpha[rows]
+            start = best_u[rows]
+            start = torch.where((start > run_lo) & (start < run_hi), start, 0.5 * (run_lo + run_hi))
+            u, ok = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, tol, max_iter)
+            f = _objective(penalty, u, xs, cq, aq)
+            failed.append((rows[~ok], lower[i, q][~ok]))  # judged against the final best
+            f = torch.where(ok, f, float("inf"))
+            best_f.scatter_reduce_(0, rows, f, "amin")
+            hit = (f == best_f[rows]).nonzero().flatten()
+            best_u[rows[hit]] = u[hit]
+    for rows, lower in failed:  # a run whose ends did not bracket a minimum, if it matters
+        resolved[rows[lower <= best_f[rows]]] = False
+    for p_row, *_, lower in finals:  # a run beyond the refined ones that might be better
+        if lower.shape[1] > _RUNS:
+            resolved[p_row[lower[:, _RUNS] <= best_f[p_row]]] = False
     return torch.where(flat, lo, best_u), resolved

@@ -425,3 +425,48 @@ def test_construction_on_the_meta_device(cls):
 def test_jit_trace_is_refused_clearly():
     with pytest.raises(TypeError, match="torch.jit.trace"):
         torch.jit.trace(RobustGlobalPool1d("welsch"), torch.randn(2, 3, 5))
+
+
+# -- global minimum of the non-convex penalties against brute force (issue 18) ---------------------
+def _hard_row(case: str, g: torch.Generator) -> tuple[np.ndarray, float]:
+    """``(row, c)`` for one awkward data set."""
+    randn = lambda k, s=1.0: s * torch.randn(k, generator=g, dtype=torch.float64)  # noqa: E731
+    if case == "two equal clusters":  # equal mass: the global one is decided by the spread
+        return torch.cat([randn(40, 0.5) - 3, randn(40, 0.55) + 3]).numpy(), 0.7
+    if case == "90% outliers":  # 10 % inliers, 90 % spread 30x wider
+        return torch.cat([randn(20, 0.3) + 2, randn(180, 30.0)]).numpy(), 1.0
+    if case == "far clusters":  # separation 1e4 c: the bound cannot narrow one range (fallback)
+        return torch.cat([randn(30) - 5e3, randn(31) + 5e3, randn(5, 1e3)]).numpy(), 1.0
+    if case == "c near 0":  # c far below the spacing: the answer is the densest tie
+        row = torch.cat([randn(60), torch.full((3,), 0.25, dtype=torch.float64)])
+        return row.numpy(), 1e-9
+    if case == "c huge":
+        return torch.cat([randn(50), randn(10, 100.0)]).numpy(), 1e5
+    raise AssertionError(case)
+
+
+def _brute_minimum(name: str, row: np.ndarray, c: float, alpha: float) -> float:
+    """min F over the data points and a grid of spacing c/50 around each of them."""
+    offsets = np.linspace(-3 * c, 3 * c, 301)
+    grid = np.unique(np.concatenate([row, (row[:, None] + offsets).ravel()]))
+    values = np.concatenate([phi(name, grid[i:i + 2000, None] - row, c, alpha).sum(1)
+                             for i in range(0, grid.size, 2000)])
+    return float(values.min())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["two equal clusters", "90% outliers", "far clusters",
+                                  "c near 0", "c huge"])
+@pytest.mark.parametrize("name,alpha", [("welsch", 1.0), ("general", 0.5), ("general", 0.2)])
+def test_non_convex_global_minimum_on_hard_rows(name, alpha, case, dtype):
+    """Never worse than a brute-force search (data points plus a c/50 grid around each)."""
+    g = torch.Generator().manual_seed(7)
+    rows = [_hard_row(case, g) for _ in range(3)]
+    c = rows[0][1]
+    x = torch.tensor(np.stack([r for r, _ in rows]), dtype=dtype)
+    y = robust_global_pool(x, name, c, alpha).double().numpy()
+    for row, yr in zip(x.double().numpy(), y):
+        brute = _brute_minimum(name, row, c, alpha)
+        got = float(phi(name, yr - row, c, alpha).sum())
+        rounding = 1e-9 if dtype == torch.float64 else 1e-4
+        assert got <= brute + rounding * (1 + abs(brute)), (got, brute)
