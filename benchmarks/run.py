@@ -28,6 +28,7 @@ CASES = {
     "closed_form": "generic engine vs hand-derived closed-form vjp of the bundled nodes",
     "unrolled": "implicit backward vs autograd unrolled through the solver: time and memory",
     "pooling": "robust pooling per penalty vs mean pooling, forward and backward",
+    "nonconvex_pooling": "Welsch / Barron pooling vs pseudo-Huber and the original DDN method",
     "projections": "projection nodes vs F.normalize, forward + backward",
     "torchopt_peer": "ddnlib vs torchopt.diff.implicit on the same node",
 }

@@ -60,7 +60,7 @@ def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
     gaps = (torch.arange(_BINS + 2, device=x.device, dtype=x.dtype) - 1).clamp_min(0) * h[:, None]
     psi = penalty.ranked(gaps, c, alpha)  # (r, B + 2): f(gap_m / c), gap_m = max(0, m − 1) h
     # L_k = Σ_j count_j ψ_|j−k|: windows of the mirrored ψ (a strided view, no gather)
-    windows = torch.cat([psi.flip(1)[:, :-1], psi], 1).unfold(1, _BINS + 2, 1)
+    windows = torch.cat([psi.flip(1)[:, :-1], psi], 1).unfold(1, _BINS + 2, 1).contiguous()
     bound = torch.bmm(windows, counts[:, :, None]).squeeze(2).flip(1)[:, 1:-1]
     sums = torch.bincount(index, weights=(x - a[:, None]).flatten().to(torch.float64),
                           minlength=r * (_BINS + 2)).view(r, _BINS + 2).to(x.dtype)
@@ -86,21 +86,29 @@ def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return first[:, :nb].gather(1, order), last[:, :nb].gather(1, order), best.gather(1, order)
 
 
-def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor):
-    d1, d2 = penalty.scaled_derivatives(u[:, None] - x, c, alpha)
-    return d1.sum(1), d2.sum(1)
+def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
+          work: tuple[Tensor, Tensor] | None = None):
+    """``(Σ κφ′, Σ κφ″)`` at ``u``; with ``work`` (two buffers like ``x``) the in-place sums."""
+    if work is None:
+        d1, d2 = penalty.scaled_derivatives(u[:, None] - x, c, alpha)
+        return d1.sum(1), d2.sum(1)
+    return penalty.newton_sums(torch.sub(u[:, None], x, out=work[0]), c, alpha, work[1])
 
 
 def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
-            u: Tensor, tol: float, max_iter: int) -> tuple[Tensor, Tensor]:
+            u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int
+            ) -> tuple[Tensor, Tensor]:
     """A root of ``F′`` in ``[lo, hi]`` from ``u``, where ``F′(lo) ≤ 0 ≤ F′(hi)`` (rows where the
     ends do not bracket keep ``u``): Newton where ``F″ > 0`` and the step stays inside, else
     bisection on the sign of ``F′``. Returns ``(y, converged)``."""
-    g_lo, _ = _sums(penalty, lo, x, c, alpha)
-    g_hi, _ = _sums(penalty, hi, x, c, alpha)
+    # newton_sums may square z / c: in place only where no |z / c| reaches 1e18
+    work = ((torch.empty_like(x), torch.empty_like(x))
+            if bool(((x_hi - x_lo) < 1e18 * c.squeeze(1)).all()) else None)
+    sums = lambda u: _sums(penalty, u, x, c, alpha, work)  # noqa: E731
+    g_lo, _ = sums(lo)
+    g_hi, _ = sums(hi)
     # an end where F still descends outwards moves out (width doubling, then the data's range,
     # where F′(min x) ≤ 0 ≤ F′(max x) always holds) until the ends bracket a minimum
-    x_lo, x_hi = x.amin(1), x.amax(1)
     width = hi - lo
     for k in range(5):
         out_lo, out_hi = g_lo > 0, g_hi < 0
@@ -109,10 +117,10 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
         step = width * 2.0 ** k if k < 4 else torch.full_like(width, float("inf"))
         lo = torch.where(out_lo, torch.maximum(lo - step, x_lo), lo)
         hi = torch.where(out_hi, torch.minimum(hi + step, x_hi), hi)
-        g_lo = torch.where(out_lo, _sums(penalty, lo, x, c, alpha)[0], g_lo)
-        g_hi = torch.where(out_hi, _sums(penalty, hi, x, c, alpha)[0], g_hi)
+        g_lo = torch.where(out_lo, sums(lo)[0], g_lo)
+        g_hi = torch.where(out_hi, sums(hi)[0], g_hi)
     bracketed = (g_lo <= 0) & (g_hi >= 0)
-    g, h = _sums(penalty, u, x, c, alpha)
+    g, h = sums(u)
     scale = torch.minimum(c.squeeze(1), hi - lo)
     done = ~bracketed
     for _ in range(max_iter):
@@ -126,14 +134,14 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
         if bool(done.all()):
             break
         trial = torch.where(inside, newton, 0.5 * (lo + hi))
-        g_t, h_t = _sums(penalty, trial, x, c, alpha)
+        g_t, h_t = sums(trial)
         lo = torch.where(~done & (g_t <= 0), trial, lo)
         hi = torch.where(~done & (g_t >= 0), trial, hi)
         u = torch.where(done, u, trial)
         g, h = torch.where(done, g, g_t), torch.where(done, h, h_t)
     # a bracket that closed below the tolerance leaves u up to tol from the root: one more
     # Newton step (kept inside the final bracket) makes the answer accurate to rounding
-    g, h = _sums(penalty, u, x, c, alpha)
+    g, h = sums(u)
     newton = u - g / h
     u = torch.where((h > 0) & (newton >= lo) & (newton <= hi), newton, u)
     return u, done & bracketed
@@ -215,7 +223,8 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             xs, cq, aq = x[rows], c[rows], alpha[rows]
             start = best_u[rows]
             start = torch.where((start > run_lo) & (start < run_hi), start, 0.5 * (run_lo + run_hi))
-            u, ok = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, tol, max_iter)
+            u, ok = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows], hi[rows], tol,
+                            max_iter)
             f = _objective(penalty, u, xs, cq, aq)
             failed.append((rows[~ok], lower[i, q][~ok]))  # judged against the final best
             f = torch.where(ok, f, float("inf"))

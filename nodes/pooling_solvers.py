@@ -49,6 +49,7 @@ from .pooling_global import histogram_search
 __all__ = ["SolverSettings", "solve_rows"]
 
 _BLOCK = 1 << 16  # entries per block of rows (256 KiB in float32)
+_GLOBAL_BLOCK = 1 << 18  # the histogram search is overhead-bound at 2**16 (4x the ops)
 _REFINED = 3  # local searches of the multi-start strategy
 _WINDOWS = 4  # truncated-quadratic windows re-evaluated exactly
 
@@ -83,7 +84,8 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
         block_solver = _multistart
     y = x.new_empty(rows)
     failed = torch.zeros(rows, dtype=torch.bool, device=x.device)
-    step = max(1, _BLOCK // max(n, 1))
+    block = _GLOBAL_BLOCK if block_solver is _global else _BLOCK
+    step = max(1, block // max(n, 1))
     starts = list(range(0, rows, step))
     workers = max(1, min(torch.get_num_threads(), len(starts)))
 
