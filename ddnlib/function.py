@@ -1,26 +1,63 @@
 """The autograd bridge: one ``torch.autograd.Function`` wiring a node's solve and its ``vjp``.
 
 ``declarative_apply(node, xs)`` solves the node's problem without recording a graph and returns ``y``
-whose backward calls ``node.vjp``. The node's learnable parameters (those requiring grad, by name as
-in ``named_parameters()``) are inputs of the Function, so their gradients flow to ``.grad`` like any
-other leaf, also through ``torch.nn.utils.parametrize`` and inside ``torch.func.functional_call``.
-Under ``torch.func.vmap`` the mapped dimension is folded into the batch dimension, which is exact
-because the problem is separable across the batch. Samples whose input or solution is not finite
-are left out of the backward pass: their input gradients are NaN and they add nothing to the
-parameter gradients, so one bad sample never poisons the others. The backward is first order: double backward
-(``create_graph=True``) and torch.func gradient transforms raise instead of returning wrong numbers.
+whose backward calls ``node.vjp``. Every parameter and buffer of the node (by name as in
+``named_parameters()`` / ``named_buffers()``) is an input of the Function and is saved for the
+backward, so that
+
+- the backward runs ``node.vjp`` at exactly the tensors the forward used (also inside
+  ``torch.func.functional_call`` with swapped values that do not require grad, and under
+  ``torch.nn.utils.parametrize``), through ``functional_call`` on detached copies where they are
+  not the node's own tensors or carry hooks: a hook on a parameter runs once per backward;
+- a parameter or buffer modified in place between forward and backward raises, like any tensor
+  saved by PyTorch ("modified by an inplace operation");
+- gradients of the parameters that require grad flow to ``.grad`` like any other leaf.
+
+Precision: under ``torch.autocast`` the node runs in float32 with autocast off (PyTorch's
+fp32 policy for numerically sensitive ops) and returns float32; float16/bfloat16 inputs given
+directly are solved in float32 and ``y`` is returned in the input dtype.
+
+Batched backward (``autograd.grad(is_grads_batched=True)``, ``jacobian(vectorize=True)``,
+``gradcheck(check_batched_grad=True)``) runs ``node.vjp`` once per vector of the batch. Under
+``torch.func.vmap`` over the inputs the mapped dimension is folded into the batch dimension, which
+is exact because the problem is separable across the batch; vmap over the node's parameters or
+buffers (ensembles) solves one member after another. Under ``torch.compile`` the node is a graph
+break: it runs eagerly between compiled regions.
+
+Samples whose input or solution is not finite are left out of the backward pass: their input
+gradients are NaN and they add nothing to the parameter gradients, so one bad sample never poisons
+the others. The backward is first order: double backward (``create_graph=True``) and torch.func
+gradient transforms raise instead of returning wrong numbers.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .solution import as_solution
+from torch._C import _functorch
+from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
+
 __all__ = ["declarative_apply"]
 
-_N_META = 4  # node, holder, number of inputs, parameter names
+_N_META = 3  # node, holder, spec
+_LOW = (torch.float16, torch.bfloat16)
+_SWAP_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What the Function's tensor inputs are: ``n`` inputs, then the parameters, then buffers."""
+
+    n: int
+    params: tuple[str, ...]
+    buffers: tuple[str, ...]
 
 
 class _Holder:
@@ -32,57 +69,85 @@ class _Holder:
         self.ctx = None
 
 
-class _Bound(torch.nn.Module):
-    """Calls ``node.vjp`` so that ``functional_call`` can substitute the node's parameters."""
+class _Call(torch.nn.Module):
+    """Calls ``fn(node, *args, **kwargs)`` so that ``functional_call`` can substitute the node's
+    parameters and buffers."""
 
-    def __init__(self, node):
+    def __init__(self, node, fn):
         super().__init__()
-        self.node = node
+        self.node, self.fn = node, fn
 
-    def forward(self, *xs, y, v, ctx):
-        return self.node.vjp(*xs, y=y, v=v, ctx=ctx)
-
-
-def _detach(ctx):
-    if ctx is None:
-        return None
-    if not isinstance(ctx, Mapping):
-        raise TypeError(f"solve returned ctx of type {type(ctx).__name__}: expected a Mapping")
-    return {k: v.detach() if isinstance(v, Tensor) else v for k, v in ctx.items()}
+    def forward(self, *args, **kwargs):
+        return self.fn(self.node, *args, **kwargs)
 
 
-def _inside_grad_transform(t: Tensor) -> bool:
-    """Whether ``t`` is traced by a torch.func gradient transform (which forbids requires_grad_)."""
-    try:
-        t.detach().requires_grad_()
-    except RuntimeError:
-        return True
-    return False
+def _at(node, spec: _Spec, state: Sequence[Tensor], fn, *args, substitute=None, force=False,
+        **kwargs):
+    """``fn(node, *args, **kwargs)`` at the parameters and buffers ``state`` of a forward: directly
+    when they are the node's own tensors (and not ``force``), otherwise with the node's tensors
+    swapped for ``substitute`` (default ``state``) by ``functional_call``. Swaps and the reads of
+    ``declarative_apply`` hold one lock, so a concurrent call never captures a swapped tensor."""
+    names = spec.params + spec.buffers
+    current = {**dict(node.named_parameters()), **dict(node.named_buffers())}
+    if not force and all(current.get(k) is t for k, t in zip(names, state)):
+        return fn(node, *args, **kwargs)
+    given = state if substitute is None else substitute
+    swapped = {f"node.{k}": t for k, t in zip(names, given)}
+    with _SWAP_LOCK:
+        return torch.func.functional_call(_Call(node, fn), swapped, args, kwargs)
+
+
+def _solve(node, *xs):
+    return node.initial_guess(*xs) if xs[0].shape[0] == 0 else node.solve(*xs)
+
+
+def _node_vjp(node, *xs, y, v, ctx):
+    return node.vjp(*xs, y=y, v=v, ctx=ctx)
+
+
+def _overrides_vjp(node) -> bool:
+    from .node import DeclarativeNode
+
+    return type(node).vjp is not DeclarativeNode.vjp
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def _no_autocast():
+    """The node computes in its inputs' precision: autocast off on CPU and CUDA."""
+    if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+        return nullcontext()
+    return _Both()
+
+
+class _Both:
+    def __enter__(self):
+        self._cms = [torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False)]
+        for cm in self._cms:
+            cm.__enter__()
+
+    def __exit__(self, *exc):
+        for cm in reversed(self._cms):
+            cm.__exit__(*exc)
+
+
 class _Declarative(torch.autograd.Function):
     @staticmethod
-    def forward(node, holder, n, names, *tensors):
-        xs = tensors[:n]
+    def forward(node, holder, spec, *tensors):
+        xs = tensors[:spec.n]
         name = type(node).__name__
         with torch.no_grad():
-            if xs[0].shape[0] == 0:
-                out = node.initial_guess(*xs)
-            else:
-                out = node.solve(*xs)
-        y, ctx = out if isinstance(out, tuple) else (out, None)
-        if not isinstance(y, Tensor):
-            raise TypeError(f"{name}.solve returned {type(y).__name__}: expected a Tensor")
+            out = _at(node, spec, tensors[spec.n:], _solve, *xs)
+        solution = as_solution(out, f"{name}.solve", extras_read=_overrides_vjp(node))
+        y = solution.y
         if y.dim() == 0 or y.shape[0] != xs[0].shape[0]:
             raise ValueError(f"{name}.solve returned shape {tuple(y.shape)}: expected a leading "
                              f"batch dimension of size {xs[0].shape[0]}")
         if not y.is_floating_point():
             raise TypeError(f"{name}.solve returned dtype {y.dtype}: expected a floating dtype")
-        holder.ctx = _detach(ctx)
+        holder.ctx = solution.detach() if len(solution) else None
         y = y.detach()
         if any(_shares_memory(y, x) for x in xs):
             y = y.clone()
@@ -90,60 +155,120 @@ class _Declarative(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        node, holder, n, names, *tensors = inputs
-        ctx.node, ctx.n, ctx.names = node, n, names
-        ctx.params = tensors[n:]
+        node, holder, spec, *tensors = inputs
+        ctx.node, ctx.spec = node, spec
         ctx.solve_ctx = holder.ctx
-        ctx.save_for_backward(*tensors[:n], output)
+        ctx.save_for_backward(*tensors, output)  # the version counters guard against in-place
 
     @staticmethod
     def backward(ctx, v):
-        if _inside_grad_transform(v):
-            raise NotImplementedError(
-                f"{type(ctx.node).__name__}: torch.func gradient transforms (grad, vjp, jacrev) "
-                "are not supported through a DeclarativeNode; use torch.autograd "
-                "(torch.func.vmap and functional_call are supported).")
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"double backward through {type(ctx.node).__name__} is not supported: its "
-                "gradient is first-order only. Call backward/autograd.grad without "
-                "create_graph=True through a DeclarativeNode.")
-        *xs, y = ctx.saved_tensors
-        n, needs = ctx.n, ctx.needs_input_grad[_N_META:]
-        b = y.shape[0]
-        if b and all(bool(torch.isfinite(t.sum())) for t in (y, *xs)):
-            # every sample finite (one reduction per tensor): no masks, no copies. The per-sample
-            # masks below cost more than a closed-form vjp on CPU (e.g. 2x on (256, 512) L2Sphere)
-            inputs, params = _vjp(ctx, xs, y, v, ctx.solve_ctx)
-        else:  # non-finite samples are left out: NaN input gradients, no parameter contribution
-            good = (torch.stack([torch.isfinite(t).reshape(b, -1).all(-1) for t in (y, *xs)]).all(0)
-                    if b else torch.zeros(0, dtype=torch.bool, device=y.device))
-            inputs = [torch.full_like(x, torch.nan) if need else None
-                      for x, need in zip(xs, needs[:n])]
-            params = [torch.zeros_like(p) for p in ctx.params]
-            if good.any():
-                sub_inputs, params = _vjp(ctx, [x[good] for x in xs], y[good], v[good],
-                                          _rows(ctx.solve_ctx, good, b))
-                for full, g in zip(inputs, sub_inputs):
-                    if full is not None:
-                        full[good] = g
-        grads = [g if need else None for g, need in zip([*inputs, *params], needs)]
+        *tensors, y = ctx.saved_tensors
+        with _no_autocast():
+            grads = _batched_backward(ctx, tensors, y, v)
         return (None,) * _N_META + tuple(grads)
 
     @staticmethod
-    def vmap(info, in_dims, node, holder, n, names, *tensors):
+    def vmap(info, in_dims, node, holder, spec, *tensors):
         dims = in_dims[_N_META:]
-        if any(d is not None for d in dims[n:]):
-            raise NotImplementedError(
-                f"vmap over the parameters of {type(node).__name__} is not supported; "
-                "map over its inputs only")
         size = info.batch_size
+        if any(d is not None for d in dims[spec.n:]):  # an ensemble: one member at a time
+            members = [_Declarative.apply(node, _Holder(), spec, *(
+                t if d is None else t.select(d, i) for t, d in zip(tensors, dims)))
+                for i in range(size)]
+            return torch.stack(members), 0
         xs = []
-        for x, d in zip(tensors[:n], dims[:n]):
+        for x, d in zip(tensors[:spec.n], dims[:spec.n]):
             x = x.movedim(d, 0) if d is not None else x.expand(size, *x.shape)
             xs.append(x.reshape(size * x.shape[1], *x.shape[2:]))
-        y = _Declarative.apply(node, _Holder(), n, names, *xs, *tensors[n:])
+        y = _Declarative.apply(node, _Holder(), spec, *xs, *tensors[spec.n:])
         return y.reshape(size, -1, *y.shape[1:]), 0
+
+
+def _batched_backward(ctx, tensors, y, v) -> list:
+    """The backward for ``v``, also under transforms of the backward itself: a batched ``v``
+    (``is_grads_batched``, ``jacobian(vectorize=True)``, vmap over a vjp) is split into its
+    vectors, each run through ``node.vjp`` and the results batched again at the same level; under
+    a torch.func gradient transform (``grad``, ``vjp``, ``jacrev``) the tensors are unwrapped, the
+    vjp runs below the transform and its results are handed back as constants of that level
+    (first order: a gradient transform of a gradient transform raises)."""
+    if _functorch.is_legacy_batchedtensor(v):  # torch.autograd's own vmap (is_grads_batched)
+        level = _legacy_level(v)
+        value = torch._remove_batch_dim(v, level, 1, 0)
+        per_vector = [_batched_backward(ctx, tensors, y, vi) for vi in value.unbind(0)]
+        return [None if g[0] is None else torch._add_batch_dim(torch.stack(g), 0, level)
+                for g in zip(*per_vector)]
+    everything = (v, y, *tensors)
+    level = max(_functorch.maybe_get_level(t) for t in everything)
+    if level < 0:
+        return _backward(ctx, tensors, y, v)
+    current = _functorch.maybe_current_level()
+    if current != level:  # an outer transform that none of the tensors belongs to
+        raise NotImplementedError(
+            f"the backward of {type(ctx.node).__name__} runs under a torch.func transform "
+            f"(level {current}) that its tensors do not belong to (level {level}); apply the "
+            "transforms to the function that calls the node instead")
+    at_level = [_functorch.maybe_get_level(t) == level for t in everything]
+    if any(a and _functorch.is_batchedtensor(t) for a, t in zip(at_level, everything)):
+        parts = [_functorch._unwrap_batched(t, level) if a else (t, None)
+                 for a, t in zip(at_level, everything)]
+        size = next(value.shape[d] for value, d in parts if d is not None)
+        with temporarily_pop_interpreter_stack():
+            per_vector = []
+            for i in range(size):
+                vi, yi, *ti = [t if d is None else t.select(d, i) for t, d in parts]
+                per_vector.append(_batched_backward(ctx, ti, yi, vi))
+            grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_vector)]
+        return [None if g is None else _functorch._add_batch_dim(g, 0, level) for g in grads]
+    unwrapped = [_functorch._unwrap_for_grad(t, level) if a else t
+                 for a, t in zip(at_level, everything)]
+    with temporarily_pop_interpreter_stack():
+        if any(_functorch.is_gradtrackingtensor(t) for t in unwrapped):
+            raise NotImplementedError(
+                f"{type(ctx.node).__name__}: nested torch.func gradient transforms (e.g. "
+                "hessian, grad of grad) through a DeclarativeNode are not supported; its "
+                "torch.func backward is first order")
+        vi, yi, *ti = unwrapped
+        with torch.no_grad():  # the transform's own create_graph: results are constants here
+            grads = _batched_backward(ctx, ti, yi, vi)
+    return [None if g is None else _functorch._wrap_for_grad(g, level) for g in grads]
+
+
+def _legacy_level(v: Tensor) -> int:
+    """The vmap level of a tensor batched by ``torch._vmap_internals`` (``is_grads_batched``):
+    the innermost one, i.e. the current nesting."""
+    level = torch._C._vmapmode_increment_nesting()
+    torch._C._vmapmode_decrement_nesting()
+    return level - 1
+
+
+def _backward(ctx, tensors, y, v) -> list:
+    node, spec = ctx.node, ctx.spec
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"double backward through {type(node).__name__} is not supported: its "
+            "gradient is first-order only. Call backward/autograd.grad without "
+            "create_graph=True through a DeclarativeNode.")
+    xs, state = tensors[:spec.n], tensors[spec.n:]
+    needs = ctx.needs_input_grad[_N_META:]
+    b = y.shape[0]
+    if b and all(bool(torch.isfinite(t.sum())) for t in (y, *xs)):
+        # every sample finite (one reduction per tensor): no masks, no copies. The per-sample
+        # masks below cost more than a closed-form vjp on CPU (e.g. 2x on (256, 512) L2Sphere)
+        inputs, params = _vjp(ctx, xs, state, y, v, ctx.solve_ctx)
+    else:  # non-finite samples are left out: NaN input gradients, no parameter contribution
+        good = (torch.stack([torch.isfinite(t).reshape(b, -1).all(-1) for t in (y, *xs)]).all(0)
+                if b else torch.zeros(0, dtype=torch.bool, device=y.device))
+        inputs = [torch.full_like(x, torch.nan) if need else None
+                  for x, need in zip(xs, needs[:spec.n])]
+        params = [torch.zeros_like(p) for p in state[:len(spec.params)]]
+        if good.any():
+            sub_inputs, params = _vjp(ctx, [x[good] for x in xs], state, y[good], v[good],
+                                      _rows(ctx.solve_ctx, good, b))
+            for full, g in zip(inputs, sub_inputs):
+                if full is not None:
+                    full[good] = g
+    grads = [*inputs, *params] + [None] * len(spec.buffers)
+    return [g if need else None for g, need in zip(grads, needs)]
 
 
 def _rows(solve_ctx, keep: Tensor, b: int):
@@ -154,24 +279,51 @@ def _rows(solve_ctx, keep: Tensor, b: int):
             for k, v in solve_ctx.items()}
 
 
-def _vjp(ctx, xs, y, v, solve_ctx) -> tuple[list, list]:
-    """``ctx.node.vjp`` at the parameters the forward saw: (input grads, param grads) as lists."""
-    node, names, needs = ctx.node, ctx.names, ctx.needs_input_grad[_N_META:]
-    xs = [x.detach().requires_grad_(need) for x, need in zip(xs, needs[: ctx.n])]
-    current = dict(node.named_parameters())
-    if all(current.get(k) is p for k, p in zip(names, ctx.params)):
-        input_grads, param_grads = node.vjp(*xs, y=y, v=v, ctx=solve_ctx)
-    else:  # called inside functional_call: differentiate at the parameters of that call
-        swapped = {f"node.{k}": p.detach().requires_grad_() for k, p in zip(names, ctx.params)}
-        input_grads, param_grads = torch.func.functional_call(
-            _Bound(node), swapped, tuple(xs), dict(y=y, v=v, ctx=solve_ctx))
-    zeros = [torch.zeros_like(p) for p in ctx.params]
-    params = [param_grads.get(k) for k in names]
-    return list(input_grads), [z if g is None else g for g, z in zip(params, zeros)]
+def _vjp(ctx, xs, state, y, v, solve_ctx) -> tuple[list, list]:
+    """``ctx.node.vjp`` at the parameters and buffers the forward saw: (input grads, param grads)
+    as lists. Detached copies stand in for them where they are not the node's own tensors any more
+    (``functional_call``, transforms) or carry hooks, which the engine's own autograd calls must
+    not reach."""
+    spec, needs = ctx.spec, ctx.needs_input_grad[_N_META:]
+    k = len(spec.params)
+    xs = [x.detach().requires_grad_(need) for x, need in zip(xs, needs[:spec.n])]
+    copies = [p.detach().requires_grad_(need) for p, need in zip(state[:k], needs[spec.n:])]
+    copies += [t.detach() for t in state[k:]]
+    # a hook on a parameter must not see the engine's own autograd calls: differentiate copies
+    hooked = any(getattr(p, "_backward_hooks", None) for p in state[:k])
+    input_grads, param_grads = _at(ctx.node, spec, state, _node_vjp, *xs, y=y, v=v,
+                                   ctx=solve_ctx, substitute=copies, force=hooked)
+    grads = [param_grads.get(name) for name in spec.params]
+    return list(input_grads), [torch.zeros_like(p) if g is None else g
+                               for g, p in zip(grads, state)]
+
+
+def _state(node) -> tuple[tuple[str, ...], list[Tensor], tuple[str, ...], list[Tensor]]:
+    with _SWAP_LOCK:
+        params = list(node.named_parameters())
+        buffers = list(node.named_buffers())
+    return (tuple(k for k, _ in params), [p for _, p in params],
+            tuple(k for k, _ in buffers), [t for _, t in buffers])
 
 
 def declarative_apply(node, xs: Sequence[Tensor]) -> Tensor:
     """Solve ``node`` at ``xs`` and return ``y`` wired to ``node.vjp`` for the backward pass."""
-    named = [(k, p) for k, p in node.named_parameters() if p.requires_grad]
-    names = tuple(k for k, _ in named)
-    return _Declarative.apply(node, _Holder(), len(xs), names, *xs, *(p for _, p in named))
+    if torch.compiler.is_compiling():
+        return _eager(node, xs)
+    return _apply(node, xs)
+
+
+def _apply(node, xs: Sequence[Tensor]) -> Tensor:
+    dtype = xs[0].dtype
+    autocast = torch.is_autocast_enabled(xs[0].device.type)
+    if dtype in _LOW or autocast:  # compute in float32 (at least)
+        xs = [x.float() if x.dtype in _LOW else x for x in xs]
+    pnames, params, bnames, buffers = _state(node)
+    spec = _Spec(len(xs), pnames, bnames)
+    with _no_autocast():
+        y = _Declarative.apply(node, _Holder(), spec, *xs, *params, *buffers)
+    return y.to(dtype) if dtype in _LOW and not autocast else y
+
+
+def _eager(node, xs):
+    return torch.compiler.disable(_apply)(node, xs)

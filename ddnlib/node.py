@@ -23,7 +23,7 @@ from .pickling import Picklable
 
 __all__ = ["DeclarativeNode"]
 
-_FLOATS = (torch.float32, torch.float64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # halves: solved in float32
 
 
 class DeclarativeNode(Picklable, torch.nn.Module):
@@ -113,7 +113,8 @@ def _check_inputs(name: str, xs: tuple) -> None:
             raise TypeError(f"{name}(): input {i} is {type(x).__name__}: expected a torch.Tensor")
         if x.dtype not in _FLOATS:
             raise TypeError(
-                f"{name}(): input {i} has dtype {x.dtype}: expected torch.float32 or torch.float64"
+                f"{name}(): input {i} has dtype {x.dtype}: expected a floating dtype (float16, "
+                "bfloat16, float32 or float64)"
             )
         if x.dim() == 0:
             raise ValueError(

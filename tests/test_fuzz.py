@@ -175,5 +175,6 @@ def test_fuzz_malformed_input_raises_only_documented_errors(call, dtype, shape, 
         assert str(e), "an error without a message"
         return
     # accepted: a valid float input and parameter, so the result must be finite
-    assert x.dtype == torch.float64 and isinstance(out, torch.Tensor)
+    halves = (torch.float16, torch.bfloat16) if call == "generic" else ()  # solved in float32
+    assert x.dtype in (torch.float64, *halves) and isinstance(out, torch.Tensor)
     assert torch.isfinite(out).all()
