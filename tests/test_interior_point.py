@@ -1,0 +1,263 @@
+"""The batched interior-point solver (ddnlib.interior_point): QPs against closed forms and scipy,
+infeasible starts, equality + inequality constraints, both float dtypes, redundant constraints,
+multipliers (KKT residuals), non-convergence and non-finite starts reported, gradients through a
+node that uses it, and agreement with qpth / cvxpylayers where those are installed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from ddnlib import DeclarativeNode, NonConvergenceError, NonConvergenceWarning, Options
+from ddnlib import interior_point
+from ddnlib.problem import Problem, batched_jacobian, grad
+
+F64 = torch.float64
+
+
+def sort_simplex(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection onto the probability simplex by sorting (Held, Wolfe & Crowder 1974)."""
+    u = torch.sort(x, dim=-1, descending=True).values
+    css = u.cumsum(-1) - 1
+    k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+    rho = (u - css / k > 0).sum(-1, keepdim=True)
+    return (x - css.gather(-1, rho - 1) / rho).clamp_min(0)
+
+
+class Simplex(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. 1ᵀy = 1 (``copies`` times, scaled: redundant), y ≥ 0."""
+
+    def __init__(self, copies: int = 1, options: Options | None = None):
+        super().__init__(options)
+        self.copies = copies
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        row = y.sum(-1, keepdim=True) - 1
+        return torch.cat([(k + 1) * row for k in range(self.copies)], -1)
+
+    def inequality_constraints(self, x, y):
+        return -y
+
+    def solve(self, x):
+        return interior_point.solve(self, x)
+
+
+class Box(DeclarativeNode):
+    """argmin ½ Σ d_i (y_i − x_i)² s.t. lo ≤ y ≤ hi: ``clamp(x, lo, hi)``."""
+
+    def __init__(self, m: int, lo: float = -0.5, hi: float = 0.5):
+        super().__init__()
+        self.d = torch.linspace(0.5, 3.0, m, dtype=F64)
+        self.lo, self.hi = lo, hi
+
+    def objective(self, x, y):
+        return 0.5 * (self.d.to(y.dtype) * (y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return torch.cat([self.lo - y, y - self.hi], -1)
+
+
+class QP(DeclarativeNode):
+    """OptNet-style argmin ½ yᵀQy + xᵀy s.t. G y ≤ h, A y = 0 (y = 0 is feasible), learnable Q."""
+
+    def __init__(self, n: int = 6, q: int = 4, p: int = 2, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.L = torch.nn.Parameter(torch.randn(n, n, generator=gen, dtype=F64) / n**0.5)
+        self.G = torch.randn(q, n, generator=gen, dtype=F64)
+        self.h = torch.rand(q, generator=gen, dtype=F64) + 0.1
+        self.A = torch.randn(p, n, generator=gen, dtype=F64)
+
+    def Q(self):
+        return self.L @ self.L.T + torch.eye(self.L.shape[0], dtype=F64)
+
+    def objective(self, x, y):
+        return 0.5 * ((y @ self.Q()) * y).sum(-1) + (x * y).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y @ self.G.T - self.h
+
+    def equality_constraints(self, x, y):
+        return y @ self.A.T
+
+    def initial_guess(self, x):
+        return torch.zeros_like(x)
+
+    def solve(self, x):
+        return interior_point.solve(self, x)
+
+
+def _run(node, x, y0=None, options=None):
+    y0 = node.initial_guess(x) if y0 is None else y0
+    return interior_point.interior_point(Problem(node, (x,), y0.shape), y0,
+                                         options or node.options)
+
+
+def _scipy_qp(node: QP, x: torch.Tensor) -> torch.Tensor:
+    Q, G, h, A = (t.detach().numpy() for t in (node.Q(), node.G, node.h, node.A))
+    out = []
+    for xi in x.numpy():
+        res = scipy.optimize.minimize(
+            lambda y: (0.5 * y @ Q @ y + xi @ y, Q @ y + xi), np.zeros(len(xi)), jac=True,
+            method="SLSQP", options={"ftol": 1e-13, "maxiter": 500},
+            constraints=[{"type": "ineq", "fun": lambda y: h - G @ y, "jac": lambda y: -G},
+                         {"type": "eq", "fun": lambda y: A @ y, "jac": lambda y: A}])
+        assert res.status in (0, 8), res.message  # 8: SLSQP's line search at its precision
+        out.append(res.x)
+    return torch.tensor(np.array(out))
+
+
+def _kkt(node, x, result):
+    """Largest stationarity, feasibility, sign and complementarity residual of a result."""
+    b = x.shape[0]
+    problem = Problem(node, (x,), result.y.shape)
+    with torch.enable_grad():
+        yv = result.y.reshape(b, -1).clone().requires_grad_()
+        h, g = problem.eq(yv), problem.ineq(yv)
+        gf = grad(problem.objective(yv).sum(), [yv], retain_graph=True)[0]
+        A = batched_jacobian(torch.cat([h, g], 1), yv)
+    nu = torch.cat([result.eq_multipliers, result.ineq_multipliers], 1)
+    stat = (gf + (A.transpose(-1, -2) @ nu.unsqueeze(-1))[..., 0]).abs().max()
+    mu = result.ineq_multipliers
+    return max(stat.item(), h.abs().max().item() if h.numel() else 0.0,
+               g.clamp_min(0).max().item(), (-mu).clamp_min(0).max().item(),
+               (mu * g).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_box_qp_is_the_clamp_in_both_dtypes(dtype, tol):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 7, generator=gen, dtype=F64).to(dtype)
+    node = Box(7)
+    result = _run(node, x)
+    assert result.y.dtype == dtype and result.y.device == x.device
+    assert bool(result.converged.all())
+    torch.testing.assert_close(result.y, x.clamp(-0.5, 0.5), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("start", ["default", "infeasible", "far"])
+def test_simplex_projection_matches_sorting_from_any_start(start):
+    gen = torch.Generator().manual_seed(2)
+    x = 2 * torch.randn(32, 9, generator=gen, dtype=F64)
+    y0 = {"default": x, "infeasible": torch.full_like(x, -3.0), "far": 100 * x}[start]
+    result = _run(Simplex(), x, y0)
+    assert bool(result.converged.all())
+    torch.testing.assert_close(result.y, sort_simplex(x), atol=1e-9, rtol=0)
+    assert _kkt(Simplex(), x, result) < 1e-8
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_redundant_but_consistent_equalities(copies):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 6, generator=gen, dtype=F64)
+    node = Simplex(copies)
+    result = _run(node, x)
+    assert bool(result.converged.all())
+    torch.testing.assert_close(result.y, sort_simplex(x), atol=1e-9, rtol=0)
+    assert _kkt(node, x, result) < 1e-8
+
+
+def test_equality_and_inequality_qp_matches_scipy():
+    gen = torch.Generator().manual_seed(4)
+    node = QP()
+    x = 2 * torch.randn(8, 6, generator=gen, dtype=F64)
+    result = _run(node, x)
+    assert bool(result.converged.all())
+    torch.testing.assert_close(result.y, _scipy_qp(node, x), atol=1e-6, rtol=0)
+    assert _kkt(node, x, result) < 1e-8
+    active = result.ineq_multipliers > 0
+    assert bool(active.any()) and not bool(active.all())  # the test exercises both kinds of row
+
+
+def test_non_convergence_is_reported_with_samples_and_residual():
+    x = torch.randn(4, 6, dtype=F64)
+    with pytest.warns(NonConvergenceWarning, match=r"samples \[0, 1, 2, 3\].*residual"):
+        result = _run(Simplex(), x, options=Options(max_iter=2))
+    assert not bool(result.converged.any())
+    with pytest.raises(NonConvergenceError, match="interior point did not converge"):
+        _run(Simplex(), x, options=Options(max_iter=2, strict=True))
+
+
+class LogBarrier(DeclarativeNode):
+    """argmin −Σ log y + ½‖y − x‖² s.t. Σ y ≤ 1: undefined where some y ≤ 0."""
+
+    def objective(self, x, y):
+        return -(y.log()).sum(-1) + 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y.sum(-1, keepdim=True) - 1
+
+
+def test_non_finite_objective_at_the_start_is_a_clear_error():
+    x = torch.tensor([[0.2, 0.3], [-0.1, 0.2], [0.1, 0.1]], dtype=F64)
+    with pytest.raises(ValueError, match=r"objective is not finite at the initial guess at "
+                                         r"samples \[1\]"):
+        _run(LogBarrier(), x)
+    result = _run(LogBarrier(), x, y0=torch.full_like(x, 0.25))  # a sensible start works
+    assert bool(result.converged.all())
+    assert _kkt(LogBarrier(), x, result) < 1e-8
+
+
+def test_gradients_through_the_node_pass_gradcheck():
+    node = QP(n=4, q=3, p=1, seed=5)
+    x = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    L = node.L.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, L: torch.func.functional_call(node, {"L": L}, (x,)), (x, L),
+        atol=1e-6, rtol=1e-5)
+
+
+def _peer_data(b=5, n=6, q=4, p=2, seed=6):
+    node = QP(n, q, p, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = 2 * torch.randn(b, n, generator=gen, dtype=F64)
+    v = torch.randn(b, n, generator=gen, dtype=F64)
+    return node, x, v
+
+
+def _ddn_grads(node, x, v):
+    x = x.clone().requires_grad_()
+    y = node(x)
+    gx, gL = torch.autograd.grad(y, (x, node.L), v)
+    return y.detach(), gx, gL
+
+
+def test_gradients_agree_with_qpth():
+    qp = pytest.importorskip("qpth.qp")
+    node, x, v = _peer_data()
+    y, gx, gL = _ddn_grads(node, x, v)
+    L = node.L.detach().clone().requires_grad_()
+    xq = x.clone().requires_grad_()
+    Q = (L @ L.T + torch.eye(L.shape[0], dtype=F64)).expand(x.shape[0], -1, -1)
+    # a batched Q: with a shared (2-d) Q qpth returns the batch mean of its gradient
+    yq = qp.QPFunction(verbose=-1, eps=1e-14, maxIter=100)(
+        Q, xq, node.G, node.h, node.A, torch.zeros(node.A.shape[0], dtype=F64))
+    gxq, gLq = torch.autograd.grad(yq, (xq, L), v)
+    torch.testing.assert_close(y, yq.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gx, gxq, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gL, gLq, atol=1e-6, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffcp under numpy 2
+def test_gradients_agree_with_cvxpylayers():
+    cp = pytest.importorskip("cvxpy")
+    layers = pytest.importorskip("cvxpylayers.torch")
+    node, x, v = _peer_data()
+    y, gx, _ = _ddn_grads(node, x, v)
+    n = x.shape[1]
+    Q = node.Q().detach().numpy()
+    c = cp.Parameter(n)
+    yv = cp.Variable(n)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.quad_form(yv, Q) + c @ yv),
+                         [node.G.numpy() @ yv <= node.h.numpy(), node.A.numpy() @ yv == 0])
+    layer = layers.CvxpyLayer(problem, parameters=[c], variables=[yv])
+    xc = x.clone().requires_grad_()
+    (yc,) = layer(xc, solver_args={"eps": 1e-12, "max_iters": 100000})
+    (gxc,) = torch.autograd.grad(yc, xc, v)
+    torch.testing.assert_close(y, yc.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gx, gxc, atol=1e-6, rtol=0)
