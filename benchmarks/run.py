@@ -31,6 +31,7 @@ CASES = {
     "nonconvex_pooling": "Welsch / Barron pooling vs pseudo-Huber and the original DDN method",
     "projections": "projection nodes vs F.normalize, forward + backward",
     "torchopt_peer": "ddnlib vs torchopt.diff.implicit on the same node",
+    "constrained": "objective + constraints only vs qpth, cvxpylayers, torchopt, closed forms",
 }
 
 ROOT = Path(__file__).resolve().parent.parent
