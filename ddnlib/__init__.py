@@ -15,15 +15,25 @@ from .errors import (
     SingularSystemError,
     SingularSystemWarning,
 )
+from .kkt import KKTPoint, Optimality
+from .linear_solvers import CG, Auto, Dense, LinearSolver
 from .node import DeclarativeNode
 from .options import Options
+from .solution import Solution
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeclarativeNode",
     "Options",
+    "Solution",
     "implicit_vjp",
+    "KKTPoint",
+    "Optimality",
+    "LinearSolver",
+    "Dense",
+    "CG",
+    "Auto",
     "DDNWarning",
     "NonConvergenceWarning",
     "SingularSystemWarning",

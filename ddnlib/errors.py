@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import warnings
 
+from torch import Tensor
+
 __all__ = [
     "DDNWarning",
     "NonConvergenceWarning",
@@ -19,6 +21,7 @@ __all__ = [
     "SingularSystemError",
     "OptimalityError",
     "report",
+    "describe_samples",
 ]
 
 
@@ -62,7 +65,18 @@ _ERROR_FOR = {
 
 
 def report(category: type[DDNWarning], message: str, strict: bool) -> None:
-    """Warn with ``category``, or raise its error counterpart when ``strict``."""
+    """Warn with ``category``, or raise its error counterpart when ``strict``.
+
+    The one way ddnlib reports numerical trouble; nodes outside ``ddnlib`` (``ddnlib.nodes``, user
+    nodes) use it too, so that ``Options(strict=True)`` applies to them.
+    """
     if strict:
         raise _ERROR_FOR[category](message)
     warnings.warn(message, category, stacklevel=3)
+
+
+def describe_samples(mask: Tensor, limit: int = 8) -> str:
+    """``"[i, j, …] (n of b)"``: the samples where the ``(b,)`` boolean ``mask`` holds, for messages."""
+    idx = mask.nonzero().flatten().tolist()
+    shown = ", ".join(map(str, idx[:limit]))
+    return f"[{shown}{', …' if len(idx) > limit else ''}] ({len(idx)} of {mask.numel()})"

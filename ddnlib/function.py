@@ -191,6 +191,8 @@ def _batched_backward(ctx, tensors, y, v) -> list:
     a torch.func gradient transform (``grad``, ``vjp``, ``jacrev``) the tensors are unwrapped, the
     vjp runs below the transform and its results are handed back as constants of that level
     (first order: a gradient transform of a gradient transform raises)."""
+    # the wrappers of a finished torch.func transform (torch.func.vjp's pullback, jacrev) are dead
+    v, y, *tensors = [_functorch.unwrap_if_dead(t) for t in (v, y, *tensors)]
     if _functorch.is_legacy_batchedtensor(v):  # torch.autograd's own vmap (is_grads_batched)
         level = _legacy_level(v)
         value = torch._remove_batch_dim(v, level, 1, 0)
@@ -243,7 +245,7 @@ def _legacy_level(v: Tensor) -> int:
 
 def _backward(ctx, tensors, y, v) -> list:
     node, spec = ctx.node, ctx.spec
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (v, *tensors)):
         raise RuntimeError(
             f"double backward through {type(node).__name__} is not supported: its "
             "gradient is first-order only. Call backward/autograd.grad without "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SolveInfo", "solve_spd", "solve_kkt", "reduced_min_eig", "cg", "NullSpace"]
+__all__ = ["SolveInfo", "lstsq", "solve_spd", "solve_kkt", "reduced_min_eig", "cg", "NullSpace"]
 
 
 @dataclass
@@ -37,8 +37,12 @@ def _eye_like(H: Tensor) -> Tensor:
     return torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
 
 
-def _lstsq(M: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """Least-squares solve of ``M X = B`` (batched), with a rank-deficiency mask."""
+def lstsq(M: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum-norm least-squares solve of ``M X = B`` (batched), with a rank-deficiency mask.
+
+    On CPU the rank-revealing driver ``gelsd`` is used: torch's default ``gelsy`` returns wrong,
+    run-to-run different answers on matrices with zeroed columns (inactive constraint rows).
+    """
     solution = torch.linalg.lstsq(M, B, driver="gelsd" if M.device.type == "cpu" else None)
     X = solution.solution
     n = M.shape[-1]
@@ -63,7 +67,7 @@ def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Solve
     singular = torch.zeros_like(not_pd)
     if not_pd.any():
         X = X.clone()
-        Xf, sing = _lstsq(H[not_pd], B[not_pd])
+        Xf, sing = lstsq(H[not_pd], B[not_pd])
         X[not_pd] = Xf
         singular[not_pd] = sing
     X = torch.where(finite[:, None, None], X, float("nan"))
@@ -112,7 +116,7 @@ def solve_kkt(
         top = torch.cat([H[fallback], A[fallback].transpose(-1, -2)], dim=-1)
         bottom = torch.cat([A[fallback], inactive_diag[fallback]], dim=-1)
         K = torch.cat([top, bottom], dim=-2)
-        X, sing = _lstsq(K, torch.cat([By[fallback], Bc[fallback]], dim=-2))
+        X, sing = lstsq(K, torch.cat([By[fallback], Bc[fallback]], dim=-2))
         U[fallback], W[fallback] = X[..., :m, :], X[..., m:, :]
         singular[fallback] = sing
         eig = reduced_min_eig(H[fallback], A[fallback])
@@ -151,8 +155,7 @@ class NullSpace:
     With ``A = V S Qᵀ`` (rank ``r``, singular values below ``max(p, m) · eps · σ_max`` dropped), the
     projector is ``I − Q Qᵀ``, ``least_norm`` applies ``A⁺`` and ``coefficients`` applies
     ``(A⁺)ᵀ``; both are exact also when ``A`` is rank deficient (minimum-norm solutions).
-    ``rank_deficient (b,)`` marks samples whose rank is below their number of active rows, and
-    ``sigma_min (b,)`` is the smallest singular value relative to the largest over the active rows.
+    ``rank_deficient (b,)`` marks samples whose rank is below their number of active rows.
     """
 
     def __init__(self, A: Tensor, active: Tensor):
@@ -170,10 +173,6 @@ class NullSpace:
         self.keep = keep.to(A.dtype)
         n_active = active.sum(-1)
         self.rank_deficient = (keep.sum(-1) < n_active) & finite
-        rank = keep.sum(-1).clamp_min(1)
-        smallest = S.gather(-1, (rank - 1).unsqueeze(-1)).squeeze(-1) if S.shape[-1] else top[:, 0]
-        self.sigma_min = torch.where(self.rank_deficient, torch.zeros_like(smallest),
-                                     smallest / top[:, 0].clamp_min(torch.finfo(A.dtype).tiny))
 
     def least_norm(self, c: Tensor) -> Tensor:
         """``A⁺ c`` for ``c (k, b, p)``: the smallest ``u`` minimising ``‖A u − c‖``."""

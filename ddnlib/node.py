@@ -20,6 +20,7 @@ from .engine import implicit_vjp
 from .function import declarative_apply
 from .options import Options
 from .pickling import Picklable
+from .solution import Solution
 
 __all__ = ["DeclarativeNode"]
 
@@ -75,12 +76,15 @@ class DeclarativeNode(Picklable, torch.nn.Module):
         """
         return xs[0].detach().clone()
 
-    def solve(self, *xs: Tensor) -> Tensor | tuple[Tensor, Mapping[str, Any]]:
-        """Solve the problem: ``y`` or ``(y, ctx)``, ``ctx`` optionally carrying multipliers.
+    def solve(self, *xs: Tensor) -> Tensor | Solution | tuple[Tensor, Mapping[str, Any]]:
+        """Solve the problem: ``y``, a :class:`~ddnlib.Solution`, or ``(y, ctx)``.
 
-        ``ctx["lambda"] (b, p)`` and ``ctx["mu"] (b, q)`` are the multipliers of the equality and
-        inequality constraints; other entries are passed on to :meth:`vjp`. The default runs the
-        solvers of :mod:`ddnlib.solvers` from :meth:`initial_guess`.
+        A :class:`~ddnlib.Solution` names the multipliers of the equality and inequality
+        constraints (``eq_multipliers (b, p)``, ``ineq_multipliers (b, q)``), extras for
+        :meth:`vjp` and solver statistics; in the ``(y, ctx)`` form they are ``ctx["lambda"]``,
+        ``ctx["mu"]`` and the other entries. The default runs the solvers of
+        :mod:`ddnlib.solvers` from :meth:`initial_guess` (a tensor without constraints, a
+        ``Solution`` with multipliers otherwise).
         """
         from .solvers import default_solve
 

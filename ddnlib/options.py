@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .linear_solvers import CG, Auto, Dense, LinearSolver
+
 __all__ = ["Options"]
 
 _LINEAR_SOLVERS = ("auto", "dense", "cg")
@@ -17,10 +19,14 @@ class Options:
     """How a node is solved and differentiated.
 
     Attributes:
-        linear_solver: ``"dense"`` forms per-sample Hessians (or KKT matrices) and factorises them;
-            ``"cg"`` is matrix-free (conjugate gradients on Hessian-vector products, projected onto
-            the active constraints); ``"auto"`` picks dense when the per-sample system has at most
-            ``dense_max`` rows.
+        linear_solver: the solver of the per-sample Hessian / KKT systems of the backward pass and
+            of the default forward solvers' Newton and SQP steps: a
+            :class:`~ddnlib.linear_solvers.LinearSolver` (``Dense()``, ``CG(tol, max_iter)``,
+            ``Auto(dense_max, dense, cg)``), or a string naming one: ``"dense"`` forms per-sample
+            Hessians (or KKT matrices) and factorises them; ``"cg"`` is matrix-free (conjugate
+            gradients on Hessian-vector products, projected onto the active constraints);
+            ``"auto"`` picks dense when the per-sample system has at most ``dense_max`` rows.
+            ``dense_max``, ``cg_tol`` and ``cg_max_iter`` configure the string forms.
         dense_max: the crossover used by ``"auto"`` (see ``docs/benchmarks.md``).
         damping: ``γ ≥ 0`` added to the Hessian, ``H + γI``, in the backward solve.
         cg_tol: relative residual at which CG stops (``None``: ``sqrt(eps)`` of the dtype).
@@ -38,7 +44,7 @@ class Options:
             ``1 + ‖y‖∞`` (``None``: ``1e-5`` in float32, ``1e-10`` otherwise).
     """
 
-    linear_solver: str = "auto"
+    linear_solver: str | LinearSolver = "auto"
     dense_max: int = 128
     damping: float = 0.0
     cg_tol: float | None = None
@@ -51,9 +57,11 @@ class Options:
     solver_tol: float | None = None
 
     def __post_init__(self) -> None:
-        if self.linear_solver not in _LINEAR_SOLVERS:
+        if not isinstance(self.linear_solver, LinearSolver) and (
+                not isinstance(self.linear_solver, str) or self.linear_solver not in _LINEAR_SOLVERS):
             raise ValueError(
-                f"linear_solver={self.linear_solver!r}: expected one of {_LINEAR_SOLVERS}"
+                f"linear_solver={self.linear_solver!r}: expected one of {_LINEAR_SOLVERS} or a "
+                "ddnlib.linear_solvers.LinearSolver"
             )
         for name in ("dense_max", "max_iter"):
             value = getattr(self, name)
@@ -71,6 +79,15 @@ class Options:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"{name}={value!r}: expected a positive number or None")
+
+    @property
+    def solver(self) -> LinearSolver:
+        """``linear_solver`` as a :class:`~ddnlib.linear_solvers.LinearSolver` object."""
+        if isinstance(self.linear_solver, LinearSolver):
+            return self.linear_solver
+        cg = CG(self.cg_tol, self.cg_max_iter)
+        return {"auto": Auto(self.dense_max, Dense(), cg), "dense": Dense(), "cg": cg}[
+            self.linear_solver]
 
     def replace(self, **changes) -> "Options":
         """A copy with ``changes`` applied (validated)."""

@@ -16,15 +16,16 @@ conditions ``∇_y f + Aᵀλ = 0``, ``h = 0``: each iteration solves, per sampl
 damping ``H + γI`` where the reduced Hessian is not positive definite, and a backtracking line
 search on the ℓ1 merit function ``φ(y) = f + ρ‖h‖₁`` (``ρ`` raised as needed so that ``d`` is a
 descent direction, Nocedal & Wright, *Numerical Optimization*, 2nd ed., §18.3) with a second-order
-correction ``−A⁺ h(y + d)`` against the Maratos effect. It returns ``(y, {"lambda": λ})``.
+correction ``−A⁺ h(y + d)`` against the Maratos effect. It returns a :class:`~ddnlib.Solution`
+with ``λ``.
 
 Inequality constrained (``g(x, y) ≤ 0``, with or without equalities): a **slow general fallback**,
 scipy's SLSQP run sample by sample in a Python loop with gradients and constraint Jacobians computed
 by torch (:func:`slsqp`), then refined by the SQP above with the constraints SLSQP found active held
-as equalities (which gives multipliers to working precision). It returns
-``(y, {"lambda": λ, "mu": μ})``. It is meant for prototyping and testing; for training, write the
-node's ``solve`` (a closed form, a sort/threshold algorithm, or a batched solver) and return the
-multipliers in its ``ctx`` if they are cheap.
+as equalities (which gives multipliers to working precision). It returns a
+:class:`~ddnlib.Solution` with ``λ`` and ``μ``. It is meant for prototyping and testing; for
+training, write the node's ``solve`` (a closed form, a sort/threshold algorithm, or a batched
+solver) and return the multipliers in a :class:`~ddnlib.Solution` if they are cheap.
 
 Non-convergence (iteration cap, failed line search, SLSQP failure) is reported as a
 :class:`~ddnlib.NonConvergenceWarning` with the samples, iterations and residuals (an error in
@@ -41,10 +42,11 @@ from torch import Tensor
 import numpy as np
 import scipy.optimize
 
-from .engine import _samples, recover_multipliers, use_dense
-from .errors import NonConvergenceWarning, SingularSystemWarning, report
-from .linalg import NullSpace, cg, solve_kkt
+from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
+from .kkt import KKTPoint, least_squares_multipliers
+from .linear_solvers import CG, chosen
 from .problem import Problem, batched_jacobian, grad
+from .solution import Solution
 
 __all__ = ["default_solve", "newton", "sqp", "slsqp"]
 
@@ -52,7 +54,7 @@ _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 40
 
 
-def default_solve(node, xs: Sequence[Tensor]) -> Tensor | tuple[Tensor, dict]:
+def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
     """Solve ``node`` at ``xs`` with the default solver for its kind of problem."""
     y0 = node.initial_guess(*xs)
     if y0.numel() == 0:  # an empty output per sample: nothing to solve
@@ -66,53 +68,57 @@ def default_solve(node, xs: Sequence[Tensor]) -> Tensor | tuple[Tensor, dict]:
         if saddle.any():
             report(SingularSystemWarning,
                    f"SQP stopped at a KKT point that is not a strict local minimum (the reduced "
-                   f"Hessian is not positive definite) at samples {_samples(saddle)}: a saddle "
-                   "point or maximum reached from initial_guess. Start from another "
+                   f"Hessian is not positive definite) at samples {describe_samples(saddle)}: a "
+                   "saddle point or maximum reached from initial_guess. Start from another "
                    "initial_guess or supply solve().", node.options.strict)
-        return y, {"lambda": nu}
+        return Solution(y, eq_multipliers=nu,
+                        stats={"converged": converged, "residual": residual})
     return newton(problem, y0, node.options)
 
 
-def _levenberg_direction(H: Tensor, g: Tensor) -> Tensor:
-    """``d = −(H + μI)⁻¹ g`` with the smallest ``μ ∈ {0, 1e-8 s, 1e-7 s, …}`` that factorises.
+def _newton_step(kkt: KKTPoint, options, rhs_y: Tensor, rhs_c: Tensor, rtol: Tensor | None = None,
+                 curvature: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """One convexified Newton/KKT step at ``kkt`` with the node's linear solver.
 
-    ``s = 1 + max |H_ii|`` sets the scale per sample.
+    Solves ``[H Aᵀ; A 0] [d; ν⁺] = [rhs_y; rhs_c]`` (``H`` shifted or CG truncated where the
+    reduced Hessian is not positive definite). Returns ``d (b, m)``, ``ν⁺ (b, r)``, the curvature
+    ``dᵀHd (b,)`` of the unshifted ``H`` (``None`` unless ``curvature``) and the mask of samples
+    where it was not positive definite.
     """
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    scale = 1 + H.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
-    mu = torch.zeros_like(scale)
-    d = torch.zeros_like(g)
-    todo = torch.ones_like(scale, dtype=torch.bool)
-    for k in range(-8, 17):
-        L, info = torch.linalg.cholesky_ex(H[todo] + mu[todo, None, None] * eye)
-        ok = info == 0
-        idx = todo.nonzero().flatten()
-        d[idx[ok]] = -torch.cholesky_solve(g[idx[ok]].unsqueeze(-1), L[ok]).squeeze(-1)
-        todo[idx[ok]] = False
-        if not todo.any():
-            break
-        mu = torch.where(todo, scale * 10.0**k, mu)
-    return torch.where(todo.unsqueeze(-1), -g, d)  # steepest descent where nothing factorised
+    op = kkt.operator(convexify=True)
+    solver = chosen(options.solver, op)
+    U, W, info = solver.solve(op, rhs_y.unsqueeze(-1), rhs_c.unsqueeze(-1), rtol)
+    d = U[..., 0]
+    dHd = None
+    if curvature and isinstance(solver, CG):
+        dHd = (d * kkt.hvp(d.unsqueeze(0))[0]).sum(-1)
+    elif curvature:
+        dHd = torch.einsum("bi,bij,bj->b", d, kkt.hessian(), d)
+    return d, W[..., 0], dHd, info.not_pd
 
 
 def newton(problem: Problem, y0: Tensor, options) -> Tensor:
-    """Batched damped Newton on ``min_y f(x, y)`` from ``y0 (b, *out)``; returns ``y (b, *out)``."""
+    """Batched damped Newton on ``min_y f(x, y)`` from ``y0 (b, *out)``; returns ``y (b, *out)``.
+
+    The direction is the convexified Newton step of the node's linear solver (Levenberg shift
+    for dense systems; truncated CG with the forcing term ``min(0.5, √‖∇f‖)``), or ``−∇f`` where
+    that is not a descent direction.
+    """
     b, m = problem.batch, problem.m
     tol = options.tol("solver_tol", y0.dtype)
-    dense = use_dense(options, m)
-    y = y0.detach().reshape(b, m).clone()
+    cg_tol = options.tol("cg_tol", y0.dtype)
+    y = problem.flatten(y0.detach()).clone()
     running = torch.ones(b, dtype=torch.bool, device=y.device)
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     for _ in range(options.max_iter):
-        with torch.enable_grad():
-            yv = y.requires_grad_()
-            f = problem.objective(yv)
-            g = grad(f.sum(), [yv], create_graph=True)[0]
-            if dense:
-                d = _levenberg_direction(batched_jacobian(g, yv).detach(), g.detach())
-            else:
-                d = _newton_cg_direction(g, yv, options)
-        y, f, g = y.detach(), f.detach(), g.detach()
+        kkt = problem.kkt(y, options=options)
+        g = kkt.grad_f.detach()
+        gnorm = g.norm(dim=-1).clamp_min(torch.finfo(g.dtype).tiny)
+        forcing = gnorm.clamp(max=0.25).sqrt().clamp(min=cg_tol).unsqueeze(0)
+        d = _newton_step(kkt, options, -g, g.new_zeros(b, 0), forcing, curvature=False)[0]
+        d = d.detach()
+        d = torch.where(((d * g).sum(-1) < 0).unsqueeze(-1), d, -g)
+        f = kkt.f
         finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
         running &= finite
         step = torch.where(running, d.abs().amax(-1) / (1 + y.abs().amax(-1)), step)
@@ -124,26 +130,10 @@ def newton(problem: Problem, y0: Tensor, options) -> Tensor:
     else:
         report(NonConvergenceWarning,
                f"Newton did not converge in {options.max_iter} iterations at samples "
-               f"{_samples(running)}; worst relative step {step[running].max().item():.3g} "
-               f"> tol {tol:g}. Raise Options(max_iter=...) or supply solve().", options.strict)
-    y = y.detach()
+               f"{describe_samples(running)}; worst relative step "
+               f"{step[running].max().item():.3g} > tol {tol:g}. Raise Options(max_iter=...) or "
+               "supply solve().", options.strict)
     return problem.unflatten(torch.where(finite.unsqueeze(-1), y, torch.nan))
-
-
-def _newton_cg_direction(g: Tensor, yv: Tensor, options) -> Tensor:
-    """Truncated CG on ``H d = −g`` (per-sample forcing term ``min(0.5, √‖g‖)``); ``−g`` where it
-    does not give a descent direction."""
-
-    def hvp(p: Tensor) -> Tensor:
-        return grad(g, [yv], p[0], retain_graph=True)[0].unsqueeze(0)
-
-    gd = g.detach()
-    gnorm = gd.norm(dim=-1).clamp_min(torch.finfo(gd.dtype).tiny)
-    forcing = gnorm.clamp(max=0.25).sqrt().clamp(min=options.tol("cg_tol", gd.dtype))
-    d, _ = cg(hvp, -gd.unsqueeze(0), forcing, options.cg_max_iter or 2 * gd.shape[1] + 10)
-    d = d[0]
-    descent = (d * gd).sum(-1) < 0
-    return torch.where(descent.unsqueeze(-1), d, -gd)
 
 
 def _backtrack(problem: Problem, y: Tensor, f: Tensor, g: Tensor, d: Tensor, running: Tensor
@@ -184,8 +174,7 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
     """
     b, m = problem.batch, problem.m
     tol = options.tol("solver_tol", y0.dtype)
-    dense = use_dense(options, m + problem.constraints(y0.reshape(b, m)).shape[1])
-    y = y0.detach().reshape(b, m).clone()
+    y = problem.flatten(y0.detach()).clone()
     running = torch.ones(b, dtype=torch.bool, device=y.device)
     converged = torch.zeros_like(running)
     finite = torch.ones_like(running)
@@ -194,27 +183,16 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
     saddle = torch.zeros_like(running)
     nu = None
     for _ in range(options.max_iter):
-        with torch.enable_grad():
-            yv = y.requires_grad_()
-            f = problem.objective(yv)
-            c = problem.constraints(yv)
-            gf = grad(f.sum(), [yv], create_graph=True)[0]
-            A = batched_jacobian(c, yv)
-            if active is None:
-                active = torch.ones_like(c, dtype=torch.bool)
-            act = active.to(y.dtype)
-            if nu is None:
-                nu = recover_multipliers(gf.detach(), A.detach(), active) * act
-            gL = gf + grad((c * nu).sum(), [yv], create_graph=True)[0]
-            if dense:
-                H = batched_jacobian(gL, yv).detach()
-                d, nu_new, indefinite = _kkt_direction_dense(
-                    0.5 * (H + H.transpose(-1, -2)), A.detach(), active, gf.detach(), c.detach())
-                curvature = torch.einsum("bi,bij,bj->b", d, H, d)
-            else:
-                d, nu_new, curvature, indefinite = _kkt_direction_cg(
-                    gL, yv, A.detach(), active, gf.detach(), c.detach(), options)
-        y, f, c, gf, A = y.detach(), f.detach(), c.detach() * act, gf.detach(), A.detach()
+        if active is None:
+            active = torch.ones(b, problem.constraints(y).shape[1], dtype=torch.bool,
+                                device=y.device)
+        act = active.to(y.dtype)
+        kkt = problem.kkt(y, options=options, multipliers=nu, active=active)
+        f, gf, c, A = kkt.f, kkt.grad_f.detach(), kkt.c.detach() * act, kkt.A
+        d, nu_new, curvature, indefinite = _newton_step(kkt, options, -gf, -c)
+        d, nu_new, curvature = d.detach(), nu_new.detach(), curvature.detach()
+        if nu is None:
+            nu = kkt.nu
         finite &= torch.isfinite(f) & torch.isfinite(gf).all(-1) & torch.isfinite(c).all(-1)
         running &= finite
         step = torch.where(running, d.abs().amax(-1) / (1 + y.abs().amax(-1)), step)
@@ -231,67 +209,20 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
             torch.finfo(y.dtype).tiny)
         needed = torch.where(c1 > 0, needed, torch.zeros_like(needed))
         rho = torch.maximum(rho, torch.maximum(1.1 * nu_new.abs().amax(-1), needed))
-        y, moved = _merit_search(problem, y, f, c1, slope_f - rho * c1, d, A, active, rho, running)
+        y, moved = _merit_search(problem, y, f, c1, slope_f - rho * c1, d, kkt, rho, running)
         running &= moved  # a failed line search ends the sample (reported as not converged)
     y = torch.where(finite.unsqueeze(-1), y.detach(), torch.nan)
     return problem.unflatten(y), nu, converged, step, saddle & converged
 
 
-def _kkt_direction_dense(H: Tensor, A: Tensor, active: Tensor, gf: Tensor, c: Tensor
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """SQP step ``(d, λ⁺)`` from the dense KKT system, with ``H + γI`` (``γ = s · 10^k``, the
-    smallest that works, ``s = 1 + max |H_ii|``) where the reduced Hessian is not positive
-    definite (also returned, as a mask)."""
-    U, W, info = solve_kkt(H, A, active, -gf.unsqueeze(-1), -c.unsqueeze(-1))
-    todo = info.not_pd.clone()
-    if todo.any():
-        eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-        scale = 1 + H.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
-        for k in range(-8, 17):
-            idx = todo.nonzero().flatten()
-            gamma = (scale[idx] * 10.0**k)[:, None, None]
-            Uk, Wk, info_k = solve_kkt(H[idx] + gamma * eye, A[idx], active[idx],
-                                       -gf[idx].unsqueeze(-1), -c[idx].unsqueeze(-1))
-            ok = ~info_k.not_pd
-            U[idx[ok]], W[idx[ok]] = Uk[ok], Wk[ok]
-            todo[idx[ok]] = False
-            if not todo.any():
-                break
-    return U.squeeze(-1), W.squeeze(-1), info.not_pd
-
-
-def _kkt_direction_cg(gL: Tensor, yv: Tensor, A: Tensor, active: Tensor, gf: Tensor, c: Tensor,
-                      options) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SQP step by projected CG: ``d = −A⁺c + z``, ``z`` in ``null(A)`` from truncated CG on the
-    reduced system (stopped at negative curvature), ``λ⁺`` the least-squares multipliers of
-    ``H d + ∇f``. Where CG meets negative curvature before moving, ``z`` is the projected steepest
-    descent direction instead. Also returns ``dᵀHd`` and the mask of samples where CG met negative
-    curvature."""
-
-    def hvp(p: Tensor) -> Tensor:  # (1, b, m)
-        return grad(gL, [yv], p[0], retain_graph=True)[0].unsqueeze(0)
-
-    null = NullSpace(A, active)
-    normal = -null.least_norm(c.unsqueeze(0))
-    rhs = -gf.unsqueeze(0) - hvp(normal)
-    max_iter = options.cg_max_iter or 2 * gf.shape[1] + 10
-    z, info = cg(hvp, rhs, options.tol("cg_tol", gf.dtype), max_iter, project=null)
-    stuck = info.not_pd & (z[0] == 0).all(-1)
-    z = torch.where(stuck.unsqueeze(-1), null(rhs), z)
-    d = normal + z
-    Hd = hvp(d)
-    nu = null.coefficients(-gf.unsqueeze(0) - Hd)
-    return d[0], nu[0], (d * Hd).sum(-1)[0], info.not_pd
-
-
 def _merit_search(problem: Problem, y: Tensor, f: Tensor, c1: Tensor, slope: Tensor, d: Tensor,
-                  A: Tensor, active: Tensor, rho: Tensor, running: Tensor) -> tuple[Tensor, Tensor]:
+                  kkt: KKTPoint, rho: Tensor, running: Tensor) -> tuple[Tensor, Tensor]:
     """Armijo backtracking on ``φ = f + ρ‖c_active‖₁`` along ``d`` (directional derivative
     ``slope``), trying the second-order correction ``y + d − A⁺ c(y + d)`` when the full step fails.
 
     Returns the new ``y`` and the mask of samples that moved (or are within rounding of ``φ``).
     """
-    act = active.to(y.dtype)
+    act = kkt.active.to(y.dtype)
     phi0 = f + rho * c1
     rounding = 16 * torch.finfo(y.dtype).eps * (1 + f.abs() + rho * c1)
 
@@ -308,7 +239,7 @@ def _merit_search(problem: Problem, y: Tensor, f: Tensor, c1: Tensor, slope: Ten
         y_new = torch.where(ok.unsqueeze(-1), y + d, y)
         soc = running & ~ok
         if soc.any():
-            z = y + d - NullSpace(A, active).least_norm(c_full.unsqueeze(0))[0]
+            z = y + d - kkt.null_space().least_norm(c_full.unsqueeze(0))[0]
             phi_z, _ = merit(z)
             ok_z = soc & accepts(phi_z, 1.0)
             y_new = torch.where(ok_z.unsqueeze(-1), z, y_new)
@@ -333,7 +264,7 @@ def _report_sqp(converged: Tensor, residual: Tensor, options) -> None:
         worst = residual[failed].max().item()
         report(NonConvergenceWarning,
                f"SQP did not converge within {options.max_iter} iterations at samples "
-               f"{_samples(failed)}; worst relative KKT step {worst:.3g} > tol "
+               f"{describe_samples(failed)}; worst relative KKT step {worst:.3g} > tol "
                f"{options.tol('solver_tol', residual.dtype):g} (or the merit line search "
                "failed, or the problem is not finite there). Raise Options(max_iter=...), start "
                "from a better initial_guess, or supply solve().", options.strict)
@@ -342,8 +273,8 @@ def _report_sqp(converged: Tensor, residual: Tensor, options) -> None:
 # -- inequality constrained: the slow scipy fallback ---------------------------------------------
 
 
-def slsqp(problem: Problem, y0: Tensor, options) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-sample SLSQP (scipy) refined by :func:`sqp` on the active set; ``(y, {"lambda", "mu"})``.
+def slsqp(problem: Problem, y0: Tensor, options) -> Solution:
+    """Per-sample SLSQP (scipy) refined by :func:`sqp` on the active set, with ``λ`` and ``μ``.
 
     Slow: a Python loop over the batch with a few torch calls per SLSQP iteration. Supply ``solve``
     for anything performance-sensitive.
@@ -384,7 +315,7 @@ def slsqp(problem: Problem, y0: Tensor, options) -> tuple[Tensor, dict[str, Tens
         guess = nu_scipy[:, p:] > 0
     else:
         eq_rows = torch.ones(b, p, dtype=torch.bool, device=device)
-        nu_scipy = recover_multipliers(gf, A, torch.cat([eq_rows, guess], 1))
+        nu_scipy = least_squares_multipliers(gf, A, torch.cat([eq_rows, guess], 1))
     active = torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), guess], dim=1)
 
     # Refine on the active set; keep the refined point where it is a KKT point of the original
@@ -403,14 +334,12 @@ def slsqp(problem: Problem, y0: Tensor, options) -> tuple[Tensor, dict[str, Tens
         viol = torch.cat([c[:, :p].abs(), g.clamp_min(0)], 1).amax(-1)
         detail = "; ".join(f"{msg!r} at samples {idx[:8]}" for msg, idx in messages.items())
         report(NonConvergenceWarning,
-               f"SLSQP did not converge at samples {_samples(failed)} (max_iter "
+               f"SLSQP did not converge at samples {describe_samples(failed)} (max_iter "
                f"{options.max_iter}): {detail}; worst constraint violation "
                f"{viol[failed].max().item():.3g}. This fallback is slow and general: supply "
                "solve() for this node, or raise Options(max_iter=...).", options.strict)
-    ctx = {"mu": nu[:, p:]}
-    if p:
-        ctx["lambda"] = nu[:, :p]
-    return problem.unflatten(y), ctx
+    return Solution(problem.unflatten(y), eq_multipliers=nu[:, :p] if p else None,
+                    ineq_multipliers=nu[:, p:], stats={"converged": kkt})
 
 
 def _slsqp_one(sample: Problem, y0: Tensor, p: int, options, ftol: float):

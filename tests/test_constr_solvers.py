@@ -41,7 +41,8 @@ class FarthestOnSphere(Sphere):
 
 def _kkt_residuals(node, xs):
     """Solve with ``node.solve`` and measure stationarity, feasibility, sign and complementarity."""
-    y, ctx = node.solve(*xs)
+    solution = node.solve(*xs)
+    y, ctx = solution.y, solution
     problem = Problem(node, xs, y.shape)
     b = y.shape[0]
     with torch.enable_grad():
@@ -49,7 +50,7 @@ def _kkt_residuals(node, xs):
         c = problem.constraints(yv)
         gf = grad(problem.objective(yv).sum(), [yv], retain_graph=True)[0]
         A = batched_jacobian(c, yv)
-    p = c.shape[1] - problem.ineq_rows
+    p = problem.eq(yv).shape[1]
     parts = [ctx["lambda"]] if p else []
     if problem.has_ineq:
         parts.append(ctx["mu"])
@@ -139,11 +140,11 @@ def test_slsqp_matches_sparsemax_without_scipy_multipliers(monkeypatch):
         return res
 
     monkeypatch.setattr(ddnlib.solvers, "_slsqp_one", without)
-    y, ctx = Simplex().solve(x)
-    torch.testing.assert_close(y, sparsemax(x), atol=1e-9, rtol=0)
-    torch.testing.assert_close(y, with_multipliers[0], atol=1e-9, rtol=0)
+    ctx = Simplex().solve(x)
+    torch.testing.assert_close(ctx.y, sparsemax(x), atol=1e-9, rtol=0)
+    torch.testing.assert_close(ctx.y, with_multipliers.y, atol=1e-9, rtol=0)
     for key in ("lambda", "mu"):
-        torch.testing.assert_close(ctx[key], with_multipliers[1][key], atol=1e-8, rtol=0)
+        torch.testing.assert_close(ctx[key], with_multipliers[key], atol=1e-8, rtol=0)
 
 
 class Ball(BoundaryOfBall):

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import DDNWarning
 from ..node import DeclarativeNode
+from ..solution import Solution, as_solution
 from .report import CheckRow
 
 __all__ = ["float64_copy", "float64_inputs", "overrides", "solve", "captured", "warning_rows",
@@ -55,12 +56,12 @@ def overrides(node: DeclarativeNode, method: str) -> bool:
     return getattr(type(node), method) is not getattr(DeclarativeNode, method)
 
 
-def solve(node: DeclarativeNode, xs: Sequence[Tensor]) -> tuple[Tensor, dict | None]:
-    """``node.solve(*xs)`` without a graph, as ``(y, ctx)``."""
+def solve(node: DeclarativeNode, xs: Sequence[Tensor]) -> tuple[Tensor, Solution | None]:
+    """``node.solve(*xs)`` without a graph, as ``(y, ctx)`` (``ctx`` as a node's ``vjp`` sees it:
+    the :class:`~ddnlib.Solution`, or ``None`` when it carries nothing beside ``y``)."""
     with torch.no_grad():
-        out = node.solve(*xs)
-    y, ctx = out if isinstance(out, tuple) else (out, None)
-    return y.detach(), ctx
+        solution = as_solution(node.solve(*xs), f"{node_name(node)}.solve").detach()
+    return solution.y, solution if len(solution) else None
 
 
 @contextmanager

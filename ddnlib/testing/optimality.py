@@ -5,8 +5,12 @@ Per sample, with Lagrangian ``L = f + νᵀc`` over the equalities and the activ
 
 - stationarity: the Newton/KKT step ``d`` solving ``[H Aᵀ; A 0] [d; dν] = −[∇_y L; c]`` is small,
   ``‖d‖∞ ≤ tol · (1 + ‖y‖∞)``;
-- feasibility: ``max(|h|, g⁺) ≤ tol · (1 + ‖y‖∞)``;
-- multiplier sign: active inequality multipliers ``μ ≥ −tol · (1 + ‖∇_y f‖∞)``;
+- feasibility: the first-order distance to the constraints ``max_j c_j⁺ / ‖∇_y c_j‖`` is at most
+  ``tol · (1 + ‖y‖∞)``;
+- multiplier sign: tight or active inequality multipliers ``μ ≥ −tol · (1 + ‖∇_y f‖∞)``;
+
+(these three are :meth:`ddnlib.kkt.KKTPoint.optimality`, the definition the backward pass's
+optimality warning uses too);
 - perturbation: no nearby feasible point ``y' = y + δ`` (``‖δ‖∞ = radius · (1 + ‖y‖∞)``, moved
   back onto violated constraints by Gauss–Newton until it is as feasible as ``y``, up to
   ``10⁻³ tol (1 + ‖y‖∞)``) has ``f(y') < f(y) − ftol · (1 + |f(y)|)``;
@@ -23,10 +27,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engine import active_set, recover_multipliers
-from ..linalg import solve_kkt, solve_spd
+from ..autodiff import batched_jacobian
+from ..linalg import lstsq
+from ..linear_solvers import Dense
 from ..node import DeclarativeNode
-from ..problem import Problem, batched_jacobian, grad
+from ..problem import Problem
+from ..solution import Solution, as_solution
 from ._common import (captured, float64_copy, float64_inputs, node_name, overrides, solve,
                       warning_rows)
 from .report import CheckResult, CheckRow
@@ -107,63 +113,26 @@ def _violation(problem: Problem, yf: Tensor) -> Tensor:
 
 
 def _kkt_rows(problem: Problem, y: Tensor, ctx, tol: float, smooth: bool) -> list[CheckRow]:
-    b = problem.batch
-    scale = _scale(problem, y)
+    """The stationarity, feasibility and multiplier-sign rows: the engine's own
+    :class:`~ddnlib.kkt.Optimality` of the point (dense KKT step)."""
     if not torch.isfinite(y).all():
         bad = (~torch.isfinite(_flat(problem, y))).any(-1).nonzero().flatten().tolist()
         return [CheckRow("optimality", "solve", float("nan"), "finite y", "fail",
                          f"non-finite solution at samples {bad}")]
+    solution = as_solution((y, ctx)) if not isinstance(ctx, Solution) else ctx
     with torch.enable_grad():
-        yf = _flat(problem, y).clone().requires_grad_()
-        grad_f = grad(problem.objective(yf).sum(), [yf], create_graph=True)[0]
-        c = problem.constraints(yf)
-        rows = []
-        if problem.constrained:
-            A = batched_jacobian(c, yf)
-            active = active_set(problem, c, ctx, problem.node.options.tol("active_tol", y.dtype))
-            nu = _multipliers(problem, ctx, c)
-            if nu is None:
-                nu = recover_multipliers(grad_f.detach(), A.detach(), active)
-            nu = (nu * active.to(nu.dtype)).detach()
-            lag = grad_f + grad((c * nu).sum(), [yf], create_graph=True)[0]
-        else:
-            lag = grad_f
-        H = batched_jacobian(lag, yf).detach()
-    H = 0.5 * (H + H.transpose(-1, -2))
-    By = -lag.detach().unsqueeze(-1)
+        kkt = problem.kkt(y, solution)
+        r_y, r_c = kkt.residual()
+        step = Dense().solve(kkt.operator(), r_y.unsqueeze(-1), r_c.unsqueeze(-1))[0][..., 0]
+    measures = kkt.optimality(step, tol)
+    rows = [_row("stationarity", measures.step, tol, "relative Newton/KKT step", smooth)]
     if problem.constrained:
-        d, _, _ = solve_kkt(H, A.detach(), active, By, -c.detach().unsqueeze(-1))
-    else:
-        d, _ = solve_spd(H, By)
-    step = d.squeeze(-1).abs().amax(-1) / scale
-    rows.append(_row("stationarity", step, tol, "relative Newton/KKT step", smooth))
-    if problem.constrained:
-        viol = _violation(problem, _flat(problem, y)) / scale
-        rows.append(_row("feasibility", viol, tol, "max(|h|, g+) / (1 + |y|)", True))
+        rows.append(_row("feasibility", measures.violation, tol,
+                         "distance to the constraints |c_j|/|grad c_j| / (1 + |y|)", True))
     if problem.has_ineq:
-        q = problem.ineq_rows
-        given = ctx.get("mu") if ctx else None
-        mu = nu[:, nu.shape[1] - q:] if given is None else given.detach().reshape(b, q)
-        tight = c.detach()[:, c.shape[1] - q:] >= -problem.node.options.tol("active_tol", y.dtype)
-        wrong = (-mu * tight).clamp_min(0).amax(-1) / (1 + grad_f.detach().abs().amax(-1))
-        rows.append(_row("multiplier sign", wrong, tol, "-min(mu over tight g) / (1 + |grad f|)",
-                         smooth))
+        rows.append(_row("multiplier sign", measures.wrong_sign, tol,
+                         "max(-mu_j, 0) over tight g_j / (1 + |grad f|)", smooth))
     return rows
-
-
-def _multipliers(problem: Problem, ctx, c: Tensor) -> Tensor | None:
-    """``[λ; μ]`` from the solver's ``ctx`` when it carries every multiplier, else ``None``."""
-    if not ctx:
-        return None
-    parts = []
-    p = c.shape[1] - problem.ineq_rows
-    for key, present, rows in (("lambda", problem.has_eq, p), ("mu", problem.has_ineq,
-                                                                problem.ineq_rows)):
-        if present:
-            if ctx.get(key) is None:
-                return None
-            parts.append(ctx[key].detach().reshape(c.shape[0], rows).to(c.dtype))
-    return torch.cat(parts, dim=1)
 
 
 def _row(argument: str, per_sample: Tensor, tol: float, what: str, decisive: bool) -> CheckRow:
@@ -182,15 +151,15 @@ def _restore(problem: Problem, yf: Tensor, target: Tensor) -> Tensor:
     for _ in range(_RESTORE_STEPS):
         with torch.enable_grad():
             yv = yf.detach().requires_grad_()
-            c = problem.constraints(yv)
-            p = c.shape[1] - problem.ineq_rows
-            sel = torch.cat([torch.ones_like(c[:, :p], dtype=torch.bool), c[:, p:] > 0], dim=1)
+            h, g = problem.eq(yv), problem.ineq(yv)
+            c = torch.cat([h, g], dim=1)
+            sel = torch.cat([torch.ones_like(h, dtype=torch.bool), g > 0], dim=1)
             A = batched_jacobian(c, yv).detach()
         c = c.detach() * sel
         if not (c.abs().amax(-1) > target).any():
             break
         A = A * sel.unsqueeze(-1).to(A.dtype)
-        step = torch.linalg.lstsq(A, -c.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+        step = lstsq(A, -c.unsqueeze(-1))[0].squeeze(-1)
         yf = yf + step
     return yf.detach()
 
@@ -239,7 +208,7 @@ def _default_solver_row(problem: Problem, node: DeclarativeNode, xs, y: Tensor, 
         except Exception as error:
             return CheckRow("optimality", "vs default solver", float("nan"), rule, "skip",
                             f"default solver unavailable: {type(error).__name__}: {error}")
-    y_default = out[0] if isinstance(out, tuple) else out
+    y_default = as_solution(out, "DeclarativeNode.solve").y
     with torch.no_grad():
         yd = _flat(problem, y_default.detach())
         f0, fd = problem.objective(_flat(problem, y)), problem.objective(yd)

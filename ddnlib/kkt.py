@@ -1,0 +1,254 @@
+"""The KKT point of a problem at ``y``: the one place the Lagrangian's pieces are assembled.
+
+For ``min_y f`` subject to ``h = 0`` (p rows) and ``g ≤ 0`` (q rows) at a point ``y (b, m)``:
+
+- ``c = [h; g] (b, p + q)`` and its Jacobian ``A = ∂c/∂y (b, p + q, m)``;
+- the active set ``(b, p + q)``: every equality, and the inequalities with ``μ_j > active_tol``
+  when the solver returned ``μ``, otherwise those with ``g_j ≥ −active_tol``;
+- the multipliers ``ν = [λ; μ]``: the solver's where it returned them, else the least-squares
+  solution of ``∇_y f + Aᵀν = 0`` over the active rows (zero on the inactive ones);
+- the Lagrangian gradient ``∇_y L = ∇_y f + Aᵀν`` with its graph, whose derivatives give the
+  Hessian ``H = ∇²_yy L`` (dense or as Hessian-vector products) and the mixed second derivatives
+  of the backward pass.
+
+:class:`KKTPoint` is consumed by the backward pass (:func:`ddnlib.engine.implicit_vjp`), the
+default forward solvers (:mod:`ddnlib.solvers`) and the optimality check of
+:func:`ddnlib.testing.check_optimality`. Its :meth:`~KKTPoint.optimality` is the single definition
+of "optimal" (:class:`Optimality`) that both the backward's warning and the testing toolkit report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .autodiff import batched_jacobian, grad
+from .errors import OptimalityWarning, SingularSystemWarning, describe_samples, report
+from .linalg import NullSpace, lstsq
+from .linear_solvers import KKTOperator
+from .solution import Solution, multipliers_tensor
+
+if TYPE_CHECKING:
+    from .options import Options
+    from .problem import Problem
+
+__all__ = ["KKTPoint", "Optimality", "kkt_point", "least_squares_multipliers"]
+
+
+def least_squares_multipliers(grad_f: Tensor, A: Tensor, active: Tensor) -> Tensor:
+    """``ν = argmin ‖∇_y f + Aᵀν‖`` per sample over the active rows, minimum norm (inactive
+    ``ν_j = 0``); ``grad_f (b, m)``, ``A (b, r, m)``, ``active (b, r)``."""
+    At = (A * active.unsqueeze(-1).to(A.dtype)).transpose(-1, -2)
+    # a non-finite sample (a NaN input) gets NaN multipliers and is kept away from LAPACK
+    finite = torch.isfinite(At).all((-2, -1)) & torch.isfinite(grad_f).all(-1)
+    At = torch.where(finite[:, None, None], At, 0.0)
+    rhs = torch.where(finite[:, None], -grad_f, 0.0).unsqueeze(-1)
+    nu = lstsq(At, rhs)[0].squeeze(-1)
+    return torch.where(finite[:, None], nu, float("nan"))
+
+
+@dataclass
+class Optimality:
+    """Per-sample optimality measures of a point (each ``(b,)``) and the tolerance they meet.
+
+    - ``step``: the Newton/KKT step ``d`` (``[H Aᵀ; A 0] [d; dν] = −[∇_y L; c]``) relative to the
+      point, ``‖d‖∞ / (1 + ‖y‖∞)`` — small at a stationary, feasible point;
+    - ``violation``: the first-order distance to the constraints, ``max_j c_j⁺ / ‖∇_y c_j‖``
+      (``|h_j|`` for equalities), relative to ``1 + ‖y‖∞``; ``inf`` where a violated row has a
+      zero gradient;
+    - ``wrong_sign``: ``max(−μ_j, 0) / (1 + ‖∇_y f‖∞)`` over the tight or active inequalities.
+
+    A sample is optimal when all three are at most ``tol``.
+    """
+
+    step: Tensor
+    violation: Tensor
+    wrong_sign: Tensor
+    tol: float
+
+    @property
+    def optimal(self) -> Tensor:
+        return (self.step <= self.tol) & (self.violation <= self.tol) & (self.wrong_sign <= self.tol)
+
+    def report(self, strict: bool) -> None:
+        """Warn (raise when ``strict``) about every sample that is not optimal."""
+        tol = self.tol
+        infeasible = ~(self.violation <= tol)
+        if infeasible.any():
+            report(OptimalityWarning,
+                   f"the forward solution violates the constraints at samples "
+                   f"{describe_samples(infeasible)}: distance to the constraints up to "
+                   f"{self.violation[infeasible].max().item():.3g} relative to 1 + |y| (tol "
+                   f"{tol:g}). Gradients at an infeasible point are unreliable.", strict)
+        bad = ~(self.step <= tol)
+        if bad.any():
+            report(OptimalityWarning,
+                   f"the forward solution fails the optimality check at samples "
+                   f"{describe_samples(bad)}: relative Newton/KKT step up to "
+                   f"{self.step[bad].max().item():.3g} > tol {tol:g}. The solver did not reach a "
+                   "stationary, feasible point; gradients there are unreliable.", strict)
+        wrong = ~(self.wrong_sign <= tol)
+        if wrong.any():
+            report(OptimalityWarning,
+                   f"inequality multipliers with the wrong sign at samples "
+                   f"{describe_samples(wrong)} (up to {self.wrong_sign[wrong].max().item():.3g} "
+                   "relative to 1 + |grad f|): the point is not a KKT point of the "
+                   "inequality-constrained problem.", strict)
+
+
+class KKTPoint:
+    """The KKT point of a problem at ``y`` (built by :func:`kkt_point`; see the module docstring).
+
+    Attributes (``r = p + q`` constraint rows; tensors with a graph are marked):
+        y: the point ``(b, m)``, a leaf requiring grad.
+        f: the objective ``(b,)``.
+        grad_f: ``∇_y f (b, m)`` (graph).
+        c: ``[h; g] (b, r)`` (graph).
+        A: ``∂c/∂y (b, r, m)``.
+        p, q: the numbers of equality and inequality rows.
+        active: ``(b, r)`` rows treated as equalities.
+        nu: ``[λ; μ] (b, r)``, zero on inactive rows.
+        lagrangian_grad: ``∇_y L (b, m)`` (graph).
+    """
+
+    def __init__(self, y: Tensor, f: Tensor, grad_f: Tensor, c: Tensor, A: Tensor, p: int,
+                 active: Tensor, nu: Tensor, mu_given: Tensor | None, lagrangian_grad: Tensor,
+                 active_tol: float):
+        self.y, self.f, self.grad_f, self.c, self.A, self.p = y, f, grad_f, c, A, p
+        self.q = c.shape[1] - p
+        self.active, self.nu, self.lagrangian_grad = active, nu, lagrangian_grad
+        self._mu_given, self._active_tol = mu_given, active_tol
+        self._hessian: Tensor | None = None
+        self._null: NullSpace | None = None
+
+    @property
+    def constrained(self) -> bool:
+        return self.c.shape[1] > 0
+
+    @property
+    def mu(self) -> Tensor:
+        """The inequality multipliers ``(b, q)``."""
+        return self.nu[:, self.p:]
+
+    @property
+    def lam(self) -> Tensor:
+        """The equality multipliers ``(b, p)``."""
+        return self.nu[:, :self.p]
+
+    def hvp(self, P: Tensor) -> Tensor:
+        """``H P`` for ``P (k, b, m)``, ``H = ∇²_yy L`` per sample, by double backward."""
+        return torch.stack([grad(self.lagrangian_grad, [self.y], Pk, retain_graph=True)[0]
+                            for Pk in P])
+
+    def hessian(self) -> Tensor:
+        """The dense symmetric ``H = ∇²_yy L (b, m, m)`` (one batched backward pass)."""
+        if self._hessian is None:
+            H = batched_jacobian(self.lagrangian_grad, self.y).detach()
+            self._hessian = 0.5 * (H + H.transpose(-1, -2))
+        return self._hessian
+
+    def null_space(self) -> NullSpace:
+        """The null space of the active rows of ``A``."""
+        if self._null is None:
+            self._null = NullSpace(self.A, self.active)
+        return self._null
+
+    def operator(self, damping: float = 0.0, convexify: bool = False) -> KKTOperator:
+        """The KKT matrix ``[H + γI, Aᵀ; A, 0]`` (active rows) for a linear solver."""
+        op = KKTOperator(self.hvp, self.y.shape[1], self.A if self.constrained else None,
+                         self.active if self.constrained else None, self.hessian, damping,
+                         convexify, null_space=self.null_space if self.constrained else None)
+        return op
+
+    def residual(self) -> tuple[Tensor, Tensor]:
+        """Right-hand sides ``(−∇_y L, −c)`` of the Newton/KKT step, detached: ``(b, m), (b, r)``."""
+        return -self.lagrangian_grad.detach(), -self.c.detach()
+
+    def report_rank(self, strict: bool) -> Tensor:
+        """Warn where the active constraint Jacobian is rank deficient; returns that ``(b,)`` mask."""
+        if not self.constrained:
+            return torch.zeros(self.y.shape[0], dtype=torch.bool, device=self.y.device)
+        null = self.null_space()
+        deficient = null.rank_deficient
+        if deficient.any():
+            i = deficient.nonzero()[0, 0]
+            rank, rows = int(null.keep[i].sum().item()), int(self.active[i].sum().item())
+            report(SingularSystemWarning,
+                   f"the active constraint Jacobian is rank deficient at samples "
+                   f"{describe_samples(deficient)} (rank {rank} < {rows} active rows at sample "
+                   f"{int(i)}); the minimum-norm multipliers were used. Remove redundant "
+                   "constraints: gradients are only reliable when the active constraints are "
+                   "independent.", strict)
+        return deficient
+
+    def optimality(self, step: Tensor, tol: float) -> Optimality:
+        """The :class:`Optimality` of this point given its Newton/KKT step ``step (b, m)``."""
+        y = self.y.detach()
+        scale = 1 + y.abs().amax(-1)
+        c = self.c.detach()
+        zeros = torch.zeros_like(scale)
+        if self.constrained:
+            violation = torch.cat([c[:, :self.p].abs(), c[:, self.p:].clamp_min(0)], dim=1)
+            distance = violation / self.A.norm(dim=-1)  # inf where a violated row has no gradient
+            distance = torch.where(violation > 0, distance, torch.zeros_like(distance))
+            violation = distance.amax(-1) / scale
+        else:
+            violation = zeros
+        if self.q:
+            mu = self._mu_given if self._mu_given is not None else self.mu
+            considered = self.active[:, self.p:] | (c[:, self.p:] >= -self._active_tol)
+            wrong = (-mu * considered.to(mu.dtype)).clamp_min(0).amax(-1)
+            wrong_sign = wrong / (1 + self.grad_f.detach().abs().amax(-1))
+        else:
+            wrong_sign = zeros
+        return Optimality(step.abs().amax(-1) / scale, violation, wrong_sign, tol)
+
+    def surrogate(self, u: Tensor, w: Tensor) -> Tensor:
+        """``⟨∇_y L, u⟩ + ⟨c, w⟩``: its gradient in ``(x, θ)`` is the backward pass's (see
+        :mod:`ddnlib.engine`) with ``u (b, m)``, ``w (b, r)`` held fixed."""
+        out = (self.lagrangian_grad * u.detach()).sum()
+        return out + (self.c * w.detach()).sum() if self.constrained else out
+
+
+def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options: "Options", *,
+              multipliers: Tensor | None = None, active: Tensor | None = None) -> KKTPoint:
+    """Build the :class:`KKTPoint` of ``problem`` at ``y (b, *out)`` (graph enabled inside).
+
+    ``solution`` may carry the solver's multipliers (used when it carries every kind the problem
+    has). A forward solver iterating on its own estimates passes ``multipliers (b, r)`` and its
+    working set ``active (b, r)`` instead.
+    """
+    b = problem.batch
+    where = f"{type(problem.node).__name__}.solve"
+    with torch.enable_grad():
+        yf = problem.flatten(y.detach()).clone().requires_grad_()
+        f = problem.objective(yf)
+        grad_f = grad(f.sum(), [yf], create_graph=True)[0]
+        f = f.detach()
+        h, g = problem.eq(yf), problem.ineq(yf)
+        p, q = h.shape[1], g.shape[1]
+        c = torch.cat([h, g], dim=1)
+        active_tol = options.tol("active_tol", yf.dtype)
+        if c.shape[1] == 0:
+            return KKTPoint(yf, f, grad_f, c, yf.new_zeros(b, 0, problem.m), 0,
+                            torch.zeros(b, 0, dtype=torch.bool, device=yf.device), c.detach(),
+                            None, grad_f, active_tol)
+        A = batched_jacobian(c, yf).detach()
+        lam = mu = None
+        if solution is not None:
+            lam = multipliers_tensor(solution.eq_multipliers, b, p, yf.dtype, "'lambda'", where)
+            mu = multipliers_tensor(solution.ineq_multipliers, b, q, yf.dtype, "'mu'", where)
+        if active is None:
+            ineq = mu > active_tol if mu is not None else g.detach() >= -active_tol
+            active = torch.cat([torch.ones_like(h, dtype=torch.bool), ineq], dim=1)
+        if multipliers is None and (lam is not None or not p) and (mu is not None or not q):
+            multipliers = torch.cat([lam if p else h.new_zeros(b, 0),
+                                     mu if q else g.new_zeros(b, 0)], dim=1)
+        if multipliers is None:
+            multipliers = least_squares_multipliers(grad_f.detach(), A, active)
+        nu = (multipliers * active.to(multipliers.dtype)).detach()
+        lagrangian_grad = grad_f + grad((c * nu).sum(), [yf], create_graph=True)[0]
+    return KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, active_tol)
