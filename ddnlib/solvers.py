@@ -104,7 +104,7 @@ def newton(problem: Problem, y0: Tensor, options) -> Tensor:
     for dense systems; truncated CG with the forcing term ``min(0.5, √‖∇f‖)``), or ``−∇f`` where
     that is not a descent direction.
     """
-    b, m = problem.batch, problem.m
+    b = problem.batch
     tol = options.tol("solver_tol", y0.dtype)
     cg_tol = options.tol("cg_tol", y0.dtype)
     y = problem.flatten(y0.detach()).clone()
@@ -172,7 +172,7 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
     definite (a saddle point or maximum: Newton's method converges to any KKT point). Samples
     whose objective or constraints are not finite come back as NaN.
     """
-    b, m = problem.batch, problem.m
+    b = problem.batch
     tol = options.tol("solver_tol", y0.dtype)
     y = problem.flatten(y0.detach()).clone()
     running = torch.ones(b, dtype=torch.bool, device=y.device)
@@ -188,7 +188,7 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
                                 device=y.device)
         act = active.to(y.dtype)
         kkt = problem.kkt(y, options=options, multipliers=nu, active=active)
-        f, gf, c, A = kkt.f, kkt.grad_f.detach(), kkt.c.detach() * act, kkt.A
+        f, gf, c = kkt.f, kkt.grad_f.detach(), kkt.c.detach() * act
         d, nu_new, curvature, indefinite = _newton_step(kkt, options, -gf, -c)
         d, nu_new, curvature = d.detach(), nu_new.detach(), curvature.detach()
         if nu is None:

@@ -19,8 +19,9 @@ from ddnlib import (
     SingularSystemWarning,
 )
 
-DENSE, CG = Options(linear_solver="dense"), Options(linear_solver="cg")
-SOLVERS = pytest.mark.parametrize("options", [DENSE, CG], ids=["dense", "cg"])
+from helpers import DENSE, LINEAR_SOLVERS, MATRIX_FREE, gradcheck_node, vjp
+
+SOLVERS = LINEAR_SOLVERS
 F64 = torch.float64
 
 
@@ -135,32 +136,6 @@ def constrained_lstsq(M, C, x, d):
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _params(node):
-    return {k: p for k, p in node.named_parameters() if p.requires_grad}
-
-
-def _call(node, n):
-    names = list(_params(node))
-
-    def call(*args):
-        return torch.func.functional_call(node, dict(zip(names, args[n:])), args[:n])
-
-    return call
-
-
-def _gradcheck(node, *xs):
-    """float64 finite-difference check for every input and every learnable parameter."""
-    leaves = [x.detach().requires_grad_() for x in xs]
-    leaves += [p.detach().clone().requires_grad_() for p in _params(node).values()]
-    return torch.autograd.gradcheck(_call(node, len(xs)), tuple(leaves), atol=1e-6, rtol=1e-5)
-
-
-def _vjp(node, xs, v):
-    """Gradients of ⟨v, node(xs)⟩ for the inputs and the parameters."""
-    leaves = [x.detach().requires_grad_() for x in xs] + list(_params(node).values())
-    return torch.autograd.grad((node(*leaves[: len(xs)]) * v).sum(), leaves)
-
-
 def _sparse_inputs(b=4, n=8, zeros=2, gap=1e-3, generator=None):
     """Random inputs whose sparsemax has at least ``zeros`` zero and two non-zero coordinates,
     every coordinate at least ``gap`` away from the threshold (so finite differences are valid)."""
@@ -197,7 +172,7 @@ def test_sphere_reproduces_closed_form_and_gradients(squared, options):
     expected_x = r / norm * (v - (v * xhat).sum(-1, keepdim=True) * xhat)
     torch.testing.assert_close(gx, expected_x, atol=1e-6, rtol=0)
     torch.testing.assert_close(gr, (v * xhat).sum(), atol=1e-6, rtol=0)
-    assert _gradcheck(node, x[:2])
+    assert gradcheck_node(node, x[:2])
 
 
 @SOLVERS
@@ -207,7 +182,7 @@ def test_radius_as_second_input(options):
     s = 0.5 + torch.rand(3, 1, dtype=F64)
     torch.testing.assert_close(node(x, s), s * x / x.norm(dim=-1, keepdim=True),
                                atol=1e-6, rtol=0)
-    assert _gradcheck(node, x, s)
+    assert gradcheck_node(node, x, s)
 
 
 @SOLVERS
@@ -222,10 +197,10 @@ def test_constrained_least_squares_matches_kkt_closed_form(options):
     reference = constrained_lstsq(M, C, xs, ds)
     torch.testing.assert_close(y, reference.detach(), atol=1e-8, rtol=0)
     expected = torch.autograd.grad((reference * v).sum(), [xs, ds, M, C])
-    for got, want in zip(_vjp(node, (x, d), v), expected):
+    for got, want in zip(vjp(node, (x, d), v), expected):
         torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-7)
     small = ConstrainedLeastSquares(options=options)
-    assert _gradcheck(small, x[:2, :4], d[:2, :1])
+    assert gradcheck_node(small, x[:2, :4], d[:2, :1])
 
 
 @SOLVERS
@@ -242,23 +217,23 @@ def test_sparsemax_matches_sort_based_forward_and_jvp(options):
     v = torch.randn_like(x)
     expected = (sparsemax_jacobian(x) @ v.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close((J @ v.unsqueeze(-1)).squeeze(-1), expected, atol=1e-4, rtol=0)
-    assert _gradcheck(node, x[:1])
+    assert gradcheck_node(node, x[:1])
 
 
 def test_dense_and_matrix_free_agree():
     x, d = torch.randn(4, 5, dtype=F64), torch.randn(4, 2, dtype=F64)
     v = torch.randn(4, 4, dtype=F64)
     results = []
-    for options in (DENSE, CG):
+    for options in (DENSE, MATRIX_FREE):
         torch.manual_seed(1)
         node = ConstrainedLeastSquares(n=5, m=4, p=2, options=options)
-        results.append(_vjp(node, (x, d), v))
+        results.append(vjp(node, (x, d), v))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-7)
 
     x = _sparse_inputs(b=3, n=6, zeros=2)
     v = torch.randn_like(x)
-    dense, cg = (_vjp(Simplex(options=o), (x,), v)[0] for o in (DENSE, CG))
+    dense, cg = (vjp(Simplex(options=o), (x,), v)[0] for o in (DENSE, MATRIX_FREE))
     torch.testing.assert_close(dense, cg, atol=1e-7, rtol=1e-7)
 
 
@@ -270,8 +245,8 @@ def test_multipliers_from_ctx_and_recovered_agree():
             return self.r * x / x.norm(dim=-1, keepdim=True)
 
     x, v = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
-    given = _vjp(Sphere(), (x,), v)
-    recovered = _vjp(SphereSolveOnlyY(), (x,), v)
+    given = vjp(Sphere(), (x,), v)
+    recovered = vjp(SphereSolveOnlyY(), (x,), v)
     for a, b in zip(given, recovered):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
 
@@ -344,14 +319,14 @@ def test_rank_deficient_constraint_jacobian_is_reported_and_gradients_stay_right
     x = torch.randn(3, 4, dtype=F64)
     v = torch.randn_like(x)
     node = Sphere(options=options)
-    expected = _vjp(node, (x,), v)
+    expected = vjp(node, (x,), v)
     doubled = DoubledSphere(options=options)
     with pytest.warns(SingularSystemWarning, match=r"rank deficient .*rank 1 < 2"):
-        got = _vjp(doubled, (x,), v)
+        got = vjp(doubled, (x,), v)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     with pytest.raises(SingularSystemError):
-        _vjp(DoubledSphere(options=options.replace(strict=True)), (x,), v)
+        vjp(DoubledSphere(options=options.replace(strict=True)), (x,), v)
 
 
 def test_batched_kkt_solve_at_size_160_is_right():
@@ -414,5 +389,5 @@ def test_inactive_inequality_leaves_gradients_unchanged(seed, bound):
     boxed.bound = bound
     # The bound is inactive only if the unconstrained-in-y_0 solution stays below it.
     assume(plain(x, d)[:, 0].max() < bound - 1)
-    for a, b in zip(_vjp(plain, (x, d), v), _vjp(boxed, (x, d), v)):
+    for a, b in zip(vjp(plain, (x, d), v), vjp(boxed, (x, d), v)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -12,26 +12,9 @@ import ddnlib
 from ddnlib import DeclarativeNode, Options
 from toy_nodes import PseudoHuberRegression, Quadratic, Quartic, Ridge, WeightedMean
 
-DENSE, CG = Options(linear_solver="dense"), Options(linear_solver="cg")
-SOLVERS = pytest.mark.parametrize("options", [DENSE, CG], ids=["dense", "cg"])
+from helpers import DENSE, LINEAR_SOLVERS, MATRIX_FREE, gradcheck_node, learnable
 
-
-def _params(node):
-    return {k: p for k, p in node.named_parameters() if p.requires_grad}
-
-
-def _gradcheck_node(node, *xs):
-    """float64 gradcheck of the node for every input and every learnable parameter."""
-    params = _params(node)
-    names = list(params)
-    n = len(xs)
-
-    def call(*args):
-        return torch.func.functional_call(node, dict(zip(names, args[n:])), args[:n])
-
-    leaves = [x.detach().requires_grad_() for x in xs]
-    leaves += [p.detach().clone().requires_grad_() for p in params.values()]
-    return torch.autograd.gradcheck(call, tuple(leaves), atol=1e-6, rtol=1e-5)
+SOLVERS = LINEAR_SOLVERS
 
 
 @SOLVERS
@@ -43,7 +26,7 @@ def test_matches_closed_form_and_its_gradients(node_cls, options):
     y_ref = node.closed_form(x)
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=0)
     v = torch.randn_like(y)
-    wrt = [x, *_params(node).values()]
+    wrt = [x, *learnable(node).values()]
     got = torch.autograd.grad((y * v).sum(), wrt)
     want = torch.autograd.grad((y_ref * v).sum(), wrt)
     for g, w in zip(got, want):
@@ -55,7 +38,7 @@ def test_matches_closed_form_and_its_gradients(node_cls, options):
 def test_gradcheck_inputs_and_parameters(node_cls, options):
     node = node_cls(options=options)
     n = {Ridge: 5, Quadratic: 4, PseudoHuberRegression: 6, Quartic: 3}[node_cls]
-    assert _gradcheck_node(node, torch.randn(3, n, dtype=torch.float64))
+    assert gradcheck_node(node, torch.randn(3, n, dtype=torch.float64))
 
 
 def test_two_inputs_match_closed_form_and_gradcheck():
@@ -70,13 +53,13 @@ def test_multidimensional_output_keeps_its_shape():
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     y = node(x)
     assert y.shape == x.shape
-    assert _gradcheck_node(node, x)
+    assert gradcheck_node(node, x)
 
 
 def test_dense_and_matrix_free_agree():
     x = torch.randn(6, 6, dtype=torch.float64)
     grads = []
-    for options in (DENSE, CG):
+    for options in (DENSE, MATRIX_FREE):
         torch.manual_seed(1)
         node = PseudoHuberRegression(options=options)
         xr = x.clone().requires_grad_()
@@ -227,7 +210,7 @@ class _Degenerate(DeclarativeNode):
         return x.clone()
 
 
-@pytest.mark.parametrize("options", [Options(), Options(linear_solver="cg")], ids=["dense", "cg"])
+@LINEAR_SOLVERS
 def test_singular_hessian_is_reported(options):
     x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     with pytest.warns(ddnlib.DDNWarning):

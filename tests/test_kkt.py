@@ -1,0 +1,160 @@
+"""The KKT layer: what ``solve`` may return (``Solution``), the linear-solver objects, and the one
+definition of "optimal" shared by the backward's warning and ``ddnlib.testing``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ddnlib import (CG, Auto, DDNWarning, DeclarativeNode, Dense, OptimalityWarning, Options,
+                    Solution)
+from ddnlib.problem import Problem
+from ddnlib.testing import check_optimality
+
+from helpers import ALL_LINEAR_SOLVERS, gradcheck_node
+
+F64 = torch.float64
+
+
+class Ball(DeclarativeNode):
+    """``argmin ½‖y − x‖²`` s.t. ``‖y‖² ≤ r²``; ``solve`` returns what ``form`` says."""
+
+    def __init__(self, r=1.0, form="solution", options=None):
+        super().__init__(options)
+        self.r, self.form = r, form
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - self.r**2
+
+    def solve(self, x):
+        norm = x.norm(dim=-1, keepdim=True)
+        y = x * (self.r / norm).clamp(max=1)
+        mu = ((norm / self.r - 1).clamp_min(0)) / 2  # ∇f + 2μ y = 0 on the boundary
+        return {
+            "solution": lambda: Solution(y, ineq_multipliers=mu, stats={"iterations": 0}),
+            "tuple": lambda: (y, {"mu": mu}),
+            "tensor": lambda: y,
+            "renamed": lambda: (y, {"nu": mu}),
+            "three": lambda: (y, {"mu": mu}, None),
+            "bad size": lambda: Solution(y, ineq_multipliers=mu.expand(-1, 2)),
+        }[self.form]()
+
+
+def _ball_gradient(x, v, r):
+    """Closed form of ``∂⟨v, y⟩/∂x`` for the projection onto the ball of radius ``r``."""
+    norm = x.norm(dim=-1, keepdim=True)
+    u = x / norm
+    inside = norm <= r
+    outside = (r / norm) * (v - u * (u * v).sum(-1, keepdim=True))
+    return torch.where(inside, v, outside)
+
+
+@pytest.mark.parametrize("form", ["solution", "tuple", "tensor"])
+def test_every_return_form_gives_the_closed_form_gradient(form):
+    x = torch.randn(6, 4, dtype=F64) * torch.tensor([0.3, 3.0]).repeat(3)[:, None].to(F64)
+    v = torch.randn(6, 4, dtype=F64)
+    xg = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DDNWarning)
+        (gx,) = torch.autograd.grad((Ball(form=form)(xg) * v).sum(), xg)
+    torch.testing.assert_close(gx, _ball_gradient(x, v, 1.0), atol=1e-8, rtol=1e-8)
+    assert gradcheck_node(Ball(form=form), x)
+
+
+def test_unread_ctx_key_is_reported():
+    x = torch.randn(3, 4, dtype=F64) * 3
+    with pytest.warns(DDNWarning, match=r"\['nu'\].*'lambda'.*'mu'"):
+        Ball(form="renamed")(x)
+
+
+@pytest.mark.parametrize("form, error, match", [
+    ("three", TypeError, "Ball.solve returned a tuple of 3 items"),
+    ("bad size", ValueError, r"'mu' multipliers of shape \(3, 2\): expected \(3, 1\)"),
+])
+def test_malformed_solution_is_a_clear_error(form, error, match):
+    x = torch.randn(3, 4, dtype=F64, requires_grad=True) * 3
+    with pytest.raises(error, match=match):
+        Ball(form=form)(x).sum().backward()
+
+
+def test_solution_is_a_ctx_mapping():
+    y, mu = torch.zeros(2, 3), torch.ones(2, 1)
+    s = Solution(y, ineq_multipliers=mu, extras={"tau": 1.0})
+    assert dict(s) == {"mu": mu, "tau": 1.0}
+    assert s["mu"] is mu and "lambda" not in s
+    kept = s.rows(torch.tensor([False, True]))
+    assert kept.y.shape == (1, 3) and kept["mu"].shape == (1, 1) and kept["tau"] == 1.0
+
+
+class Quartic(DeclarativeNode):
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1) + 0.25 * (y**4).sum(-1)
+
+
+@ALL_LINEAR_SOLVERS
+def test_linear_solver_objects_and_strings_agree(options):
+    x = torch.randn(5, 6, dtype=F64)
+    v = torch.randn(5, 6, dtype=F64)
+    grads = []
+    for opts in (options, Options(linear_solver="dense")):
+        xg = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad((Quartic(opts)(xg) * v).sum(), xg)[0])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-7)
+
+
+def test_options_resolve_strings_to_solver_objects():
+    assert isinstance(Options().solver, Auto) and Options().solver.dense_max == 128
+    assert Options(linear_solver="cg", cg_tol=1e-3, cg_max_iter=7).solver == CG(1e-3, 7)
+    assert Options(linear_solver="dense").solver == Dense()
+    mine = CG(tol=1e-9)
+    assert Options(linear_solver=mine).solver is mine
+    with pytest.raises(ValueError, match="linear_solver=3"):
+        Options(linear_solver=3)
+
+
+class Sphere(DeclarativeNode):
+    """``argmin ½‖y − x‖²`` s.t. ``‖y‖² = 1`` with a ``solve`` that is off by ``shift``."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = shift
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - 1
+
+    def solve(self, x):
+        return x / x.norm(dim=-1, keepdim=True) * (1 + self.shift)
+
+
+@pytest.mark.parametrize("shift", [0.0, 1e-9, 1e-3, 0.1])
+def test_backward_warning_and_testing_check_agree(shift):
+    """One definition of optimal: the engine warns exactly when check_optimality fails."""
+    x = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    node = Sphere(shift)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        node(x).sum().backward()
+    warned = any(issubclass(w.category, OptimalityWarning) for w in caught)
+    rows = check_optimality(node, x.detach(), perturbations=0).rows
+    failed = any(r.status == "fail" for r in rows if r.argument in ("stationarity", "feasibility"))
+    assert warned == failed == (shift >= 1e-3)
+
+
+def test_kkt_point_holds_the_lagrangian_pieces():
+    x = torch.randn(3, 4, dtype=F64) * 3
+    node = Ball()
+    y = node.solve(x).y
+    kkt = Problem(node, (x,), y.shape).kkt(y)  # multipliers by least squares
+    assert kkt.p == 0 and kkt.q == 1 and kkt.active.all()
+    torch.testing.assert_close(kkt.mu, node.solve(x)["mu"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(kkt.lagrangian_grad, torch.zeros_like(y), atol=1e-10, rtol=0)
+    measures = kkt.optimality(torch.zeros_like(y), 1e-6)
+    assert measures.optimal.all()
