@@ -77,11 +77,21 @@ class Penalty:
         ``1/c²`` out of the arithmetic (it overflows for ``c ≲ 1e-19`` in float32)."""
         return self.derivatives(z, c, alpha)
 
+    def scaled_curvature(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
+        """``κ φ″(z)`` alone (what the backward stores)."""
+        return self.scaled_derivatives(z, c, alpha)[1]
+
     def newton_sums(self, z: Tensor, c: Tensor, alpha: Tensor,
                     scratch: Tensor) -> tuple[Tensor, Tensor]:
         """Row sums ``(Σ κφ′, Σ κφ″)`` over the last dimension; may overwrite ``z`` and
         ``scratch`` (a buffer like ``z``), which lets a penalty avoid allocating temporaries.
         The caller guarantees ``|z / c| < 1e18`` (a fast path may square ``z / c``)."""
+        d1, d2 = self.scaled_derivatives(z, c, alpha)
+        return d1.sum(-1), d2.sum(-1)
+
+    def fused_sums(self, z: Tensor, c: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`newton_sums` as a pure function (no ``out=``), for ``torch.compile``; the same
+        guarantee ``|z / c| < 1e18``."""
         d1, d2 = self.scaled_derivatives(z, c, alpha)
         return d1.sum(-1), d2.sum(-1)
 
@@ -123,6 +133,15 @@ class _PseudoHuber(Penalty):
     def derivatives(self, z, c, alpha):
         r = torch.hypot(z / c, torch.ones_like(z)).reciprocal()
         return z * r, r * r * r
+
+    def scaled_curvature(self, z, c, alpha):  # rsqrt(inf) = 0 is the right limit here
+        t = z / c
+        return torch.rsqrt(1 + t * t) ** 3
+
+    def fused_sums(self, z, c, alpha):
+        t = z / c
+        r = torch.rsqrt(1 + t * t)
+        return (z * r).sum(-1), (r * r * r).sum(-1)
 
     def newton_sums(self, z, c, alpha, scratch):
         r = torch.div(z, c, out=scratch).square_().add_(1).rsqrt_()

@@ -35,6 +35,7 @@ from ddnlib.errors import SingularSystemWarning, report
 from ddnlib.pickling import Picklable
 
 from .penalties import PENALTIES, Penalty, get_penalty
+from .pooling_fused import want_fused
 from .pooling_solvers import SolverSettings, solve_rows
 
 __all__ = ["RobustPooling", "RobustGlobalPool1d", "RobustGlobalPool2d", "robust_global_pool"]
@@ -47,21 +48,27 @@ class RobustPooling(DeclarativeNode):
 
     Args:
         penalty: one of :data:`~ddnlib.nodes.penalties.PENALTIES` (or a ``Penalty``).
-        starts: candidate starts per row of the multi-start solver of non-convex penalties
-            (every entry of a row with at most ``starts`` entries is one).
+        starts: candidate starts per row of the multi-start solver that settles the rows the
+            histogram search of non-convex penalties leaves open (every entry of a row with at
+            most ``starts`` entries is one).
+        fused: the compiled (``torch.compile``) Newton iteration for convex penalties: ``True``,
+            ``False``, or ``None`` to choose automatically (:mod:`~ddnlib.nodes.pooling_fused`).
         options: ``solver_tol``, ``max_iter``, ``damping`` and ``strict`` are read.
     """
 
     def __init__(self, penalty: str | Penalty = "pseudo_huber", *, starts: int = 64,
-                 options: Options | None = None):
+                 fused: bool | None = None, options: Options | None = None):
         super().__init__(options)
         self.penalty = get_penalty(penalty)
         if not isinstance(starts, int) or isinstance(starts, bool) or starts < 1:
             raise ValueError(f"starts={starts!r}: expected a positive integer")
+        if fused not in (None, True, False):
+            raise TypeError(f"fused={fused!r}: expected None (automatic), True or False")
         self.starts = starts
+        self.fused = fused
 
     def extra_repr(self) -> str:
-        return f"penalty={self.penalty.name!r}, starts={self.starts}"
+        return f"penalty={self.penalty.name!r}, starts={self.starts}, fused={self.fused}"
 
     def objective(self, x: Tensor, c: Tensor, alpha: Tensor, y: Tensor) -> Tensor:
         """``Σ_i φ(y_r − x_ri; c_r, α_r)``, shape ``(R,)``."""
@@ -90,8 +97,9 @@ class RobustPooling(DeclarativeNode):
         if not bool(torch.isfinite(alpha).all()):
             raise ValueError(f"alpha={_shown(alpha)}: expected finite values")
         options = self.options
+        fused = want_fused(self.fused, self.penalty, self.penalty.convex(alpha), x.numel())
         settings = SolverSettings(options.tol("solver_tol", x.dtype), options.max_iter,
-                                  options.strict, self.starts)
+                                  options.strict, self.starts, fused)
         wanted = (x.requires_grad, c.requires_grad, alpha.requires_grad)
         x, c, alpha = x.detach(), c.detach(), alpha.detach()  # solve records no graph
         ctx: dict[str, Tensor] = {}
@@ -117,7 +125,7 @@ class RobustPooling(DeclarativeNode):
         """Backward quantities of ``rows``: ``w = φ″(y − x)``, ``H = Σ w``, ``Σ w z``, ``Σ ∂φ′/∂α``."""
         z = y[:, None] - x
         c, alpha = c[:, None], alpha[:, None]
-        w = self.penalty.scaled_derivatives(z, c, alpha)[1]  # κ φ″: only ratios are used
+        w = self.penalty.scaled_curvature(z, c, alpha)  # κ φ″: only ratios are used
         ctx["curvature"][rows] = w.sum(1)
         if "weights" in ctx:
             ctx["weights"][rows] = w
@@ -180,7 +188,8 @@ def _as_tensor(name: str, value: float | Tensor, x: Tensor) -> Tensor:
 
 def robust_global_pool(x: Tensor, penalty: str = "pseudo_huber", c: float | Tensor = 1.0,
                        alpha: float | Tensor = 1.0, dim: int | Sequence[int] = -1, *,
-                       starts: int = 64, options: Options | None = None) -> Tensor:
+                       starts: int = 64, fused: bool | None = None,
+                       options: Options | None = None) -> Tensor:
     """``y = argmin_u Σ_i φ(u − x_i; c, α)`` over the dimensions ``dim`` of ``x``.
 
     Args:
@@ -191,9 +200,10 @@ def robust_global_pool(x: Tensor, penalty: str = "pseudo_huber", c: float | Tens
         alpha: Barron's shape ``α`` (``penalty="general"`` only), like ``c``; differentiable.
         dim: the pooled dimension(s).
         starts: see :class:`RobustPooling`.
+        fused: see :class:`RobustPooling`.
         options: see :class:`RobustPooling`.
     """
-    node = RobustPooling(penalty, starts=starts, options=options)
+    node = RobustPooling(penalty, starts=starts, fused=fused, options=options)
     return _pool(node, x, c, alpha, dim)
 
 
@@ -284,9 +294,9 @@ class _RobustGlobalPool(Picklable, torch.nn.Module):
     def __init__(self, penalty: str = "pseudo_huber", c: float | Tensor = 1.0,
                  learn_c: bool = False, alpha: float | Tensor = 1.0, learn_alpha: bool = False,
                  alpha_range: tuple[float, float] = (0.0, 3.0), channels: int | None = None, *,
-                 starts: int = 64, options: Options | None = None):
+                 starts: int = 64, fused: bool | None = None, options: Options | None = None):
         super().__init__()
-        self.node = RobustPooling(penalty, starts=starts, options=options)
+        self.node = RobustPooling(penalty, starts=starts, fused=fused, options=options)
         uses_alpha = self.node.penalty.uses_alpha
         if channels is not None and (not isinstance(channels, int) or isinstance(channels, bool)
                                      or channels < 1):
@@ -357,6 +367,7 @@ _MODULE_DOC = """Robust global pooling {shape}: ``y_bc = argmin_u Σ_i φ(u − 
         channels: ``None`` for one ``c`` (and ``α``) shared by all channels; ``C`` for one per
             channel (the input must then have ``C`` channels).
         starts: see :class:`RobustPooling`.
+        fused: see :class:`RobustPooling`.
         options: see :class:`RobustPooling`.
     """
 

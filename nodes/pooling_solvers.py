@@ -44,12 +44,14 @@ from torch import Tensor
 from ddnlib.errors import NonConvergenceWarning, report
 
 from .penalties import Penalty
+from .pooling_fused import fused_iteration, mark_failed
 from .pooling_global import histogram_search
 
 __all__ = ["SolverSettings", "solve_rows"]
 
 _BLOCK = 1 << 16  # entries per block of rows (256 KiB in float32)
 _GLOBAL_BLOCK = 1 << 18  # the histogram search is overhead-bound at 2**16 (4x the ops)
+_FUSED_BLOCK = 1 << 20  # compiled passes are compute-bound: big blocks amortise each call
 _REFINED = 3  # local searches of the multi-start strategy
 _WINDOWS = 4  # truncated-quadratic windows re-evaluated exactly
 
@@ -62,6 +64,7 @@ class SolverSettings:
     max_iter: int
     strict: bool
     starts: int
+    fused: bool = False  # convex penalties: the compiled Newton iteration (pooling_fused)
 
 
 def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
@@ -77,14 +80,14 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     elif penalty.name == "truncated_quadratic":
         block_solver = _truncated_quadratic
     elif penalty.convex(alpha):
-        block_solver = _newton
+        block_solver = _newton_fused if settings.fused else _newton
     elif penalty.radial:
         block_solver = _global
     else:
         block_solver = _multistart
     y = x.new_empty(rows)
     failed = torch.zeros(rows, dtype=torch.bool, device=x.device)
-    block = _GLOBAL_BLOCK if block_solver is _global else _BLOCK
+    block = {_global: _GLOBAL_BLOCK, _newton_fused: _FUSED_BLOCK}.get(block_solver, _BLOCK)
     step = max(1, block // max(n, 1))
     starts = list(range(0, rows, step))
     workers = max(1, min(torch.get_num_threads(), len(starts)))
@@ -106,7 +109,7 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
                     on_block(sl, xb, y[sl])
 
     shares = [starts[i::workers] for i in range(workers)]
-    if workers == 1 or x.device.type != "cpu":
+    if workers == 1 or x.device.type != "cpu" or block_solver is _newton_fused:
         run(starts)
     else:  # blocks are small enough that each op runs single-threaded: one block per thread
         with ThreadPoolExecutor(workers) as pool:
@@ -185,6 +188,30 @@ def _newton(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: Sol
         u = torch.where(accept, trial, u)
         g = torch.where(accept, g_t, g)
         h = torch.where(accept, h_t, h)
+    return u, ~done
+
+
+def _newton_fused(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
+                  settings: SolverSettings, work: tuple[Tensor, Tensor]):
+    """:func:`_newton` with its iteration compiled (:mod:`~.pooling_fused`)."""
+    iteration = fused_iteration(penalty)
+    lo, hi = x.amin(1), x.amax(1)
+    if iteration is None or not bool(((hi - lo) < 1e18 * c.squeeze(1)).all()):
+        return _newton(penalty, x, c, alpha, settings, work)  # (the fused sums square z / c)
+    scale = _scale(lo, hi, c)
+    u = _median_start(x)
+    g, h = penalty.newton_sums(torch.sub(u[:, None], x, out=work[0]), c, alpha, work[1])
+    lo, hi = torch.where(g <= 0, u, lo), torch.where(g >= 0, u, hi)
+    done = torch.zeros_like(u, dtype=torch.bool)
+    try:
+        for _ in range(settings.max_iter):
+            u, g, h, lo, hi, done = iteration(x, c, alpha, u, g, h, lo, hi, done, scale,
+                                              settings.tol)
+            if bool(done.all()):
+                break
+    except Exception as error:  # a compiler missing or failing: eager from here on
+        mark_failed(penalty, error)
+        return _newton(penalty, x, c, alpha, settings, work)
     return u, ~done
 
 

@@ -1,0 +1,92 @@
+"""The fused path of the convex pooling solver: one safeguarded Newton iteration per row block,
+compiled by ``torch.compile`` (TorchInductor, which needs a C++ compiler on the CPU).
+
+Eagerly an iteration is a dozen tensor operations, each a pass over the block; compiled it is
+one or two loops. The iteration is the same as :func:`~.pooling_solvers._newton`'s (same start,
+bracket, acceptance and stopping rule), so the answers agree with the eager solver to rounding.
+
+When it is used (``fused`` of :class:`~ddnlib.nodes.RobustPooling` and the pooling modules):
+``True`` always, ``False`` never, ``None`` (default) automatically: for a convex penalty, when a
+C++ compiler is found, from the fourth call in this process whose input has at least ``2**24``
+entries (compiling takes tens of seconds once per penalty and process; at that size an eager
+forward takes about a second, so the compile pays for itself within a short training run). If
+compiling fails the eager solver is used and a warning says why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .penalties import Penalty
+
+__all__ = ["fused_iteration", "mark_failed", "want_fused"]
+
+_LARGE = 1 << 24  # entries of an input from which the automatic choice counts a call
+_CALLS_BEFORE = 3  # large calls seen before the automatic choice compiles
+_large_calls: dict[str, int] = {}
+_compiled: dict[str, Callable] = {}
+_failed: set[str] = set()
+_lock = threading.Lock()
+
+
+def _compiler_found() -> bool:
+    return any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+
+
+def want_fused(fused: bool | None, penalty: Penalty, convex: bool, entries: int) -> bool:
+    """Whether this call uses the fused path (see the module doc)."""
+    if fused is not None:
+        return fused and convex and penalty.name not in _failed
+    if not convex or entries < _LARGE or penalty.name in _failed or not _compiler_found():
+        return False
+    with _lock:
+        _large_calls[penalty.name] = seen = _large_calls.get(penalty.name, 0) + 1
+    return seen > _CALLS_BEFORE
+
+
+def _iteration(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, u: Tensor, g: Tensor,
+               h: Tensor, lo: Tensor, hi: Tensor, done: Tensor, tol: float, scale: Tensor):
+    """One iteration of :func:`~.pooling_solvers._newton` as a pure function of its state."""
+    step_tol = tol * (u.abs() + scale)
+    newton = u - g / h
+    inside = (newton > lo) & (newton < hi)
+    converged = ~done & ((g == 0) | ((newton - u).abs() <= step_tol) | (hi - lo <= step_tol))
+    u = torch.where(converged & inside & (g != 0), newton, u)
+    done = done | converged
+    trial = torch.where(inside, newton, 0.5 * (lo + hi))
+    g_t, h_t = penalty.fused_sums(trial[:, None] - x, c, alpha)
+    lo = torch.where(~done & (g_t <= 0), trial, lo)
+    hi = torch.where(~done & (g_t >= 0), trial, hi)
+    accept = ~done & (g_t.abs() < g.abs())
+    return (torch.where(accept, trial, u), torch.where(accept, g_t, g),
+            torch.where(accept, h_t, h), lo, hi, done)
+
+
+def fused_iteration(penalty: Penalty) -> Callable | None:
+    """The compiled iteration for ``penalty`` (compiled on first use), or ``None`` if compiling
+    failed (reported once)."""
+    with _lock:
+        fn = _compiled.get(penalty.name)
+        if fn is None and penalty.name not in _failed:
+            fn = _compiled[penalty.name] = torch.compile(
+                lambda x, c, alpha, u, g, h, lo, hi, done, scale, tol: _iteration(
+                    penalty, x, c, alpha, u, g, h, lo, hi, done, tol, scale),
+                dynamic=True)
+    return fn
+
+
+def mark_failed(penalty: Penalty, error: Exception) -> None:
+    """Stop using the fused path for ``penalty`` in this process, saying why."""
+    with _lock:
+        _failed.add(penalty.name)
+        _compiled.pop(penalty.name, None)
+    warnings.warn(f"robust pooling ({penalty.name}): the fused (torch.compile) solver failed "
+                  f"({type(error).__name__}: {str(error)[:200]}); using the eager solver",
+                  RuntimeWarning, stacklevel=3)
