@@ -37,7 +37,7 @@ from .penalties import Penalty
 __all__ = ["histogram_search"]
 
 _BINS = 32
-_FINE = 0.5  # bin width / c at which the runs are refined
+_FINE = 0.25  # bin width / c at which the runs are refined
 _LEVELS = 10
 _RUNS = 3
 _PROBLEMS = 8  # open ranges per row
