@@ -21,6 +21,17 @@ The stages are those of jaxopt's ``root_vjp``: build the KKT point (:meth:`Probl
 optimality check, ``[H Aᵀ; A 0] [d; dν] = −[∇_y L; c]``, rides along as a second right-hand side of
 the same solve.
 
+Forward mode (:func:`implicit_jvp`) differentiates the same KKT conditions in a direction
+``(dx, dθ)`` of the inputs and parameters: with the same KKT matrix,
+
+    [H  Aᵀ] [dy]     [∂_(x,θ) ∇_y L · (dx, dθ)]
+    [A  0 ] [dν] = − [∂_(x,θ) c   · (dx, dθ)],
+
+one linear solve per direction; the right-hand side is a JVP of ``(∇_y L, c)`` at fixed
+``(y, ν)``, taken as the transpose of a VJP (two reverse passes, so every objective that the
+backward supports works). A node with a closed-form ``vjp`` gets its JVP as the transpose of that
+vjp (:func:`transposed_vjp`), exact because the vjp is linear in ``v``.
+
 Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021, Proposition 4.5.
 """
 
@@ -36,7 +47,7 @@ from .linear_solvers import CG, chosen, report_solve
 from .problem import Problem, grad
 from .solution import Solution, as_solution
 
-__all__ = ["implicit_vjp"]
+__all__ = ["implicit_vjp", "implicit_jvp", "transposed_vjp"]
 
 CHECK_CG_TOL = 0.1  # the optimality check needs only the size of its step
 
@@ -93,3 +104,83 @@ def implicit_vjp(
     it = iter(grads)
     input_grads = tuple(next(it) if x.requires_grad else None for x in xs)
     return input_grads, {name: next(it) for name in params}
+
+
+def implicit_jvp(
+    node, xs: Sequence[Tensor], y: Tensor, tangents: Sequence[Tensor | None],
+    param_tangents: Mapping[str, Tensor], ctx: Solution | Mapping[str, Any] | None = None,
+) -> Tensor:
+    """The directional derivative ``dy (b, *out)`` of the solution for tangents of the inputs and
+    parameters (see the module docstring).
+
+    Args:
+        node: the :class:`~ddnlib.DeclarativeNode` (its ``options`` are read).
+        xs: the inputs, each ``(b, ...)``; those with a tangent must require grad.
+        y: the solution ``(b, *out)``.
+        tangents: one per input, shaped like it, or ``None`` (a zero tangent).
+        param_tangents: parameter name (as in ``named_parameters()``) to its tangent; those
+            parameters must require grad.
+        ctx: what the forward solver returned beside ``y`` (as for :func:`implicit_vjp`).
+    """
+    options = node.options
+    params = dict(node.named_parameters())
+    pairs = [(x, t) for x, t in zip(xs, tangents) if t is not None]
+    pairs += [(params[k], t) for k, t in param_tangents.items() if t is not None]
+    if y.numel() == 0 or not pairs:
+        return torch.zeros_like(y)
+    solution = ctx if isinstance(ctx, Solution) else as_solution((y, ctx))
+    with torch.enable_grad():
+        problem = Problem(node, xs, y.shape)
+        kkt = problem.kkt(y, solution, options)
+        kkt.report_rank(options.strict)
+        da, dc = _directional([kkt.lagrangian_grad, kkt.c], pairs)
+        op = kkt.operator(options.damping)
+        solver = chosen(options.solver, op)
+        dc = dc * kkt.active.to(dc.dtype)
+        U, _, info = solver.solve(op, -da.detach().unsqueeze(-1), -dc.detach().unsqueeze(-1))
+        report_solve(info, options.strict, "the KKT matrix" if kkt.constrained else "the Hessian")
+    return problem.unflatten(U[..., 0].to(y.dtype))
+
+
+def _directional(outs: Sequence[Tensor], pairs) -> list[Tensor]:
+    """``J_i t`` for each output ``out_i`` and tangents ``t`` of the inputs ``pairs = [(z, t)]``,
+    as the transpose of a VJP: ``J t = ∂/∂s ⟨Jᵀ s, t⟩``."""
+    dummies = [torch.zeros_like(o, requires_grad=True) for o in outs]
+    wanted = [z for z, _ in pairs]
+    live = [(o, s) for o, s in zip(outs, dummies) if o.requires_grad and o.numel()]
+    if not live:
+        return [torch.zeros_like(o) for o in outs]
+    pulled = torch.autograd.grad([o for o, _ in live], wanted, [s for _, s in live],
+                                 create_graph=True, allow_unused=True)
+    total = sum((g * t.to(g.dtype)).sum() for g, (_, t) in zip(pulled, pairs) if g is not None)
+    if not isinstance(total, Tensor) or not total.requires_grad:
+        return [torch.zeros_like(o) for o in outs]
+    return grad(total, dummies)
+
+
+def transposed_vjp(
+    node, xs: Sequence[Tensor], y: Tensor, tangents: Sequence[Tensor | None],
+    param_tangents: Mapping[str, Tensor], ctx: Solution | Mapping[str, Any] | None = None,
+) -> Tensor:
+    """``dy = J (dx, dθ)`` from ``node.vjp`` (``v ↦ Jᵀ v``, linear in ``v``): ``J t = ∂/∂v ⟨Jᵀ v, t⟩``.
+
+    Raises ``NotImplementedError`` when the vjp's result does not depend differentiably on ``v``.
+    """
+    params = {k: p for k, p in node.named_parameters() if p.requires_grad}
+    if y.numel() == 0:
+        return torch.zeros_like(y)
+    with torch.enable_grad():
+        v = torch.zeros_like(y, requires_grad=True)
+        input_grads, param_grads = node.vjp(*xs, y=y, v=v, ctx=ctx)
+        terms = [(g, t) for g, t in zip(input_grads, tangents) if t is not None and g is not None]
+        terms += [(param_grads[k], t) for k, t in param_tangents.items()
+                  if t is not None and k in params and param_grads.get(k) is not None]
+        total = sum((g * t.to(g.dtype)).sum() for g, t in terms)
+        if not terms:
+            return torch.zeros_like(y)
+        if not total.requires_grad:
+            raise NotImplementedError(
+                f"forward-mode derivative of {type(node).__name__}: its vjp does not return a "
+                "differentiable function of v, so its JVP cannot be formed by transposing it; "
+                "override jvp(*xs, y=..., tangents=..., param_tangents=..., ctx=...)")
+        return grad(total, [v])[0]

@@ -159,13 +159,20 @@ class _Declarative(torch.autograd.Function):
         ctx.node, ctx.spec = node, spec
         ctx.solve_ctx = holder.ctx
         ctx.save_for_backward(*tensors, output)  # the version counters guard against in-place
+        ctx.save_for_forward(*tensors, output)
 
     @staticmethod
     def backward(ctx, v):
         *tensors, y = ctx.saved_tensors
         with _no_autocast():
-            grads = _batched_backward(ctx, tensors, y, v)
+            grads = _peel(_backward, ctx, tensors, y, [v])
         return (None,) * _N_META + tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        *tensors, y = ctx.saved_tensors
+        with _no_autocast(), torch.no_grad():
+            return _peel(_jvp, ctx, tensors, y, list(tangents[_N_META:]))[0]
 
     @staticmethod
     def vmap(info, in_dims, node, holder, spec, *tensors):
@@ -184,58 +191,70 @@ class _Declarative(torch.autograd.Function):
         return y.reshape(size, -1, *y.shape[1:]), 0
 
 
-def _batched_backward(ctx, tensors, y, v) -> list:
-    """The backward for ``v``, also under transforms of the backward itself: a batched ``v``
-    (``is_grads_batched``, ``jacobian(vectorize=True)``, vmap over a vjp) is split into its
-    vectors, each run through ``node.vjp`` and the results batched again at the same level; under
-    a torch.func gradient transform (``grad``, ``vjp``, ``jacrev``) the tensors are unwrapped, the
-    vjp runs below the transform and its results are handed back as constants of that level
-    (first order: a gradient transform of a gradient transform raises)."""
+def _peel(compute, ctx, tensors, y, extra) -> list:
+    """``compute(ctx, tensors, y, extra)`` (a list of results) also under transforms of the
+    backward or the jvp itself. ``extra`` is what arrives from outside (``[v]`` or the tangents,
+    ``None`` for a zero tangent). A batched ``extra`` (``is_grads_batched``,
+    ``jacobian(vectorize=True)``, vmap over a vjp or a jvp, ``jacfwd``) is split into its vectors,
+    each computed and the results batched again at the same level; under a torch.func
+    differentiation transform (``grad``, ``vjp``, ``jvp``, ``jacrev``) the tensors are
+    unwrapped, the computation runs below the transform and its results are handed back as
+    constants of that level (first order: a transform of a transform raises)."""
     # the wrappers of a finished torch.func transform (torch.func.vjp's pullback, jacrev) are dead
-    v, y, *tensors = [_functorch.unwrap_if_dead(t) for t in (v, y, *tensors)]
-    if _functorch.is_legacy_batchedtensor(v):  # torch.autograd's own vmap (is_grads_batched)
-        level = _legacy_level(v)
-        value = torch._remove_batch_dim(v, level, 1, 0)
-        per_vector = [_batched_backward(ctx, tensors, y, vi) for vi in value.unbind(0)]
-        return [None if g[0] is None else torch._add_batch_dim(torch.stack(g), 0, level)
-                for g in zip(*per_vector)]
-    everything = (v, y, *tensors)
-    level = max(_functorch.maybe_get_level(t) for t in everything)
+    unwrap = lambda t: None if t is None else _functorch.unwrap_if_dead(t)  # noqa: E731
+    extra, y, tensors = [unwrap(t) for t in extra], unwrap(y), [unwrap(t) for t in tensors]
+    everything = [*extra, y, *tensors]
+    present = [t for t in everything if t is not None]
+    if any(_functorch.is_legacy_batchedtensor(t) for t in extra if t is not None):
+        level = _legacy_level()  # torch.autograd's own vmap (is_grads_batched)
+        parts = [(torch._remove_batch_dim(t, level, 1, 0), 0)
+                 if t is not None and _functorch.is_legacy_batchedtensor(t) else (t, None)
+                 for t in everything]
+        return _per_vector(compute, ctx, parts, len(extra),
+                           lambda g: torch._add_batch_dim(g, 0, level))
+    level = max(_functorch.maybe_get_level(t) for t in present)
     if level < 0:
-        return _backward(ctx, tensors, y, v)
+        return compute(ctx, tensors, y, extra)
     current = _functorch.maybe_current_level()
     if current != level:  # an outer transform that none of the tensors belongs to
         raise NotImplementedError(
-            f"the backward of {type(ctx.node).__name__} runs under a torch.func transform "
+            f"the derivative of {type(ctx.node).__name__} runs under a torch.func transform "
             f"(level {current}) that its tensors do not belong to (level {level}); apply the "
             "transforms to the function that calls the node instead")
-    at_level = [_functorch.maybe_get_level(t) == level for t in everything]
+    at_level = [t is not None and _functorch.maybe_get_level(t) == level for t in everything]
     if any(a and _functorch.is_batchedtensor(t) for a, t in zip(at_level, everything)):
         parts = [_functorch._unwrap_batched(t, level) if a else (t, None)
                  for a, t in zip(at_level, everything)]
-        size = next(value.shape[d] for value, d in parts if d is not None)
         with temporarily_pop_interpreter_stack():
-            per_vector = []
-            for i in range(size):
-                vi, yi, *ti = [t if d is None else t.select(d, i) for t, d in parts]
-                per_vector.append(_batched_backward(ctx, ti, yi, vi))
-            grads = [None if g[0] is None else torch.stack(g) for g in zip(*per_vector)]
+            grads = _per_vector(compute, ctx, parts, len(extra), lambda g: g)
         return [None if g is None else _functorch._add_batch_dim(g, 0, level) for g in grads]
     unwrapped = [_functorch._unwrap_for_grad(t, level) if a else t
                  for a, t in zip(at_level, everything)]
     with temporarily_pop_interpreter_stack():
-        if any(_functorch.is_gradtrackingtensor(t) for t in unwrapped):
+        if any(t is not None and _functorch.is_gradtrackingtensor(t) for t in unwrapped):
             raise NotImplementedError(
-                f"{type(ctx.node).__name__}: nested torch.func gradient transforms (e.g. "
-                "hessian, grad of grad) through a DeclarativeNode are not supported; its "
-                "torch.func backward is first order")
-        vi, yi, *ti = unwrapped
+                f"{type(ctx.node).__name__}: nested torch.func transforms (e.g. hessian, "
+                "grad of grad, jacfwd of jacrev) through a DeclarativeNode are not supported; "
+                "its torch.func derivatives are first order (torch.autograd double backward "
+                "is supported, see docs/composition.md)")
+        k = len(extra)
         with torch.no_grad():  # the transform's own create_graph: results are constants here
-            grads = _batched_backward(ctx, ti, yi, vi)
+            grads = _peel(compute, ctx, unwrapped[k + 1:], unwrapped[k], unwrapped[:k])
     return [None if g is None else _functorch._wrap_for_grad(g, level) for g in grads]
 
 
-def _legacy_level(v: Tensor) -> int:
+def _per_vector(compute, ctx, parts, k: int, rebatch) -> list:
+    """``compute`` once per index of the batch dimension of ``parts`` ((tensor, dim) pairs, dim
+    ``None`` where not batched), results stacked at dim 0 and passed to ``rebatch``."""
+    size = next(t.shape[d] for t, d in parts if d is not None)
+    per_vector = []
+    for i in range(size):
+        sliced = [t if d is None or t is None else t.select(d, i) for t, d in parts]
+        per_vector.append(_peel(compute, ctx, sliced[k + 1:], sliced[k], sliced[:k]))
+    return [None if g[0] is None else rebatch(torch.stack(g)) for g in zip(*per_vector)]
+
+
+def _legacy_level() -> int:
     """The vmap level of a tensor batched by ``torch._vmap_internals`` (``is_grads_batched``):
     the innermost one, i.e. the current nesting."""
     level = torch._C._vmapmode_increment_nesting()
@@ -243,8 +262,9 @@ def _legacy_level(v: Tensor) -> int:
     return level - 1
 
 
-def _backward(ctx, tensors, y, v) -> list:
+def _backward(ctx, tensors, y, extra) -> list:
     node, spec = ctx.node, ctx.spec
+    v, = extra
     if torch.is_grad_enabled() and any(t.requires_grad for t in (v, *tensors)):
         raise RuntimeError(
             f"double backward through {type(node).__name__} is not supported: its "
@@ -298,6 +318,27 @@ def _vjp(ctx, xs, state, y, v, solve_ctx) -> tuple[list, list]:
     grads = [param_grads.get(name) for name in spec.params]
     return list(input_grads), [torch.zeros_like(p) if g is None else g
                                for g, p in zip(grads, state)]
+
+
+def _node_jvp(node, *xs, y, tangents, param_tangents, ctx):
+    return node.jvp(*xs, y=y, tangents=tangents, param_tangents=param_tangents, ctx=ctx)
+
+
+def _jvp(ctx, tensors, y, tangents) -> list:
+    """``ctx.node.jvp`` at the tensors the forward used (detached copies; a copy requires grad
+    where its tangent is given). Tangents of buffers are ignored, as the backward gives buffers
+    no gradient."""
+    spec = ctx.spec
+    n, k = spec.n, len(spec.params)
+    xs = [x.detach().requires_grad_(t is not None) for x, t in zip(tensors[:n], tangents[:n])]
+    copies = [p.detach().requires_grad_(t is not None)
+              for p, t in zip(tensors[n:n + k], tangents[n:n + k])]
+    copies += [t.detach() for t in tensors[n + k:]]
+    param_tangents = {name: t for name, t in zip(spec.params, tangents[n:n + k]) if t is not None}
+    dy = _at(ctx.node, spec, tensors[n:], _node_jvp, *xs, y=y.detach(), tangents=tuple(
+        tangents[:n]), param_tangents=param_tangents, ctx=ctx.solve_ctx, substitute=copies,
+        force=True)
+    return [dy.to(y.dtype)]
 
 
 def _state(node) -> tuple[tuple[str, ...], list[Tensor], tuple[str, ...], list[Tensor]]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import implicit_vjp
+from .engine import implicit_jvp, implicit_vjp, transposed_vjp
 from .function import declarative_apply
 from .options import Options
 from .pickling import Picklable
@@ -102,6 +102,21 @@ class DeclarativeNode(Picklable, torch.nn.Module):
         Override with a closed form where one exists; ``super().vjp(...)`` is the generic engine.
         """
         return implicit_vjp(self, xs, y, v, ctx)
+
+    def jvp(
+        self, *xs: Tensor, y: Tensor, tangents: tuple[Tensor | None, ...],
+        param_tangents: Mapping[str, Tensor], ctx: Mapping[str, Any] | None = None
+    ) -> Tensor:
+        """Jacobian–vector product of the solution map (forward mode): ``dy``, shaped like ``y``.
+
+        ``tangents`` has one entry per input (``None`` for a zero tangent); ``param_tangents``
+        maps parameter names (as in ``named_parameters()``) to tangents. The default is
+        :func:`ddnlib.engine.implicit_jvp`, or the transpose of an overridden :meth:`vjp`
+        (:func:`ddnlib.engine.transposed_vjp`) so that a closed form serves both modes.
+        """
+        if type(self).vjp is not DeclarativeNode.vjp:
+            return transposed_vjp(self, xs, y, tangents, param_tangents, ctx)
+        return implicit_jvp(self, xs, y, tangents, param_tangents, ctx)
 
     def forward(self, *xs: Tensor) -> Tensor:
         """Solve for ``y (b, *out)``; differentiable in ``xs`` and in the node's parameters."""

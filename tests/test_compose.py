@@ -35,7 +35,8 @@ class RidgeVjp(RidgeSolve):
         params = {k: p for k, p in self.named_parameters() if p.requires_grad}
         wanted = ([x] if x.requires_grad else []) + list(params.values())
         with torch.enable_grad():
-            grads = list(torch.autograd.grad(self.closed_form(x), wanted, v, allow_unused=True))
+            grads = list(torch.autograd.grad(self.closed_form(x), wanted, v, allow_unused=True,
+                                             create_graph=True))  # differentiable: jvp, 2nd order
         gx = grads.pop(0) if x.requires_grad else None
         return (gx,), dict(zip(params, grads))
 
@@ -384,3 +385,43 @@ def test_func_grad_of_pooling_matches_autograd():
     got = torch.func.grad(lambda t: pool(t).square().sum())(x)
     want = torch.autograd.grad(pool(x.requires_grad_()).square().sum(), x)[0]
     torch.testing.assert_close(got, want)
+
+
+# -- forward mode: forward_ad, torch.func.jvp, jacfwd ------------------------------------------------
+
+@checked
+def test_gradcheck_forward_mode(make):
+    node, x = make()
+    call, params = _as_function(node)
+    assert torch.autograd.gradcheck(call, (x.requires_grad_(), *params), check_forward_ad=True,
+                                    check_backward_ad=False, check_batched_forward_grad=True)
+
+
+@generic
+def test_forward_ad_jvp_and_jacfwd_match_the_closed_form(cls):
+    import torch.autograd.forward_ad as fwAD
+
+    node = cls()
+    x, dx = _x(3), _x(3)
+    state = {k: p.detach() for k, p in node.named_parameters()}
+    tangent = {k: torch.randn_like(p) for k, p in state.items()}
+    f = lambda s, x: torch.func.functional_call(node, s, (x,))  # noqa: E731
+    g = lambda s, x: closed_form(node, s, x)  # noqa: E731
+    want = torch.func.jvp(g, (state, x), (tangent, dx))
+    _assert_all_close(torch.func.jvp(f, (state, x), (tangent, dx)), want)
+    with fwAD.dual_level():
+        dual = {k: fwAD.make_dual(p, tangent[k]) for k, p in state.items()}
+        y = fwAD.unpack_dual(f(dual, fwAD.make_dual(x, dx)))
+    _assert_all_close((y.primal, y.tangent), want)
+    _assert_all_close(torch.utils._pytree.tree_leaves(torch.func.jacfwd(f, argnums=(0, 1))(state, x)),
+                      torch.utils._pytree.tree_leaves(torch.func.jacrev(g, argnums=(0, 1))(state, x)))
+
+
+@bundled
+def test_jacfwd_of_a_projection_matches_the_closed_form(make):
+    node, x, reference = make()
+    rho = node.parametrizations.radius.original.detach()
+    f = lambda x, rho: torch.func.functional_call(node, {LOG_RADIUS: rho}, (x,))  # noqa: E731
+    g = lambda x, rho: reference(x, rho.exp())  # noqa: E731
+    _assert_all_close(torch.func.jacfwd(f, argnums=(0, 1))(x, rho),
+                      torch.func.jacrev(g, argnums=(0, 1))(x, rho))
