@@ -20,15 +20,21 @@ solved by batched Cholesky of ``M = W + J_gᵀ D J_g`` and of the Schur compleme
 (least squares, ``gelsd``, where the latter is singular: redundant equality constraints). Where
 ``M`` does not factorise (a non-convex problem, or ``W`` positive definite only on the null space
 of ``J_h``) the solver adds the augmented-Lagrangian term ``ρ J_hᵀJ_h`` (which leaves the solution
-unchanged) and then ``δI`` with ``δ = s · 10^k``, ``s = 1 + max |W_ii|`` (the inertia correction of
-N&W §19.3), which also keeps it from stopping at maxima. No batched LU is used (it is unreliable on
+unchanged) and then ``δ T²`` with ``δ = 10^k`` (the inertia correction of N&W §19.3), all after the
+symmetric diagonal scaling ``M = T M̂ T``, ``T² = diag max(|M_ii|, 1)``, that keeps every shift relative to
+its row. A point that passes the stopping test but has negative curvature on the constraints
+(``Zᵀ M Z``, ``Z`` spanning ``null(J_h)``, not positive semi-definite: a maximum or saddle) is left
+along the most negative eigenvector, so the solver does not stop at maxima. No batched LU is used (it is unreliable on
 multi-threaded CPU builds of torch at sizes ≳ 150).
 
 Globalisation: fraction-to-boundary ``τ = 0.995`` on ``s`` and ``z`` (separate primal and dual
 step lengths) and an Armijo backtracking line search on the primal step with the ℓ1 barrier merit
 ``φ(y, s) = f − σμ Σ log s + ν (‖h‖₁ + ‖g + s‖₁)`` (N&W §19.4), ``ν`` raised so that the step is a
-descent direction. Starting points need not be feasible: ``s₀ = max(−g(y₀), κ)``,
-``κ = 0.1 max(1, ‖g(y₀)‖∞)``, ``z₀ = 1``, ``λ₀ = 0``.
+descent direction. Starting points need not be feasible: ``s₀ = −g(y₀)`` on rows with
+``−g ≥ 10⁻³ κ``, ``max(−g, κ)`` on the others, ``κ = 0.1 max(1, ‖g(y₀)‖∞)``; ``z₀ = 1``, ``λ₀ = 0``.
+A domain that is not among the constraints (``log y`` needs ``y > 0``) is only defended by the
+line search, which shortens steps that leave it: state such domains as inequality constraints,
+so that the slacks keep the iterates inside.
 
 Derivatives come from torch autodiff on the batch sum (the problem is separable): ``∇_y L`` with its
 graph, then one vectorised backward pass (``is_grads_batched``) over the ``m + p + q`` rows of
@@ -115,8 +121,10 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
         f0, h0, g0 = problem.objective(y), problem.eq(y), problem.ineq(y)
     _check_finite(f0, h0, g0)
     p, q = h0.shape[1], g0.shape[1]
-    kappa = 0.1 * g0.abs().amax(-1, keepdim=True).clamp_min(1.0) if q else g0
-    s = torch.maximum(-g0, kappa) if q else g0.clone()
+    # slacks: s = −g where the start is clearly inside (then g + s = 0 stays exact for linear
+    # constraints and y stays strictly feasible), else κ = 0.1 max(1, ‖g‖∞)
+    kappa = 0.1 * _amax(g0.abs()).clamp_min(1.0).unsqueeze(-1)
+    s = torch.where(-g0 >= 1e-3 * kappa, -g0, torch.maximum(-g0, kappa))
     z = torch.ones_like(s)
     lam = y.new_zeros(b, p)
     nu = y.new_zeros(b)
@@ -124,6 +132,7 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
     converged = torch.zeros_like(running)
     iterations = torch.zeros(b, dtype=torch.long, device=device)
     residual = torch.full((b,), float("inf"), dtype=dtype, device=device)
+    escapes = torch.zeros_like(iterations)
     for _ in range(options.max_iter + 1):
         ev = _evaluate(problem, y, lam, z, p)
         finite = (torch.isfinite(ev.gL).all(-1) & torch.isfinite(ev.J).all((-2, -1))
@@ -138,17 +147,98 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
         ]).amax(0)
         residual = torch.where(running, res, residual)
         done = running & (res <= tol)
+        escaping = torch.zeros_like(done)
+        if done.any():  # a KKT point with negative curvature on the constraints is left
+            escaping, y_esc, s_esc = _escape(problem, ev, y, s, z, nu, done & (escapes < 5), p)
+            y = torch.where(escaping.unsqueeze(-1), y_esc, y)
+            s = torch.where(escaping.unsqueeze(-1), s_esc, s)
+            escapes += escaping.long()
+            done &= ~escaping
         converged |= done
         running &= ~done & finite
         if not running.any() or int(iterations.max()) >= options.max_iter:
             break
         iterations += running.long()
-        y, s, z, lam, nu = _step(problem, ev, y, s, z, lam, nu, rd, re, ri, running, p, q)
+        stepping = running & ~escaping
+        y, s, z, lam, nu = _step(problem, ev, y, s, z, lam, nu, rd, re, ri, stepping, p, q)
     _report(problem, converged, residual, iterations, options, tol)
     active = z > s
     mu = torch.where(active, z, torch.zeros_like(z))
     y, lam, mu = _polish(problem, y, lam, mu, active, converged, tol)
     return IPMResult(problem.unflatten(y), lam, mu, converged, iterations, residual)
+
+
+def _escape(problem: Problem, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tensor,
+            candidates: Tensor, p: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Leave KKT points that are not local minima (maxima, saddles) along negative curvature.
+
+    For the ``candidates (b,)`` (samples that pass the stopping test), the smallest eigenpair
+    ``(ω, v)`` of ``Zᵀ M Z`` (``M = W + J_gᵀ D J_g``, ``Z`` an orthonormal basis of ``null(J_h)``)
+    is computed; where ``ω < −√eps (1 + max |W_ii|)`` the sample moves along ``d = ±Z v``
+    (sign: ``∇fᵀd ≤ 0``), corrected back onto ``h = 0`` by the second-order correction, with the
+    longest step ``t ∈ {1 + ‖y‖∞, …, 2^-20 (1 + ‖y‖∞)}`` that lowers the merit ``f + ν‖h‖₁`` (N&W
+    §19.3 and Moré & Sorensen's negative-curvature directions). Returns the mask of samples that
+    moved and their new ``y`` and ``s``.
+    """
+    idx = candidates.nonzero().flatten()
+    moved = torch.zeros_like(candidates)
+    if idx.numel() == 0:
+        return moved, y, s
+    m = y.shape[1]
+    J = ev.J[idx].double()
+    Ah, Ag = J[:, m:m + p], J[:, m + p:]
+    W = ev.W[idx].double()
+    M = W + Ag.transpose(-1, -2) @ ((z[idx] / s[idx]).double().unsqueeze(-1) * Ag)
+    if p:
+        _, S, Vh = torch.linalg.svd(Ah, full_matrices=True)
+        eps = torch.finfo(S.dtype).eps * max(Ah.shape[-2:])
+        rank = (S > eps * S.amax(-1, keepdim=True)).sum(-1)
+        Z = Vh.transpose(-1, -2)
+        null = torch.arange(m, device=y.device) >= rank.unsqueeze(-1)
+    else:
+        Z = torch.eye(m, dtype=M.dtype, device=M.device).expand_as(M)
+        null = torch.ones(idx.numel(), m, dtype=torch.bool, device=y.device)
+    R = Z.transpose(-1, -2) @ M @ Z
+    R = 0.5 * (R + R.transpose(-1, -2))
+    big = 1 + 2 * R.abs().amax((-2, -1), keepdim=True)
+    both = null.unsqueeze(-1) & null.unsqueeze(-2)
+    R = torch.where(both, R, torch.zeros_like(R)) + torch.diag_embed((~null).to(R.dtype)) * big
+    omega, V = torch.linalg.eigh(R)
+    scale = 1 + W.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    negative = omega[:, 0] < -torch.finfo(y.dtype).eps ** 0.5 * scale
+    if not negative.any():
+        return moved, y, s
+    idx, Z, V, Ah, Ag = idx[negative], Z[negative], V[negative], Ah[negative], Ag[negative]
+    d = (Z @ V[..., :1])[..., 0]
+    d = torch.where(((ev.gf[idx].double() * d).sum(-1) > 0).unsqueeze(-1), -d, d)
+    ds = -(Ag @ d.unsqueeze(-1))[..., 0]
+    sub = Problem(problem.node, [x[idx] for x in problem.xs],
+                  torch.Size((idx.numel(),)) + problem.out_shape[1:])
+    correct = _soc(Ah) if p else (lambda h: 0.0)
+    yi, si, nui = y[idx], s[idx], nu[idx]
+    d, ds = d.to(y.dtype), ds.to(y.dtype)
+    with torch.no_grad():
+        phi0 = _merit(sub, yi, si, torch.zeros_like(nui), nui)
+        t = 1 + yi.abs().amax(-1)
+        frac = _max_step(si, ds, _TAU) if si.shape[1] else torch.ones_like(t)
+        found = torch.zeros_like(negative[negative])
+        y_new, s_new = yi.clone(), si.clone()
+        for _ in range(21):
+            tt = torch.minimum(t, frac * (1 + yi.abs().amax(-1)))
+            y_t = yi + tt[:, None] * d
+            y_t = y_t + correct(sub.eq(y_t)) if p else y_t
+            s_t = si + tt[:, None] * ds
+            ok = ~found & (_merit(sub, y_t, s_t, torch.zeros_like(nui), nui) < phi0)
+            y_new = torch.where(ok.unsqueeze(-1), y_t, y_new)
+            s_new = torch.where(ok.unsqueeze(-1), s_t, s_new)
+            found |= ok
+            if found.all():
+                break
+            t = 0.5 * t
+    y, s = y.clone(), s.clone()
+    y[idx], s[idx] = y_new, s_new
+    moved[idx] = found
+    return moved, y, s
 
 
 def _polish(problem: Problem, y: Tensor, lam: Tensor, mu: Tensor, active: Tensor,
@@ -166,7 +256,7 @@ def _polish(problem: Problem, y: Tensor, lam: Tensor, mu: Tensor, active: Tensor
     act = torch.cat([torch.ones_like(lam, dtype=torch.bool), active], 1)
     A = ev.J[:, m:] * act.unsqueeze(-1).double()
     c = torch.cat([ev.h, ev.g], 1) * act.double()
-    K = _Condensed(ev.W, ev.W, A, inactive=~act)
+    K = _Condensed(ev.W, A, inactive=~act)
     dy, dnu = K.solve(ev.gL, c)
     y_new = y + dy.to(y.dtype)
     nu_new = (torch.cat([lam, mu], 1).double() + dnu).to(y.dtype) * act
@@ -211,31 +301,48 @@ def _evaluate(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, p: int) -> _E
 
 
 class _Condensed:
-    """Factorisation of the condensed system ``[[M, J_hᵀ], [J_h, 0]]`` (see module docstring)."""
+    """Factorisation of the condensed system ``[[M, J_hᵀ], [J_h, 0]]`` (see module docstring).
 
-    def __init__(self, M: Tensor, W: Tensor, Ah: Tensor, inactive: Tensor | None = None):
+    ``M`` is factorised after symmetric diagonal (Jacobi) scaling, ``M = T M̂ T`` with
+    ``T = diag(√d)``, ``d_i = max(|M_ii|, 1)``: the barrier term and entropy-like
+    objectives spread the diagonal over many orders of magnitude, and every shift (the ``10 eps``
+    safeguard, the inertia correction ``δ``, the augmentation ``ρ J_hᵀJ_h``) is relative to it.
+    """
+
+    def __init__(self, M: Tensor, Ah: Tensor, inactive: Tensor | None = None):
         b, m, _ = M.shape
         eye = torch.eye(m, dtype=M.dtype, device=M.device)
-        # the scale of the regularisation is that of W: the barrier term J_gᵀDJ_g grows without
-        # bound on active constraints and must not set it
-        scale = 1 + W.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
         eps = torch.finfo(M.dtype).eps
-        AtA = Ah.transpose(-1, -2) @ Ah
-        rho_unit = scale / (1 + _amax(AtA.diagonal(dim1=-2, dim2=-1)))
-        self.rho = torch.zeros_like(scale)
-        self.delta = 10 * eps * scale
+        diag = M.diagonal(dim1=-2, dim2=-1).abs()
+        self.r = diag.clamp_min(1.0).rsqrt()  # T⁻¹
+        Ms = self.r.unsqueeze(-1) * M * self.r.unsqueeze(-2)
+        Ahs = Ah * self.r.unsqueeze(-2)
+        AtA = Ahs.transpose(-1, -2) @ Ahs
+        rho_unit = 1 / (1 + _amax(AtA.diagonal(dim1=-2, dim2=-1)))
+        self.rho = M.new_zeros(b)
         self.L = torch.zeros_like(M)
         todo = torch.ones(b, dtype=torch.bool, device=M.device)
+        # shifts tried in turn: none; the augmentation; then δ = 2 max(−ω_min, 0) + 10 eps (ω_min
+        # the smallest eigenvalue of the augmented scaled matrix) and ten times that, repeatedly
+        rho_last = 1.0 if Ah.shape[1] else 0.0
         ladder = ([(0.0, None)] + ([(1.0, None)] if Ah.shape[1] else [])
-                  + [(1.0 if Ah.shape[1] else 0.0, k) for k in range(-8, 17)])
-        for rho_k, k in ladder:
+                  + [(rho_last, 10.0**k) for k in range(0, 17)])
+        omega = None
+        for rho_k, factor in ladder:
             idx = todo.nonzero().flatten()
             rho = rho_unit[idx] * rho_k
-            delta = self.delta[idx] if k is None else scale[idx] * 10.0**k
-            Mk = M[idx] + rho[:, None, None] * AtA[idx] + delta[:, None, None] * eye
+            Mk = Ms[idx] + rho[:, None, None] * AtA[idx]
+            if factor is None:
+                delta = Mk.new_full((idx.numel(),), 10 * eps)
+            else:
+                if omega is None:
+                    omega = torch.full_like(rho_unit, 1.0)
+                    omega[idx] = torch.linalg.eigvalsh(Mk)[:, 0]
+                delta = factor * (2 * (-omega[idx]).clamp_min(0) + 10 * eps)
+            Mk = Mk + delta[:, None, None] * eye
             L, info = torch.linalg.cholesky_ex(Mk)
             ok = info == 0
-            self.L[idx[ok]], self.rho[idx[ok]], self.delta[idx[ok]] = L[ok], rho[ok], delta[ok]
+            self.L[idx[ok]], self.rho[idx[ok]] = L[ok], rho[ok]
             todo[idx[ok]] = False
             if not todo.any():
                 break
@@ -243,7 +350,7 @@ class _Condensed:
         self.L[todo] = eye
         self.Ah = Ah
         if Ah.shape[1]:
-            self.MiAt = torch.cholesky_solve(Ah.transpose(-1, -2), self.L)
+            self.MiAt = self._solve_m(Ah.transpose(-1, -2))
             S = Ah @ self.MiAt
             S = 0.5 * (S + S.transpose(-1, -2))
             if inactive is not None:  # rows of Ah that are zero: W = 0 there
@@ -254,11 +361,17 @@ class _Condensed:
             self.Ls, info = torch.linalg.cholesky_ex(S)
             self.S, self.s_singular = S, info != 0
 
+    def _solve_m(self, B: Tensor) -> Tensor:
+        """``(M + ρ J_hᵀJ_h + shifts)⁻¹ B`` for ``B (b, m, k)``."""
+        r = self.r.unsqueeze(-1)
+        return r * torch.cholesky_solve(r * B, self.L)
+
     def solve(self, rt: Tensor, re: Tensor) -> tuple[Tensor, Tensor]:
         """``(dy, dλ)`` with ``M dy + J_hᵀ dλ = −rt``, ``J_h dy = −re``; ``rt (b, m)``, ``re (b, p)``."""
         if self.Ah.shape[1]:
+            # (M + ρ J_hᵀJ_h) dy + J_hᵀ dλ = −rt − ρ J_hᵀ re is the same system (J_h dy = −re)
             rt = rt + self.rho.unsqueeze(-1) * (self.Ah.transpose(-1, -2) @ re.unsqueeze(-1))[..., 0]
-        Mir = torch.cholesky_solve(rt.unsqueeze(-1), self.L)
+        Mir = self._solve_m(rt.unsqueeze(-1))
         if not self.Ah.shape[1]:
             return -Mir[..., 0], re.new_zeros(re.shape)
         rhs = re.unsqueeze(-1) - self.Ah @ Mir
@@ -310,7 +423,7 @@ def _step(problem: Problem, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p:
     M = ev.W + Ag.transpose(-1, -2) @ ((z / s).unsqueeze(-1) * Ag)
     finite = torch.isfinite(M).all((-2, -1))
     M = torch.where(finite[:, None, None], M, torch.eye(m, dtype=M.dtype, device=M.device))
-    K = _Condensed(M, ev.W, Ah)
+    K = _Condensed(M, Ah)
     if q:
         mu = (s * z).mean(-1)
         dy, ds, dz, dlam = _direction(K, Ag, s, z, rd, re, ri, s * z)
@@ -329,17 +442,23 @@ def _step(problem: Problem, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p:
     c1 = re.abs().sum(-1) + ri.abs().sum(-1)
     slope_f = (ev.gf * dy).sum(-1) - (target.unsqueeze(-1) * ds / s).sum(-1)
     curvature = torch.einsum("bi,bij,bj->b", dy, M, dy).clamp_min(0)
-    needed = torch.where(c1 > 0, (slope_f + 0.5 * curvature) / (0.5 * c1).clamp_min(
+    # a violation at rounding level (linear constraints once met) must not inflate ν
+    rounding = 64 * torch.finfo(dtype).eps * (c1.new_ones(()) + _amax(ev.J[:, m:].abs().flatten(1))
+                                              * y.abs().amax(-1)) * max(p + q, 1)
+    needed = torch.where(c1 > rounding, (slope_f + 0.5 * curvature) / (0.5 * c1).clamp_min(
         torch.finfo(y.dtype).tiny), torch.zeros_like(c1))
     new_mult = _amax(torch.cat([lam + dlam, z + dz], 1).abs())
-    nu = torch.maximum(nu, torch.maximum(1.1 * new_mult, needed))
+    # ν is chosen afresh each iteration (a wild first multiplier estimate must not stay in it)
+    nu = torch.maximum(1.1 * new_mult, needed)
     slope = slope_f - nu * c1
+    correct = _soc(Ah) if p else None
     dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope = (
         t.to(dtype) for t in (dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope))
     y, s, z, lam = y_in, s_in, z_in, lam_in
-    t = _line_search(problem, f, y, s, dy, ds, a_p, target, nu, c1, slope, running)
+    y_new, t = _line_search(problem, f, y, s, dy, ds, a_p, target, nu, c1, slope, running,
+                            correct)
     keep = running.unsqueeze(-1)
-    y = torch.where(keep, y + t[:, None] * dy, y)
+    y = torch.where(keep, y_new, y)
     s = torch.where(keep, s + t[:, None] * ds, s)
     lam = torch.where(keep, lam + t[:, None] * dlam, lam)
     z = torch.where(keep & (t > 0)[:, None], z + a_d[:, None] * dz, z)
@@ -353,29 +472,72 @@ def _merit(problem: Problem, y: Tensor, s: Tensor, target: Tensor, nu: Tensor) -
     return torch.where(torch.isfinite(phi), phi, torch.full_like(phi, float("inf")))
 
 
-def _line_search(problem, f, y, s, dy, ds, a_max, target, nu, c1, slope, running) -> Tensor:
-    """Per-sample Armijo step ``t = a_max 2^-k`` on the merit; ``a_max`` where none is found and
-    the full step is finite (non-monotone: the merit shortens steps, it never stalls a sample),
-    0 where no finite trial point was found."""
+def _soc(Ah: Tensor):
+    """The second-order correction ``−J_hᵀ (J_h J_hᵀ + εI)⁻¹ h`` (against the Maratos effect:
+    N&W §15.6), as a function of ``h (b, p)``."""
+    S = Ah @ Ah.transpose(-1, -2)
+    eps = torch.finfo(S.dtype).eps
+    S = S + (10 * eps * (1 + S.diagonal(dim1=-2, dim2=-1).amax(-1)))[:, None, None] * torch.eye(
+        S.shape[-1], dtype=S.dtype, device=S.device)
+    L, _ = torch.linalg.cholesky_ex(S)
+
+    def correct(h: Tensor) -> Tensor:
+        w = torch.cholesky_solve(h.double().unsqueeze(-1), L)
+        return -(Ah.transpose(-1, -2) @ w)[..., 0].to(h.dtype)
+
+    return correct
+
+
+def _line_search(problem, f, y, s, dy, ds, a_max, target, nu, c1, slope, running, correct
+                 ) -> tuple[Tensor, Tensor]:
+    """Per-sample Armijo search on the merit: the full step ``a_max``, then (with equality
+    constraints) its second-order correction, then ``a_max 2^-k``. Returns the new ``y`` and the
+    step length ``t`` taken for ``s`` and ``λ``. Where no step passes, the longest trial step at
+    which the problem is finite is taken (non-monotone: the merit shortens steps, it never stalls
+    a sample); ``t = 0`` where no finite trial point was found."""
     with torch.no_grad():
-        phi0 = f - target * s.log().sum(-1) + nu * c1
-        rounding = 64 * torch.finfo(y.dtype).eps * (1 + phi0.abs() + (target * s.log().sum(-1)).abs())
+        log_s = s.log().sum(-1)
+        phi0 = f - target * log_s + nu * c1
+        rounding = 64 * torch.finfo(y.dtype).eps * (1 + phi0.abs() + (target * log_s).abs())
+
+        def passes(phi: Tensor, t: Tensor) -> Tensor:
+            return ((phi <= phi0 + _ARMIJO * t * slope.clamp(max=0))
+                    | ((phi - phi0).abs() <= rounding))
+
         t = a_max.clone()
-        searching = running.clone()
-        accepted = torch.zeros_like(running)
-        full_finite = torch.zeros_like(running)
-        for k in range(_MAX_BACKTRACKS):
-            phi = _merit(problem, y + t[:, None] * dy, s + t[:, None] * ds, target, nu)
-            if k == 0:
-                full_finite = torch.isfinite(phi)
-            ok = searching & ((phi <= phi0 + _ARMIJO * t * slope.clamp(max=0))
-                              | ((phi - phi0).abs() <= rounding))
+        y_full = y + t[:, None] * dy
+        s_full = s + t[:, None] * ds
+        phi = _merit(problem, y_full, s_full, target, nu)
+        full_finite = torch.isfinite(phi)
+        accepted = running & passes(phi, t)
+        y_new = y_full
+        if correct is not None and bool((running & ~accepted).any()):
+            y_soc = y_full + correct(problem.eq(y_full))
+            ok = running & ~accepted & passes(_merit(problem, y_soc, s_full, target, nu), t)
+            y_new = torch.where(ok.unsqueeze(-1), y_soc, y_new)
             accepted |= ok
-            searching &= ~ok
+        searching = running & ~accepted
+        # fallback where nothing passes: the longest finite trial step
+        fallback, t_fallback, y_fallback = full_finite, t.clone(), y_full
+        for _ in range(_MAX_BACKTRACKS):
             if not searching.any():
                 break
             t = torch.where(searching, 0.5 * t, t)
-    return torch.where(accepted, t, torch.where(full_finite, a_max, torch.zeros_like(t)))
+            y_t = y + t[:, None] * dy
+            phi = _merit(problem, y_t, s + t[:, None] * ds, target, nu)
+            ok = searching & passes(phi, t)
+            y_new = torch.where(ok.unsqueeze(-1), y_t, y_new)
+            accepted |= ok
+            searching &= ~ok
+            first = searching & ~fallback & torch.isfinite(phi)
+            t_fallback = torch.where(first, t, t_fallback)
+            y_fallback = torch.where(first.unsqueeze(-1), y_t, y_fallback)
+            fallback |= first
+        use = ~accepted & fallback
+        t = torch.where(accepted, t, torch.where(use, t_fallback, torch.zeros_like(t)))
+        y_new = torch.where(accepted.unsqueeze(-1), y_new,
+                            torch.where(use.unsqueeze(-1), y_fallback, y))
+    return y_new, t
 
 
 def _check_finite(f: Tensor, h: Tensor, g: Tensor) -> None:
