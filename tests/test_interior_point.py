@@ -261,3 +261,95 @@ def test_gradients_agree_with_cvxpylayers():
     (gxc,) = torch.autograd.grad(yc, xc, v)
     torch.testing.assert_close(y, yc.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(gx, gxc, atol=1e-6, rtol=0)
+
+
+# -- robustness cases of issue 16: poor starts, maxima, eigenvectors, peaked transport plans ----
+
+
+class Sphere(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. ‖y‖² = 1: ``x/‖x‖`` (the antipode ``−x/‖x‖`` is a maximum)."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - 1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("start", ["near origin", "antipode (a maximum)", "default"])
+def test_sphere_from_poor_starts(start, dtype, tol):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 16, generator=gen, dtype=F64)
+    y0 = {"near origin": 1e-3 * torch.randn(64, 16, generator=gen, dtype=F64),
+          "antipode (a maximum)": -x / x.norm(dim=-1, keepdim=True), "default": x}[start]
+    result = _run(Sphere(), x.to(dtype), y0.to(dtype))
+    assert bool(result.converged.all())
+    torch.testing.assert_close(result.y, (x / x.norm(dim=-1, keepdim=True)).to(dtype),
+                               atol=tol, rtol=0)
+
+
+class TopEigenvector(DeclarativeNode):
+    """argmin −yᵀAy s.t. ‖y‖² = 1: every eigenvector is a KKT point, only the top one a minimum."""
+
+    def objective(self, A, y):
+        return -(y * (A @ y.unsqueeze(-1))[..., 0]).sum(-1)
+
+    def equality_constraints(self, A, y):
+        return (y * y).sum(-1, keepdim=True) - 1
+
+    def initial_guess(self, A):
+        return A[:, :, 0].clone()
+
+
+@pytest.mark.parametrize("start", ["default", "bottom eigenvector (a maximum)"])
+def test_top_eigenvector(start):
+    gen = torch.Generator().manual_seed(8)
+    B = torch.randn(32, 8, 8, generator=gen, dtype=F64)
+    A = B @ B.transpose(-1, -2) / 8
+    V = torch.linalg.eigh(A).eigenvectors
+    node = TopEigenvector()
+    y0 = node.initial_guess(A) if start == "default" else V[..., 0]
+    result = interior_point.interior_point(Problem(node, (A,), y0.shape), y0, node.options)
+    assert bool(result.converged.all())
+    torch.testing.assert_close(result.y.abs(), V[..., -1].abs(), atol=1e-9, rtol=0)
+
+
+class EntropicTransport(DeclarativeNode):
+    """argmin ⟨C, P⟩ + ε Σ P log P s.t. P 1 = a, Pᵀ 1 = b (one redundant row: Σa = Σb), P ≥ 0."""
+
+    def __init__(self, n: int, eps: float):
+        super().__init__()
+        self.n, self.eps = n, eps
+
+    def objective(self, C, a, b, y):
+        return (C.flatten(1) * y).sum(-1) + self.eps * (y * y.log()).sum(-1)
+
+    def equality_constraints(self, C, a, b, y):
+        P = y.reshape(-1, self.n, self.n)
+        return torch.cat([P.sum(-1) - a, P.sum(-2) - b], -1)
+
+    def inequality_constraints(self, C, a, b, y):
+        return -y
+
+    def initial_guess(self, C, a, b):
+        return (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(1)
+
+
+def test_peaked_optimal_transport_with_redundant_marginals():
+    n, eps = 6, 0.02
+    gen = torch.Generator().manual_seed(9)
+    C = torch.rand(16, n, n, generator=gen, dtype=F64)
+    a = torch.softmax(torch.randn(16, n, generator=gen, dtype=F64), -1)
+    b = torch.softmax(torch.randn(16, n, generator=gen, dtype=F64), -1)
+    f, g = torch.zeros_like(a), torch.zeros_like(b)
+    for _ in range(3000):  # log-domain Sinkhorn (the reference)
+        f = a.log() - torch.logsumexp(-C / eps + g.unsqueeze(-2), -1)
+        g = b.log() - torch.logsumexp(-C / eps + f.unsqueeze(-1), -2)
+    P = torch.exp(-C / eps + f.unsqueeze(-1) + g.unsqueeze(-2))
+    assert (P.sum(-1) - a).abs().max() < 1e-13 and P.max() > 0.3  # converged and peaked
+    node = EntropicTransport(n, eps)
+    y0 = node.initial_guess(C, a, b)
+    result = interior_point.interior_point(Problem(node, (C, a, b), y0.shape), y0, node.options)
+    assert bool(result.converged.all())
+    torch.testing.assert_close(result.y, P.flatten(1), atol=1e-10, rtol=0)
