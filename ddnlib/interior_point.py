@@ -55,7 +55,6 @@ recovery of multipliers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -326,7 +325,7 @@ class _Condensed:
         # the smallest eigenvalue of the augmented scaled matrix) and ten times that, repeatedly
         rho_last = 1.0 if Ah.shape[1] else 0.0
         ladder = ([(0.0, None)] + ([(1.0, None)] if Ah.shape[1] else [])
-                  + [(rho_last, 10.0**k) for k in range(0, 17)])
+                  + [(rho_last, 10.0**k) for k in range(17)])
         omega = None
         for rho_k, factor in ladder:
             idx = todo.nonzero().flatten()

@@ -4,28 +4,32 @@ Unconstrained: batched Newton with Levenberg damping and a backtracking (Armijo)
 direction from dense per-sample Hessians (Cholesky) for small outputs or from conjugate gradients on
 Hessian-vector products (Newton-CG) for large ones (the same ``Options.linear_solver`` /
 ``dense_max`` switch as the backward pass). Every solver stops per sample when the Newton step is
-below ``solver_tol · (1 + ‖y‖∞)`` and reports the samples that did not get there.
+below ``solver_tol · (1 + ‖y‖∞)``, applies that last step, and reports the samples that did not get
+there.
 
-Equality constrained (``h(x, y) = 0``): batched SQP (:func:`sqp`), i.e. Newton on the KKT
-conditions ``∇_y f + Aᵀλ = 0``, ``h = 0``: each iteration solves, per sample,
+Inequality constrained (``g(x, y) ≤ 0``, with or without equalities), and equality constrained
+where the per-sample KKT system is dense (``Options.linear_solver`` resolves to dense for its
+``m + p`` rows): the batched primal–dual interior point of :mod:`ddnlib.interior_point` (all
+samples at once, infeasible starts through slacks, inertia correction and a negative-curvature
+escape so that it does not stop at maxima, redundant constraints by least squares). It returns a
+:class:`~ddnlib.Solution` with the multipliers, so the backward needs no recovery.
+
+Equality constrained with a matrix-free linear solver (large outputs): batched SQP (:func:`sqp`),
+i.e. Newton on the KKT conditions ``∇_y f + Aᵀλ = 0``, ``h = 0``: each iteration solves, per sample,
 
     [H  Aᵀ] [d ]   [−∇_y f]
     [A  0 ] [λ⁺] = [  −h  ],     H = ∇²_yy (f + λᵀh),  A = ∂h/∂y,
 
-(dense KKT solve, or projected CG on the null space of ``A`` for large outputs), with Levenberg
-damping ``H + γI`` where the reduced Hessian is not positive definite, and a backtracking line
-search on the ℓ1 merit function ``φ(y) = f + ρ‖h‖₁`` (``ρ`` raised as needed so that ``d`` is a
-descent direction, Nocedal & Wright, *Numerical Optimization*, 2nd ed., §18.3) with a second-order
-correction ``−A⁺ h(y + d)`` against the Maratos effect. It returns a :class:`~ddnlib.Solution`
-with ``λ``.
+(projected CG on the null space of ``A``), with Levenberg damping ``H + γI`` where the reduced
+Hessian is not positive definite, and a backtracking line search on the ℓ1 merit function
+``φ(y) = f + ρ‖h‖₁`` (``ρ`` raised as needed so that ``d`` is a descent direction, Nocedal & Wright,
+*Numerical Optimization*, 2nd ed., §18.3) with a second-order correction ``−A⁺ h(y + d)`` against
+the Maratos effect. It returns a :class:`~ddnlib.Solution` with ``λ``.
 
-Inequality constrained (``g(x, y) ≤ 0``, with or without equalities): a **slow general fallback**,
-scipy's SLSQP run sample by sample in a Python loop with gradients and constraint Jacobians computed
-by torch (:func:`slsqp`), then refined by the SQP above with the constraints SLSQP found active held
-as equalities (which gives multipliers to working precision). It returns a
-:class:`~ddnlib.Solution` with ``λ`` and ``μ``. It is meant for prototyping and testing; for
-training, write the node's ``solve`` (a closed form, a sort/threshold algorithm, or a batched
-solver) and return the multipliers in a :class:`~ddnlib.Solution` if they are cheap.
+Opt-in: :func:`slsqp_solve` runs scipy's SLSQP sample by sample in a Python loop (gradients and
+constraint Jacobians by torch, BLAS limited to one thread through ``threadpoolctl`` when it is
+installed, so that the loop does not oversubscribe the cores), refined by the SQP on the active
+set. It is slow and meant as a cross-check: ``def solve(self, *xs): return slsqp_solve(self, *xs)``.
 
 Non-convergence (iteration cap, failed line search, SLSQP failure) is reported as a
 :class:`~ddnlib.NonConvergenceWarning` with the samples, iterations and residuals (an error in
@@ -42,13 +46,15 @@ from torch import Tensor
 import numpy as np
 import scipy.optimize
 
+from .contract import check_initial_guess, check_start
+from . import interior_point
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
-from .linear_solvers import CG, chosen
+from .linear_solvers import CG, Auto, Dense, chosen
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
 
-__all__ = ["default_solve", "newton", "sqp", "slsqp"]
+__all__ = ["default_solve", "newton", "sqp", "slsqp", "slsqp_solve"]
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 40
@@ -56,12 +62,19 @@ _MAX_BACKTRACKS = 40
 
 def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
     """Solve ``node`` at ``xs`` with the default solver for its kind of problem."""
-    y0 = node.initial_guess(*xs)
+    y0 = check_initial_guess(node, xs, node.initial_guess(*xs))
     if y0.numel() == 0:  # an empty output per sample: nothing to solve
         return y0
+    check_start(node, xs, y0)  # finite objective and constraints at y0 (ddnlib.contract)
     problem = Problem(node, xs, y0.shape)
-    if problem.has_ineq:
-        return slsqp(problem, y0, node.options)
+    options = node.options
+    if problem.has_ineq or (problem.has_eq and _dense(options, problem.m
+                                                      + problem.eq(problem.flatten(y0)).shape[1])):
+        result = interior_point.interior_point(problem, y0, options)
+        return Solution(result.y, result.eq_multipliers if problem.has_eq else None,
+                        result.ineq_multipliers if problem.has_ineq else None,
+                        stats={"converged": result.converged, "iterations": result.iterations,
+                               "residual": result.residual})
     if problem.has_eq:
         y, nu, converged, residual, saddle = sqp(problem, y0, node.options)
         _report_sqp(converged, residual, node.options)
@@ -74,6 +87,29 @@ def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
         return Solution(y, eq_multipliers=nu,
                         stats={"converged": converged, "residual": residual})
     return newton(problem, y0, node.options)
+
+
+def _dense(options, rows: int) -> bool:
+    """Whether the node's linear solver is dense for a per-sample system of ``rows`` rows."""
+    solver = options.solver
+    if isinstance(solver, Auto):
+        return rows <= solver.dense_max and isinstance(solver.dense, Dense)
+    return isinstance(solver, Dense)
+
+
+def slsqp_solve(node, *xs: Tensor) -> Solution:
+    """The opt-in SLSQP fallback for ``node`` at ``xs`` from ``node.initial_guess(*xs)``; a
+    :class:`~ddnlib.Solution` with the multipliers (see :func:`slsqp`)."""
+    y0 = node.initial_guess(*xs)
+    if y0.numel() == 0:
+        return Solution(y0)
+    problem = Problem(node, xs, y0.shape)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # without it the per-sample loop may oversubscribe BLAS threads
+        return slsqp(problem, y0, node.options)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return slsqp(problem, y0, node.options)
 
 
 def _newton_step(kkt: KKTPoint, options, rhs_y: Tensor, rhs_c: Tensor, rtol: Tensor | None = None,
@@ -122,7 +158,9 @@ def newton(problem: Problem, y0: Tensor, options) -> Tensor:
         finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
         running &= finite
         step = torch.where(running, d.abs().amax(-1) / (1 + y.abs().amax(-1)), step)
-        running &= ~(step <= tol)
+        done = running & (step <= tol)
+        y = torch.where(done.unsqueeze(-1), y + d, y)  # the last (tiny) step is applied too
+        running &= ~done
         if not running.any():
             break
         t = _backtrack(problem, y, f, g, d, running)
@@ -198,8 +236,10 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
         step = torch.where(running, d.abs().amax(-1) / (1 + y.abs().amax(-1)), step)
         nu = torch.where(running.unsqueeze(-1), nu_new * act, nu)
         saddle = torch.where(running, indefinite, saddle)
-        converged |= running & (step <= tol)
-        running &= ~(step <= tol)
+        done = running & (step <= tol)
+        y = torch.where(done.unsqueeze(-1), y + d, y)  # the last (tiny) step is applied too
+        converged |= done
+        running &= ~done
         if not running.any():
             break
         # ℓ1 penalty: ρ ≥ ‖ν⁺‖∞ and ρ ≥ (∇fᵀd + ½ max(dᵀHd, 0)) / (½ ‖c‖₁) (N&W eq. 18.36).

@@ -1,5 +1,6 @@
-"""The default forward solvers for constrained problems: SQP (equalities) and the SLSQP fallback
-(inequalities) — KKT conditions at the solution, closed forms, non-convergence reports."""
+"""The default forward solvers for constrained problems: the interior point (inequalities, dense
+equalities), SQP (matrix-free equalities) and the opt-in SLSQP fallback — KKT conditions at the
+solution, closed forms, non-convergence reports."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from ddnlib import (
     NonConvergenceError,
     NonConvergenceWarning,
     Options,
-    SingularSystemError,
-    SingularSystemWarning,
 )
 from ddnlib.problem import Problem, batched_jacobian, grad
 from test_constraints import (
@@ -113,25 +112,48 @@ def test_sqp_escapes_indefinite_hessians(options):
     torch.testing.assert_close(y, -1.5 * x / x.norm(dim=-1, keepdim=True), atol=1e-7, rtol=0)
 
 
-def test_sqp_reports_a_saddle_point():
+class _FromInput(FarthestOnSphere):
+    initial_guess = Sphere.initial_guess
+
+
+def test_sqp_flags_a_saddle_point():
     """From y₀ = x the first step is radial and lands on the nearest point, a KKT point that
-    maximises the objective on the sphere: reported, not returned silently."""
-
-    class FromInput(FarthestOnSphere):
-        initial_guess = Sphere.initial_guess
-
+    maximises the objective on the sphere: SQP (dense) marks it as not a strict local minimum."""
     x = torch.randn(3, 3, dtype=F64)
-    with pytest.warns(SingularSystemWarning, match="not a strict local minimum"):
-        FromInput(options=Options(check_optimality=False)).solve(x)
-    with pytest.raises(SingularSystemError):
-        FromInput(options=Options(strict=True)).solve(x)
+    node = _FromInput(options=Options(linear_solver="dense"))
+    problem = Problem(node, (x,), x.shape)
+    y, _, converged, _, saddle = ddnlib.solvers.sqp(problem, x, node.options)
+    assert bool(converged.all()) and bool(saddle.all())
+    torch.testing.assert_close(y, node.r.detach() * x / x.norm(dim=-1, keepdim=True), atol=1e-9,
+                               rtol=0)
+
+
+def test_dense_default_leaves_the_maximum():
+    """The dense default (the interior point) leaves that maximum along negative curvature and
+    returns the minimiser, the farthest point."""
+    x = torch.randn(3, 3, dtype=F64)
+    y = _FromInput(r=1.5, options=Options(strict=True)).solve(x).y
+    torch.testing.assert_close(y, -1.5 * x / x.norm(dim=-1, keepdim=True), atol=1e-9, rtol=0)
+
+
+class SlsqpSimplex(Simplex):
+    def solve(self, x):
+        return ddnlib.solvers.slsqp_solve(self, x)
+
+
+def test_opt_in_slsqp_matches_the_default_interior_point():
+    x = 1.5 * torch.randn(4, 7, dtype=F64)
+    default, slsqp = Simplex().solve(x), SlsqpSimplex().solve(x)
+    torch.testing.assert_close(slsqp.y, default.y, atol=1e-9, rtol=0)
+    for key in ("lambda", "mu"):
+        torch.testing.assert_close(slsqp[key], default[key], atol=1e-7, rtol=0)
 
 
 def test_slsqp_matches_sparsemax_without_scipy_multipliers(monkeypatch):
     """Older scipy returns no multipliers: the active set then comes from g(y) and the result
     (y and the multipliers handed to the engine) is the same."""
     x = 1.5 * torch.randn(4, 7, dtype=F64)
-    with_multipliers = Simplex().solve(x)
+    with_multipliers = SlsqpSimplex().solve(x)
     original = ddnlib.solvers._slsqp_one
 
     def without(*args, **kwargs):
@@ -140,7 +162,7 @@ def test_slsqp_matches_sparsemax_without_scipy_multipliers(monkeypatch):
         return res
 
     monkeypatch.setattr(ddnlib.solvers, "_slsqp_one", without)
-    ctx = Simplex().solve(x)
+    ctx = SlsqpSimplex().solve(x)
     torch.testing.assert_close(ctx.y, sparsemax(x), atol=1e-9, rtol=0)
     torch.testing.assert_close(ctx.y, with_multipliers.y, atol=1e-9, rtol=0)
     for key in ("lambda", "mu"):
@@ -148,19 +170,28 @@ def test_slsqp_matches_sparsemax_without_scipy_multipliers(monkeypatch):
 
 
 class Ball(BoundaryOfBall):
-    """argmin ½‖y − x‖² s.t. ‖y‖² ≤ 1, with the default (SLSQP) solver."""
+    """argmin ½‖y − x‖² s.t. ‖y‖² ≤ 1, with the default (interior point) solver."""
 
     solve = DeclarativeNode.solve
 
 
-@pytest.mark.parametrize("node_cls, words", [(Sphere, "SQP did not converge within 1 iter"),
-                                             (Ball, "SLSQP did not converge")])
-def test_non_convergence_is_reported(node_cls, words):
+class SlsqpBall(Ball):
+    def solve(self, x):
+        return ddnlib.solvers.slsqp_solve(self, x)
+
+
+@pytest.mark.parametrize("node_cls, words, solver", [
+    (Sphere, "SQP did not converge within 1 iter", "cg"),
+    (Sphere, "interior point did not converge", "auto"),
+    (Ball, "interior point did not converge", "auto"),
+    (SlsqpBall, "SLSQP did not converge", "auto")])
+def test_non_convergence_is_reported(node_cls, words, solver):
     x = 3 * torch.randn(3, 5, dtype=F64)
     with pytest.warns(NonConvergenceWarning, match=words):
-        node_cls(options=Options(max_iter=1, check_optimality=False))(x)
+        node_cls(options=Options(max_iter=1, check_optimality=False,
+                                 linear_solver=solver))(x)
     with pytest.raises(NonConvergenceError, match="samples"):
-        node_cls(options=Options(max_iter=1, strict=True))(x)
+        node_cls(options=Options(max_iter=1, strict=True, linear_solver=solver))(x)
 
 
 @pytest.mark.parametrize("node_cls", [Sphere, Simplex])
