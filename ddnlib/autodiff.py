@@ -45,7 +45,7 @@ def grad(
     ]
 
 
-def batched_jacobian(out: Tensor, y: Tensor) -> Tensor:
+def batched_jacobian(out: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
     """Per-sample Jacobian ``∂out_b/∂y_b`` of shape ``(b, k, m)`` for ``out (b, k)``, ``y (b, m)``.
 
     One vectorised backward pass over the ``k`` basis directions (``is_grads_batched``).
@@ -54,5 +54,6 @@ def batched_jacobian(out: Tensor, y: Tensor) -> Tensor:
     if k == 0:
         return out.new_zeros(b, 0, y.shape[1])
     basis = torch.eye(k, dtype=out.dtype, device=out.device).unsqueeze(1).expand(k, b, k)
-    rows = grad(out, [y], basis, retain_graph=True, is_grads_batched=True)[0]
+    rows = grad(out, [y], basis, retain_graph=True, create_graph=create_graph,
+                is_grads_batched=True)[0]
     return rows.transpose(0, 1)

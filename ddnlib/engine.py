@@ -37,19 +37,23 @@ Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021, Proposition 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .linalg import solve_spd
 from .linear_solvers import CG, chosen, report_solve
 from .problem import Problem, grad
 from .solution import Solution, as_solution
 
-__all__ = ["implicit_vjp", "implicit_jvp", "transposed_vjp"]
+__all__ = ["implicit_vjp", "implicit_jvp", "transposed_vjp", "differentiable_vjp"]
 
 CHECK_CG_TOL = 0.1  # the optimality check needs only the size of its step
+DEGENERACY = 0.1  # a constraint gradient below this share of optimality_tol is degenerate
 
 
 def implicit_vjp(
@@ -77,11 +81,13 @@ def implicit_vjp(
         return tuple(torch.zeros_like(x) if x.requires_grad else None for x in xs), {
             name: torch.zeros_like(p) for name, p in params.items()
         }
+    if torch.is_grad_enabled() and getattr(_GRAPH, "on", False):
+        return _vjp_with_graph(node, xs, y, v, params, wanted)
     solution = ctx if isinstance(ctx, Solution) else as_solution((y, ctx))
     with torch.enable_grad():
         problem = Problem(node, xs, y.shape)
         kkt = problem.kkt(y, solution, options)
-        deficient = kkt.report_rank(options.strict)
+        kkt.report_rank(options.strict, DEGENERACY * options.tol("optimality_tol", y.dtype))
         # column 0: the backward system; column 1: the Newton/KKT step of the optimality check
         check = options.check_optimality
         gL, c = kkt.residual()
@@ -94,13 +100,60 @@ def implicit_vjp(
         if isinstance(solver, CG) and check:
             rtol = torch.tensor([[0.0], [CHECK_CG_TOL]], dtype=y.dtype, device=y.device)
         U, W, info = solver.solve(op, By, Bc, rtol)
-        info.singular &= ~deficient  # reported above
         what = "the KKT matrix" if kkt.constrained else "the Hessian"
         report_solve(info, options.strict, what, kkt.hessian() if info.not_pd.any()
                      and not isinstance(solver, CG) and not kkt.constrained else None)
         if check:
             kkt.optimality(U[..., 1], options.tol("optimality_tol", y.dtype)).report(options.strict)
         grads = grad(kkt.surrogate(U[..., 0], W[..., 0]), wanted)
+    it = iter(grads)
+    input_grads = tuple(next(it) if x.requires_grad else None for x in xs)
+    return input_grads, {name: next(it) for name in params}
+
+
+_GRAPH = threading.local()  # set while a vjp must be differentiable (see differentiable_vjp)
+
+
+@contextmanager
+def differentiable_vjp():
+    """Within this context (and with grad mode on), :func:`implicit_vjp` returns gradients that
+    are differentiable functions of ``xs``, ``θ``, ``y`` and ``v`` (double backward; the autograd
+    bridge enters it for ``create_graph=True``, :func:`transposed_vjp` to differentiate in
+    ``v``)."""
+    before = getattr(_GRAPH, "on", False)
+    _GRAPH.on = True
+    try:
+        yield
+    finally:
+        _GRAPH.on = before
+
+
+def _vjp_with_graph(node, xs, y, v, params, wanted):
+    """The unconstrained backward as a differentiable function of ``(xs, θ, y, v)`` (double
+    backward): ``g = (∂_(x,θ) ∇_y f)ᵀ u`` with ``u = −H⁻¹ v`` from a differentiable dense solve,
+    and ``g`` taken as a VJP with ``u`` as its cotangent, so that ``u``'s own dependence on
+    ``(x, θ, y, v)`` is recorded but not traversed. With ``y`` attached to the graph (the node's
+    output), autograd adds the dependence through ``y`` by the node's implicit backward again."""
+    options = node.options
+    problem = Problem(node, xs, y.shape)
+    if problem.constrained:
+        raise NotImplementedError(
+            f"double backward through {type(node).__name__}: its problem has constraints, and "
+            "the differentiable backward covers unconstrained problems only (the multipliers' "
+            "own derivatives are not formed); differentiate it once, or use forward mode "
+            "(torch.func.jvp, jacfwd) for second-order quantities of the layers around it")
+    yf = problem.flatten(y)
+    if not yf.requires_grad:
+        yf = yf.detach().requires_grad_()
+    grad_f = grad(problem.objective(yf).sum(), [yf], create_graph=True)[0]
+    m = yf.shape[1]
+    basis = torch.eye(m, dtype=yf.dtype, device=yf.device).unsqueeze(1).expand(m, yf.shape[0], m)
+    H = grad(grad_f, [yf], basis, create_graph=True, is_grads_batched=True)[0].transpose(0, 1)
+    H = 0.5 * (H + H.transpose(-1, -2))
+    U, info = solve_spd(H, -problem.flatten(v).to(yf.dtype).unsqueeze(-1), options.damping)
+    report_solve(info, options.strict, "the Hessian", H.detach())
+    grads = torch.autograd.grad(grad_f, wanted, U[..., 0], create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, wanted)]
     it = iter(grads)
     input_grads = tuple(next(it) if x.requires_grad else None for x in xs)
     return input_grads, {name: next(it) for name in params}
@@ -128,11 +181,13 @@ def implicit_jvp(
     pairs += [(params[k], t) for k, t in param_tangents.items() if t is not None]
     if y.numel() == 0 or not pairs:
         return torch.zeros_like(y)
+    if torch.is_grad_enabled() and getattr(_GRAPH, "on", False):
+        return _vjp_with_graph(node, xs, y, v, params, wanted)
     solution = ctx if isinstance(ctx, Solution) else as_solution((y, ctx))
     with torch.enable_grad():
         problem = Problem(node, xs, y.shape)
         kkt = problem.kkt(y, solution, options)
-        kkt.report_rank(options.strict)
+        kkt.report_rank(options.strict, DEGENERACY * options.tol("optimality_tol", y.dtype))
         da, dc = _directional([kkt.lagrangian_grad, kkt.c], pairs)
         op = kkt.operator(options.damping)
         solver = chosen(options.solver, op)
@@ -171,7 +226,8 @@ def transposed_vjp(
         return torch.zeros_like(y)
     with torch.enable_grad():
         v = torch.zeros_like(y, requires_grad=True)
-        input_grads, param_grads = node.vjp(*xs, y=y, v=v, ctx=ctx)
+        with differentiable_vjp():
+            input_grads, param_grads = node.vjp(*xs, y=y, v=v, ctx=ctx)
         terms = [(g, t) for g, t in zip(input_grads, tangents) if t is not None and g is not None]
         terms += [(param_grads[k], t) for k, t in param_tangents.items()
                   if t is not None and k in params and param_grads.get(k) is not None]

@@ -3,8 +3,8 @@
 For ``min_y f`` subject to ``h = 0`` (p rows) and ``g ≤ 0`` (q rows) at a point ``y (b, m)``:
 
 - ``c = [h; g] (b, p + q)`` and its Jacobian ``A = ∂c/∂y (b, p + q, m)``;
-- the active set ``(b, p + q)``: every equality, and the inequalities with ``μ_j > active_tol``
-  when the solver returned ``μ``, otherwise those with ``g_j ≥ −active_tol``;
+- the active set ``(b, p + q)``: every equality, and the inequalities that :func:`active_set`
+  decides from their distance to the boundary and their multipliers (scale-aware);
 - the multipliers ``ν = [λ; μ]``: the solver's where it returned them, else the least-squares
   solution of ``∇_y f + Aᵀν = 0`` over the active rows (zero on the inactive ones);
 - the Lagrangian gradient ``∇_y L = ∇_y f + Aᵀν`` with its graph, whose derivatives give the
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .options import Options
     from .problem import Problem
 
-__all__ = ["KKTPoint", "Optimality", "kkt_point", "least_squares_multipliers"]
+__all__ = ["KKTPoint", "Optimality", "kkt_point", "active_set", "least_squares_multipliers"]
 
 
 def least_squares_multipliers(grad_f: Tensor, A: Tensor, active: Tensor) -> Tensor:
@@ -48,6 +48,52 @@ def least_squares_multipliers(grad_f: Tensor, A: Tensor, active: Tensor) -> Tens
     rhs = torch.where(finite[:, None], -grad_f, 0.0).unsqueeze(-1)
     nu = lstsq(At, rhs)[0].squeeze(-1)
     return torch.where(finite[:, None], nu, float("nan"))
+
+
+def _tight(g: Tensor, A_g: Tensor, y: Tensor, tol: float) -> Tensor:
+    """Inequalities ``(b, q)`` whose first-order distance ``max(−g_j, 0) / ‖∇g_j‖`` is at most
+    ``tol · ‖y‖∞``: on the boundary to the accuracy ``tol`` relative to the point."""
+    distance = (-g).clamp_min(0) / A_g.norm(dim=-1)  # inf for a slack row without a gradient
+    distance = torch.where(g >= 0, torch.zeros_like(distance), distance)
+    scale = y.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+    return distance <= tol * scale
+
+
+def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: Tensor,
+               mu: Tensor | None, y: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """The constraints ``(b, p + q)`` held as equalities, and the ``(b,)`` samples where the
+    decision is ambiguous (a weakly active inequality).
+
+    The decision combines the primal and the dual evidence, both scale-aware. An inequality's
+    *force* is ``μ_j ‖∇g_j‖ / (‖∇_y f‖ + √eps (1 + |f|) / (1 + ‖y‖∞))``: its share of the
+    stationarity balance ``∇_y f + Σ μ_j ∇g_j = 0``.
+
+    - With the solver's ``μ``: active where the force exceeds ``√tol``.
+    - Otherwise the candidates are the inequalities within the loose distance ``√tol · ‖y‖∞`` of
+      their boundary (an inexact external solution is accurate to far less than ``tol``);
+      least-squares multipliers over the equalities and the candidates decide: a candidate with
+      a force above ``√tol`` is active, and so is a tight one (distance ``≤ tol · ‖y‖∞``; a
+      negative multiplier there is reported by the optimality check). A tight candidate with a
+      force within ``√tol`` of zero is weakly active: ambiguous, and held active.
+    """
+    b = g.shape[0]
+    eq = torch.ones(b, p, dtype=torch.bool, device=g.device)
+    floor = torch.finfo(g.dtype).eps ** 0.5 * (1 + f.abs()) / (1 + y.abs().amax(-1))
+    unit = (grad_f.norm(dim=-1) + floor).unsqueeze(-1)
+    norms = A[:, p:].norm(dim=-1)
+    dual = tol ** 0.5
+
+    def force(m: Tensor) -> Tensor:
+        return m * norms / unit
+
+    if mu is not None:
+        return torch.cat([eq, force(mu) > dual], dim=1), torch.zeros_like(g[:, 0], dtype=torch.bool)
+    candidates = _tight(g, A[:, p:], y, dual)
+    nu = least_squares_multipliers(grad_f, A, torch.cat([eq, candidates], dim=1))
+    strength = force(nu[:, p:])
+    ineq = candidates & ((strength > dual) | tight)
+    ambiguous = (tight & (strength.abs() <= dual)).any(-1)
+    return torch.cat([eq, ineq], dim=1), ambiguous
 
 
 @dataclass
@@ -116,11 +162,11 @@ class KKTPoint:
 
     def __init__(self, y: Tensor, f: Tensor, grad_f: Tensor, c: Tensor, A: Tensor, p: int,
                  active: Tensor, nu: Tensor, mu_given: Tensor | None, lagrangian_grad: Tensor,
-                 active_tol: float):
+                 tight: Tensor):
         self.y, self.f, self.grad_f, self.c, self.A, self.p = y, f, grad_f, c, A, p
         self.q = c.shape[1] - p
         self.active, self.nu, self.lagrangian_grad = active, nu, lagrangian_grad
-        self._mu_given, self._active_tol = mu_given, active_tol
+        self._mu_given, self._tight = mu_given, tight
         self._hessian: Tensor | None = None
         self._null: NullSpace | None = None
 
@@ -167,22 +213,41 @@ class KKTPoint:
         """Right-hand sides ``(−∇_y L, −c)`` of the Newton/KKT step, detached: ``(b, m), (b, r)``."""
         return -self.lagrangian_grad.detach(), -self.c.detach()
 
-    def report_rank(self, strict: bool) -> Tensor:
-        """Warn where the active constraint Jacobian is rank deficient; returns that ``(b,)`` mask."""
-        if not self.constrained:
-            return torch.zeros(self.y.shape[0], dtype=torch.bool, device=self.y.device)
-        null = self.null_space()
-        deficient = null.rank_deficient
-        if deficient.any():
-            i = deficient.nonzero()[0, 0]
-            rank, rows = int(null.keep[i].sum().item()), int(self.active[i].sum().item())
+    def report_rank(self, strict: bool, tol: float) -> Tensor:
+        """Warn where an active constraint is degenerate; returns that ``(b,)`` mask.
+
+        Row ``j`` is degenerate when its gradient vanishes on the scale of its own curvature,
+        ``‖∇c_j‖ < tol · ‖∇²c_j â_j‖ · ‖y‖`` (``â_j`` the unit gradient): linear independence of
+        the constraint gradients fails and the KKT conditions no longer determine the gradient
+        (``h = (‖y‖² − 1)²`` rather than ``‖y‖² − 1``). Redundant constraints (dependent but
+        non-vanishing gradients, e.g. both marginals of a transport plan) are not degenerate: the
+        solve uses their minimum-norm multipliers and the gradient is right.
+        """
+        b = self.y.shape[0]
+        none = torch.zeros(b, dtype=torch.bool, device=self.y.device)
+        if not self.constrained or not self.c.requires_grad:
+            return none
+        with torch.enable_grad():
+            J = batched_jacobian(self.c, self.y, create_graph=True)
+            if not J.requires_grad:  # linear constraints: no curvature, never degenerate
+                return none
+            norms = self.A.norm(dim=-1)
+            unit = self.A / norms.clamp_min(torch.finfo(norms.dtype).tiny).unsqueeze(-1)
+            curvature = batched_jacobian((J * unit).sum(-1), self.y).detach().norm(dim=-1)
+        length = self.y.detach().norm(dim=-1, keepdim=True)
+        rows = self.active & (norms < tol * curvature * length)
+        degenerate = rows.any(-1)
+        if degenerate.any():
+            i, j = rows.nonzero()[0].tolist()
             report(SingularSystemWarning,
-                   f"the active constraint Jacobian is rank deficient at samples "
-                   f"{describe_samples(deficient)} (rank {rank} < {rows} active rows at sample "
-                   f"{int(i)}); the minimum-norm multipliers were used. Remove redundant "
-                   "constraints: gradients are only reliable when the active constraints are "
-                   "independent.", strict)
-        return deficient
+                   f"constraint gradients vanish at the solution at samples "
+                   f"{describe_samples(degenerate)} (row {j} of sample {i}: |grad c| = "
+                   f"{norms[i, j].item():.3g} against curvature {curvature[i, j].item():.3g} "
+                   f"over |y| = {length[i, 0].item():.3g}): the constraints are degenerate "
+                   "(linearly dependent to first order) and the KKT conditions do not determine "
+                   "the gradient. Write each constraint so that its gradient does not vanish on "
+                   "the feasible set (e.g. |y|^2 - 1 rather than (|y|^2 - 1)^2).", strict)
+        return degenerate
 
     def optimality(self, step: Tensor, tol: float) -> Optimality:
         """The :class:`Optimality` of this point given its Newton/KKT step ``step (b, m)``."""
@@ -199,7 +264,7 @@ class KKTPoint:
             violation = zeros
         if self.q:
             mu = self._mu_given if self._mu_given is not None else self.mu
-            considered = self.active[:, self.p:] | (c[:, self.p:] >= -self._active_tol)
+            considered = self.active[:, self.p:] | self._tight
             wrong = (-mu * considered.to(mu.dtype)).clamp_min(0).amax(-1)
             wrong_sign = wrong / (1 + self.grad_f.detach().abs().amax(-1))
         else:
@@ -233,17 +298,25 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
         c = torch.cat([h, g], dim=1)
         active_tol = options.tol("active_tol", yf.dtype)
         if c.shape[1] == 0:
-            return KKTPoint(yf, f, grad_f, c, yf.new_zeros(b, 0, problem.m), 0,
-                            torch.zeros(b, 0, dtype=torch.bool, device=yf.device), c.detach(),
-                            None, grad_f, active_tol)
+            none = torch.zeros(b, 0, dtype=torch.bool, device=yf.device)
+            return KKTPoint(yf, f, grad_f, c, yf.new_zeros(b, 0, problem.m), 0, none,
+                            c.detach(), None, grad_f, none)
         A = batched_jacobian(c, yf).detach()
         lam = mu = None
         if solution is not None:
             lam = multipliers_tensor(solution.eq_multipliers, b, p, yf.dtype, "'lambda'", where)
             mu = multipliers_tensor(solution.ineq_multipliers, b, q, yf.dtype, "'mu'", where)
+        tight = _tight(g.detach(), A[:, p:], yf.detach(), active_tol)
         if active is None:
-            ineq = mu > active_tol if mu is not None else g.detach() >= -active_tol
-            active = torch.cat([torch.ones_like(h, dtype=torch.bool), ineq], dim=1)
+            active, ambiguous = active_set(grad_f.detach(), f, A, p, g.detach(), tight, mu,
+                                           yf.detach(), active_tol)
+            if ambiguous.any():
+                report(OptimalityWarning,
+                       f"weakly active inequality constraints at samples "
+                       f"{describe_samples(ambiguous)}: g_j = 0 with multiplier mu_j = 0, where "
+                       "the solution map is not differentiable; the gradient returned is the "
+                       "one with these constraints held active (one one-sided derivative).",
+                       options.strict)
         if multipliers is None and (lam is not None or not p) and (mu is not None or not q):
             multipliers = torch.cat([lam if p else h.new_zeros(b, 0),
                                      mu if q else g.new_zeros(b, 0)], dim=1)
@@ -251,4 +324,4 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             multipliers = least_squares_multipliers(grad_f.detach(), A, active)
         nu = (multipliers * active.to(multipliers.dtype)).detach()
         lagrangian_grad = grad_f + grad((c * nu).sum(), [yf], create_graph=True)[0]
-    return KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, active_tol)
+    return KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, tight)

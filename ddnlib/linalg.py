@@ -53,23 +53,43 @@ def lstsq(M: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return X, singular
 
 
+def _cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched Cholesky ``(L, failed, weak)``: ``failed`` where it broke down (not positive
+    definite), ``weak`` where it went through with a pivot ``L_ii² ≤ √eps · max |M|``.
+
+    ``cholesky_ex`` reports success on exactly singular matrices (pivots of ~1e-8 from rounding),
+    so success alone says nothing about definiteness; a weak factor is not trusted.
+    """
+    L, info = torch.linalg.cholesky_ex(M)
+    failed = info != 0
+    scale = M.abs().amax((-2, -1)).clamp_min(torch.finfo(M.dtype).tiny)
+    pivots = L.diagonal(dim1=-2, dim2=-1).square().amin(-1) if M.shape[-1] else scale
+    weak = ~failed & (pivots <= torch.finfo(M.dtype).eps ** 0.5 * scale)
+    return L, failed, weak
+
+
 def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, SolveInfo]:
-    """Solve ``(H + γI) X = B`` per sample; Cholesky, least squares where not positive definite."""
+    """Solve ``(H + γI) X = B`` per sample.
+
+    Cholesky where ``H`` is safely positive definite; minimum-norm least squares (SVD) where the
+    factorisation fails (``info.not_pd``) or is weak (near-singular relative to ``max |H|``);
+    ``info.singular`` where ``H`` is rank deficient, i.e. ``X`` is not determined.
+    """
     if damping:
         H = H + damping * _eye_like(H)
     # a sample with a non-finite H or B (a NaN input) gets a NaN solution and is kept away from
     # LAPACK, which rejects the whole batch on non-finite values
     finite = torch.isfinite(H).all((-2, -1)) & torch.isfinite(B).all((-2, -1))
     H = torch.where(finite[:, None, None], H, _eye_like(H))
-    L, info = torch.linalg.cholesky_ex(H)
-    not_pd = info != 0
+    L, not_pd, weak = _cholesky(H)
     X = torch.cholesky_solve(B, L)
     singular = torch.zeros_like(not_pd)
-    if not_pd.any():
+    fallback = not_pd | weak
+    if fallback.any():
         X = X.clone()
-        Xf, sing = lstsq(H[not_pd], B[not_pd])
-        X[not_pd] = Xf
-        singular[not_pd] = sing
+        Xf, sing = lstsq(H[fallback], B[fallback])
+        X[fallback] = Xf
+        singular[fallback] = sing
     X = torch.where(finite[:, None, None], X, float("nan"))
     return X, SolveInfo(not_pd=not_pd, singular=singular)
 
@@ -80,11 +100,17 @@ def solve_kkt(
     """Solve the KKT system per sample.
 
     ``[[H, Aᵀ], [A, 0]] [U; W] = [By; Bc]`` where only the rows of ``A`` marked ``active (b, p)``
-    take part; inactive rows get ``W = 0``. Schur complement ``S = A H⁻¹ Aᵀ`` with Cholesky when
-    ``H`` is positive definite, least squares (minimum norm) on the full matrix otherwise.
+    take part; inactive rows get ``W = 0``. The active rows are equilibrated (scaled to the size
+    of ``H``), so that no decision depends on how the constraints are scaled. Schur complement
+    ``S = A H⁻¹ Aᵀ`` with Cholesky where both ``H`` and ``S`` are safely positive definite;
+    otherwise minimum-norm least squares (SVD) on the full matrix, which is exact whenever the KKT
+    matrix is non-singular (e.g. ``H`` singular but positive on the null space of ``A``) and gives
+    the minimum-norm multipliers for redundant constraints.
+
     ``info.not_pd`` marks samples whose *reduced* Hessian ``Zᵀ H Z`` (``Z`` a basis of the null
     space of the active ``A``) is not positive definite, i.e. not a strict local minimum;
-    ``info.singular`` those whose KKT matrix is rank deficient.
+    ``info.singular`` those where ``U`` is not determined (the KKT matrix has rank below
+    ``m + rank A``: redundant constraints alone do not count).
     """
     if damping:
         H = H + damping * _eye_like(H)
@@ -96,41 +122,55 @@ def solve_kkt(
     A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
     By = torch.where(finite[:, None, None], By, 0.0)
     Bc = torch.where(finite[:, None, None], Bc, 0.0) * act.unsqueeze(-1)
-    inactive_diag = torch.diag_embed(1 - act)
-    L, info = torch.linalg.cholesky_ex(H)
-    h_not_pd = info != 0
-    # Schur complement: S = A H⁻¹ Aᵀ (+ I on inactive rows), W = S⁻¹ (A H⁻¹ By − Bc).
+    # equilibrate: row j of A (and of Bc) scaled by d_j = s_H / ‖a_j‖, so W = d · W_scaled
+    tiny = torch.finfo(H.dtype).tiny
+    s_h = H.abs().amax((-2, -1))
+    s_h = torch.where(s_h > 0, s_h, torch.ones_like(s_h))
+    norms = A.norm(dim=-1)
+    d = torch.where(norms > 0, s_h[:, None] / norms.clamp_min(tiny), torch.zeros_like(norms))
+    A, Bc = A * d.unsqueeze(-1), Bc * d.unsqueeze(-1)
+    inactive_diag = torch.diag_embed((1 - act) * s_h[:, None])
+    L, h_not_pd, h_weak = _cholesky(H)
+    # Schur complement: S = A H⁻¹ Aᵀ (+ s_H I on inactive rows), W = S⁻¹ (A H⁻¹ By − Bc).
     HiAt = torch.cholesky_solve(A.transpose(-1, -2), L)
     HiBy = torch.cholesky_solve(By, L)
     S = A @ HiAt + inactive_diag
-    Ls, info_s = torch.linalg.cholesky_ex(S)
+    Ls, s_not_pd, s_weak = _cholesky(S)
     W = torch.cholesky_solve(A @ HiBy - Bc, Ls)
     U = HiBy - HiAt @ W
-    fallback = h_not_pd | (info_s != 0)
+    fallback = h_not_pd | h_weak | s_not_pd | s_weak
     not_pd = torch.zeros_like(h_not_pd)
     singular = torch.zeros_like(h_not_pd)
     min_eig = None
     if fallback.any():
         U, W = U.clone(), W.clone()
         m = H.shape[-1]
-        top = torch.cat([H[fallback], A[fallback].transpose(-1, -2)], dim=-1)
-        bottom = torch.cat([A[fallback], inactive_diag[fallback]], dim=-1)
+        Hf, Af = H[fallback], A[fallback]
+        top = torch.cat([Hf, Af.transpose(-1, -2)], dim=-1)
+        bottom = torch.cat([Af, inactive_diag[fallback]], dim=-1)
         K = torch.cat([top, bottom], dim=-2)
-        X, sing = lstsq(K, torch.cat([By[fallback], Bc[fallback]], dim=-2))
+        solution = torch.linalg.lstsq(K, torch.cat([By[fallback], Bc[fallback]], dim=-2),
+                                      driver="gelsd" if K.device.type == "cpu" else None)
+        X = solution.solution
         U[fallback], W[fallback] = X[..., :m, :], X[..., m:, :]
-        singular[fallback] = sing
-        eig = reduced_min_eig(H[fallback], A[fallback])
+        eig, rank_a = reduced_min_eig(Hf, Af)
+        rank_k = (solution.rank if solution.rank is not None and solution.rank.numel()
+                  else torch.linalg.matrix_rank(K))
+        n_inactive = (1 - act[fallback]).sum(-1).to(rank_k.dtype)
+        singular[fallback] = rank_k < m + rank_a + n_inactive
         min_eig = torch.full_like(h_not_pd, float("inf"), dtype=H.dtype)
         min_eig[fallback] = eig
-        scale = 1 + H[fallback].abs().amax((-2, -1))
+        scale = 1 + Hf.abs().amax((-2, -1))
         not_pd[fallback] = eig <= m * torch.finfo(H.dtype).eps * scale
+    W = W * d.unsqueeze(-1)
     U = torch.where(finite[:, None, None], U, float("nan"))
     W = torch.where(finite[:, None, None], W, float("nan"))
     return U, W, SolveInfo(not_pd=not_pd, singular=singular, min_eig=min_eig)
 
 
-def reduced_min_eig(H: Tensor, A: Tensor) -> Tensor:
-    """Smallest eigenvalue of ``Zᵀ H Z`` per sample, ``Z`` an orthonormal basis of ``null(A)``.
+def reduced_min_eig(H: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """Smallest eigenvalue of ``Zᵀ H Z`` per sample, ``Z`` an orthonormal basis of ``null(A)``, and
+    the rank of ``A``.
 
     ``H (b, m, m)``, ``A (b, p, m)`` (rows of inactive constraints zeroed); ``+inf`` where the null
     space is ``{0}``. Second-order sufficient condition of a constrained minimum: this is ``> 0``.
@@ -146,23 +186,29 @@ def reduced_min_eig(H: Tensor, A: Tensor) -> Tensor:
     both = null.unsqueeze(-1) & null.unsqueeze(-2)
     R = torch.where(both, R, torch.zeros_like(R)) + torch.diag_embed((~null).to(H.dtype)) * big
     eig = torch.linalg.eigvalsh(R)[..., 0]
-    return torch.where(null.any(-1), eig, torch.full_like(eig, float("inf")))
+    return torch.where(null.any(-1), eig, torch.full_like(eig, float("inf"))), rank
 
 
 class NullSpace:
     """Projector onto ``{u : A u = 0}`` for the active rows of ``A (b, p, m)``, by a thin SVD.
 
-    With ``A = V S Qᵀ`` (rank ``r``, singular values below ``max(p, m) · eps · σ_max`` dropped), the
-    projector is ``I − Q Qᵀ``, ``least_norm`` applies ``A⁺`` and ``coefficients`` applies
-    ``(A⁺)ᵀ``; both are exact also when ``A`` is rank deficient (minimum-norm solutions).
-    ``rank_deficient (b,)`` marks samples whose rank is below their number of active rows.
+    The active rows are first scaled to unit norm, ``A = D⁻¹ Â`` (a zero row stays zero), so that
+    rank decisions do not depend on how the constraints are scaled. With ``Â = V S Qᵀ`` (rank
+    ``r``, singular values below ``max(p, m) · eps · σ_max`` dropped), the projector is
+    ``I − Q Qᵀ``, ``least_norm`` applies ``A⁺`` and ``coefficients`` applies ``(A⁺)ᵀ`` (minimum-norm
+    solutions in the scaled rows, exact also when ``A`` is rank deficient). ``rank_deficient
+    (b,)`` marks samples whose rank is below their number of active rows (redundant constraints,
+    or a row whose gradient vanishes).
     """
 
     def __init__(self, A: Tensor, active: Tensor):
         act = active.to(A.dtype)
         finite = torch.isfinite(A).all((-2, -1))  # a non-finite sample gets NaN, not an SVD error
-        self.A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
-        V, S, Qt = torch.linalg.svd(self.A, full_matrices=False)
+        A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
+        norms = A.norm(dim=-1)
+        self.d = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(A.dtype).tiny),
+                             torch.zeros_like(norms))
+        V, S, Qt = torch.linalg.svd(A * self.d.unsqueeze(-1), full_matrices=False)
         Qt = torch.where(finite[:, None, None], Qt, float("nan"))
         eps = torch.finfo(A.dtype).eps * max(A.shape[-2:], default=1)
         top = S.amax(-1, keepdim=True) if S.shape[-1] else S.new_zeros(S.shape[0], 1)
@@ -176,13 +222,14 @@ class NullSpace:
 
     def least_norm(self, c: Tensor) -> Tensor:
         """``A⁺ c`` for ``c (k, b, p)``: the smallest ``u`` minimising ``‖A u − c‖``."""
-        z = (self.V.transpose(-1, -2) @ c.movedim(0, -1)) * self.inv_s.unsqueeze(-1)
+        z = (self.V.transpose(-1, -2) @ (self.d.unsqueeze(-1) * c.movedim(0, -1)))
+        z = z * self.inv_s.unsqueeze(-1)
         return (self.Qt.transpose(-1, -2) @ z).movedim(-1, 0)
 
     def coefficients(self, r: Tensor) -> Tensor:
         """``(A⁺)ᵀ r`` for ``r (k, b, m)``: the smallest ``w`` with ``Aᵀ w`` closest to ``r``."""
         z = (self.Qt @ r.movedim(0, -1)) * self.inv_s.unsqueeze(-1)
-        return (self.V @ z).movedim(-1, 0)
+        return (self.d.unsqueeze(-1) * (self.V @ z)).movedim(-1, 0)
 
     def __call__(self, r: Tensor) -> Tensor:
         z = (self.Qt @ r.movedim(0, -1)) * self.keep.unsqueeze(-1)
