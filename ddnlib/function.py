@@ -40,9 +40,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .contract import check_vjp_result
 from .solution import as_solution
 from torch._C import _functorch
 from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
+
+from .engine import differentiable_vjp
 
 __all__ = ["declarative_apply"]
 
@@ -102,7 +105,8 @@ def _solve(node, *xs):
 
 
 def _node_vjp(node, *xs, y, v, ctx):
-    return node.vjp(*xs, y=y, v=v, ctx=ctx)
+    return check_vjp_result(node, node.vjp(*xs, y=y, v=v, ctx=ctx), xs,  # ddnlib.contract
+                            dict(node.named_parameters()))
 
 
 def _overrides_vjp(node) -> bool:
@@ -213,14 +217,16 @@ def _peel(compute, ctx, tensors, y, extra) -> list:
         return _per_vector(compute, ctx, parts, len(extra),
                            lambda g: torch._add_batch_dim(g, 0, level))
     level = max(_functorch.maybe_get_level(t) for t in present)
-    if level < 0:
-        return compute(ctx, tensors, y, extra)
     current = _functorch.maybe_current_level()
-    if current != level:  # an outer transform that none of the tensors belongs to
+    if level < 0 and current is None:
+        return compute(ctx, tensors, y, extra)
+    if current != level:  # a transform that none of the tensors belongs to: nested transforms
         raise NotImplementedError(
-            f"the derivative of {type(ctx.node).__name__} runs under a torch.func transform "
-            f"(level {current}) that its tensors do not belong to (level {level}); apply the "
-            "transforms to the function that calls the node instead")
+            f"{type(ctx.node).__name__}: nested torch.func transforms (e.g. hessian, grad of "
+            "grad, jacfwd of jacrev) through a DeclarativeNode are not supported: its derivative "
+            f"runs under a transform (level {current}) that its tensors do not belong to; its "
+            "torch.func derivatives are first order (torch.autograd double backward is "
+            "supported, see docs/composition.md)")
     at_level = [t is not None and _functorch.maybe_get_level(t) == level for t in everything]
     if any(a and _functorch.is_batchedtensor(t) for a, t in zip(at_level, everything)):
         parts = [_functorch._unwrap_batched(t, level) if a else (t, None)
@@ -266,10 +272,7 @@ def _backward(ctx, tensors, y, extra) -> list:
     node, spec = ctx.node, ctx.spec
     v, = extra
     if torch.is_grad_enabled() and any(t.requires_grad for t in (v, *tensors)):
-        raise RuntimeError(
-            f"double backward through {type(node).__name__} is not supported: its "
-            "gradient is first-order only. Call backward/autograd.grad without "
-            "create_graph=True through a DeclarativeNode.")
+        return _differentiable_backward(ctx, tensors, y, v)
     xs, state = tensors[:spec.n], tensors[spec.n:]
     needs = ctx.needs_input_grad[_N_META:]
     b = y.shape[0]
@@ -290,6 +293,37 @@ def _backward(ctx, tensors, y, extra) -> list:
                 if full is not None:
                     full[good] = g
     grads = [*inputs, *params] + [None] * len(spec.buffers)
+    return [g if need else None for g, need in zip(grads, needs)]
+
+
+def _differentiable_backward(ctx, tensors, y, v) -> list:
+    """The backward with ``create_graph=True`` (double backward): ``node.vjp`` evaluated as a
+    differentiable function of the forward's tensors, of ``v`` and of ``y`` (the node's output,
+    with its graph), through aliases (``view_as``) of the inputs and parameters so that the
+    engine's own autograd calls stop there (hooks still run once). A closed-form ``vjp`` is used
+    only where the node declares ``differentiable_vjp = True`` (it is written with differentiable
+    operations of its arguments); otherwise this raises, since a closed form that detaches its
+    arguments would give wrong second derivatives silently."""
+    node, spec = ctx.node, ctx.spec
+    name = type(node).__name__
+    if _overrides_vjp(node) and not getattr(node, "differentiable_vjp", False):
+        raise NotImplementedError(
+            f"double backward (create_graph=True) through {name}: it overrides vjp with a "
+            "closed form that is first order. Set differentiable_vjp = True on the class if "
+            "its vjp is written with differentiable operations of x, y, v and the parameters "
+            "(no detach, no values saved by solve); otherwise differentiate it once, or use "
+            "forward mode (torch.func.jvp, jacfwd)")
+    needs = ctx.needs_input_grad[_N_META:]
+    k = len(spec.params)
+    xs = [x.view_as(x) if x.requires_grad else x.detach() for x in tensors[:spec.n]]
+    aliases = [p.view_as(p) if p.requires_grad else p.detach() for p in tensors[spec.n:][:k]]
+    aliases += [t.detach() for t in tensors[spec.n + k:]]
+    with differentiable_vjp():
+        input_grads, param_grads = _at(node, spec, tensors[spec.n:], _node_vjp, *xs, y=y, v=v,
+                                       ctx=ctx.solve_ctx, substitute=aliases, force=True)
+    grads = [*input_grads] + [param_grads.get(k) for k in spec.params]
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+    grads += [None] * len(spec.buffers)
     return [g if need else None for g, need in zip(grads, needs)]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ddnlib import DeclarativeNode
 from ddnlib.nodes import L1Ball, L2Ball, L2Sphere, LInfBall, RobustGlobalPool1d
 from toy_nodes import Ridge
 
@@ -30,6 +31,8 @@ class RidgeSolve(Ridge):
 
 class RidgeVjp(RidgeSolve):
     """Ridge with a closed-form ``vjp`` (plain autograd through the closed form)."""
+
+    differentiable_vjp = True  # written with differentiable operations: double backward works
 
     def vjp(self, x, *, y, v, ctx=None):
         params = {k: p for k, p in self.named_parameters() if p.requires_grad}
@@ -425,3 +428,85 @@ def test_jacfwd_of_a_projection_matches_the_closed_form(make):
     g = lambda x, rho: reference(x, rho.exp())  # noqa: E731
     _assert_all_close(torch.func.jacfwd(f, argnums=(0, 1))(x, rho),
                       torch.func.jacrev(g, argnums=(0, 1))(x, rho))
+
+
+# -- double backward: gradgradcheck, Hessian-vector products, a node inside a node ----------------
+
+@checked
+def test_gradgradcheck_or_a_clear_error(make):
+    node, x = make()
+    call, params = _as_function(node)
+    leaves = (x.requires_grad_(), *params)
+    if isinstance(node, Ridge):
+        assert torch.autograd.gradgradcheck(call, leaves)
+    else:  # closed-form first-order vjps (bundled nodes): refused, never wrong
+        with pytest.raises(NotImplementedError, match="double backward .* overrides vjp"):
+            torch.autograd.gradgradcheck(call, leaves)
+
+
+@generic
+def test_hessian_vector_product_of_a_loss_through_a_node_matches_the_closed_form(cls):
+    node = cls()
+    x, d = _x(3).requires_grad_(), _x(3)
+    wrt = [x, node.A]
+
+    def hvp(f):
+        loss = f(x).sin().sum() + f(x).square().sum()
+        grads = torch.autograd.grad(loss, wrt, create_graph=True)
+        return torch.autograd.grad((grads[0] * d).sum(), wrt)
+
+    _assert_all_close(hvp(node), hvp(node.closed_form))
+
+
+class Nested(DeclarativeNode):
+    """``y = argmin ½‖R(y) − x‖² + ½ ε‖y‖²`` where ``R`` is a declarative node (a Ridge layer)."""
+
+    def __init__(self, eps=0.1):
+        super().__init__()
+        self.inner = Ridge(n=5, m=3)
+        self.eps = eps
+
+    def objective(self, x, y):
+        return 0.5 * (self.inner(y) - x).square().sum(-1) + 0.5 * self.eps * y.square().sum(-1)
+
+    def initial_guess(self, x):
+        return x.new_zeros(x.shape[0], 5)
+
+    def closed_form(self, x):
+        R = self.inner.closed_form(torch.eye(5, dtype=x.dtype)).T  # inner(y) = R y, R (3, 5)
+        M = R.T @ R + self.eps * torch.eye(5, dtype=x.dtype)
+        return torch.linalg.solve(M, R.T @ x.T).T
+
+
+def test_a_node_inside_another_nodes_objective():
+    node = Nested()
+    x = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    y = node(x)
+    ref = node.closed_form(x)
+    torch.testing.assert_close(y, ref)
+    v = torch.randn_like(y)
+    wrt = [x, *_params(node).values()]
+    _assert_all_close(torch.autograd.grad((y * v).sum(), wrt),
+                      torch.autograd.grad((ref * v).sum(), wrt))
+    call, params = _as_function(node)
+    assert torch.autograd.gradcheck(call, (x, *params))
+
+
+def test_double_backward_of_a_constrained_generic_node_raises_clearly():
+    class Sphere(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * (y - x).square().sum(-1)
+
+        def equality_constraints(self, x, y):
+            return y.square().sum(-1, keepdim=True) - 1
+
+    x = 2 + torch.rand(3, 4, dtype=F64, requires_grad=True)
+    y = Sphere()(x)
+    with pytest.raises(NotImplementedError, match="double backward .* constraints"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_nested_torch_func_transforms_raise_clearly():
+    node = Ridge()
+    with pytest.raises(NotImplementedError, match="nested torch.func transforms"):
+        torch.func.hessian(lambda t: node(t).square().sum())(_x(2))
