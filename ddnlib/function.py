@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .contract import check_vjp_result
+from .contract import check_vjp_result
 from .solution import as_solution
 from torch._C import _functorch
 from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack

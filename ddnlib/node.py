@@ -30,7 +30,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # halve
 class DeclarativeNode(Picklable, torch.nn.Module):
     """Base class of declarative nodes.
 
-    Batch convention: every positional input has a leading batch dimension ``b``, ``y`` has shape
+    Batch convention: every positional input has a leading batch dimension ``b`` (or 1: the input
+    is shared by every sample, expanded to ``b``, and its gradient is summed), ``y`` has shape
     ``(b, *out)``, and the problem is separable across the batch (sample ``i``'s objective and
     constraints depend only on sample ``i`` and on the shared parameters).
 
@@ -72,7 +73,9 @@ class DeclarativeNode(Picklable, torch.nn.Module):
     def initial_guess(self, *xs: Tensor) -> Tensor:
         """Where the default solver starts, ``(b, *out)``; also declares the output shape.
 
-        Defaults to a copy of the first input.
+        Defaults to a copy of the first input, so a node whose output has another shape (or
+        dtype) overrides it; the default solvers check what it returns and the objective there
+        (:mod:`ddnlib.contract`).
         """
         return xs[0].detach().clone()
 
@@ -120,16 +123,30 @@ class DeclarativeNode(Picklable, torch.nn.Module):
 
     def forward(self, *xs: Tensor) -> Tensor:
         """Solve for ``y (b, *out)``; differentiable in ``xs`` and in the node's parameters."""
-        _check_inputs(type(self).__name__, xs)
-        return declarative_apply(self, xs)
+        return declarative_apply(self, _check_inputs(type(self).__name__, xs))
 
 
-def _check_inputs(name: str, xs: tuple) -> None:
+def _check_inputs(name: str, xs: tuple) -> tuple[Tensor, ...]:
+    """``xs`` if they are floating tensors with one batch size ``b`` (an input with a leading
+    dimension of 1 is expanded to ``b``, so that autograd sums its gradient over the batch), on
+    one device and in one dtype; otherwise ``TypeError`` / ``ValueError`` saying what to pass."""
     if not xs:
         raise TypeError(f"{name}() needs at least one input tensor")
     for i, x in enumerate(xs):
+        if x is None:
+            raise TypeError(
+                f"{name}(): input {i} is None: every positional input must be a tensor with a "
+                "leading batch dimension. An optional input is an attribute of the node (set "
+                "self.K = None in __init__, or self.register_buffer('K', K) for a tensor that "
+                "follows .to()), read in objective; a tensor shared by every sample can be "
+                "passed with a leading dimension of 1"
+            )
         if not isinstance(x, Tensor):
-            raise TypeError(f"{name}(): input {i} is {type(x).__name__}: expected a torch.Tensor")
+            raise TypeError(
+                f"{name}(): input {i} is {type(x).__name__}: expected a torch.Tensor of shape "
+                "(b, ...), or (1, ...) for a value shared by every sample; a non-tensor setting "
+                "is an attribute of the node (set in __init__), read in objective"
+            )
         if x.dtype not in _FLOATS:
             raise TypeError(
                 f"{name}(): input {i} has dtype {x.dtype}: expected a floating dtype (float16, "
@@ -137,15 +154,23 @@ def _check_inputs(name: str, xs: tuple) -> None:
             )
         if x.dim() == 0:
             raise ValueError(
-                f"{name}(): input {i} is 0-d: expected a leading batch dimension, shape (b, ...)"
+                f"{name}(): input {i} is 0-d: expected a leading batch dimension, shape (b, ...), "
+                "or (1, ...) for a value shared by every sample (e.g. x.reshape(1))"
             )
+    sizes = {x.shape[0] for x in xs} - {1}
+    if len(sizes) > 1:
+        shown = ", ".join(f"input {i}: {x.shape[0]}" for i, x in enumerate(xs))
+        raise ValueError(
+            f"{name}(): inputs have batch sizes {shown}: expected one batch size b, or 1 for an "
+            "input shared by every sample"
+        )
     first = xs[0]
     for i, x in enumerate(xs[1:], 1):
-        if x.shape[0] != first.shape[0]:
-            raise ValueError(
-                f"{name}(): input {i} has batch size {x.shape[0]}, input 0 has {first.shape[0]}"
-            )
         if x.dtype != first.dtype:
             raise TypeError(f"{name}(): input {i} has dtype {x.dtype}, input 0 has {first.dtype}")
         if x.device != first.device:
             raise ValueError(f"{name}(): input {i} is on {x.device}, input 0 on {first.device}")
+    if not sizes:
+        return tuple(xs)
+    b = sizes.pop()
+    return tuple(x.expand(b, *x.shape[1:]) if x.shape[0] == 1 else x for x in xs)

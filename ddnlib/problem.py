@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .autodiff import batched_jacobian, grad
+from .contract import check_objective
 from .kkt import KKTPoint, kkt_point
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class Problem:
 
     def objective(self, y: Tensor) -> Tensor:
         f = self.node.objective(*self.xs, self.unflatten(y))
-        return _check_rows(f, (self.batch,), "objective")
+        return check_objective(self.node, f, self.batch, self.out_shape)  # ddnlib.contract
 
     def eq(self, y: Tensor) -> Tensor:
         """``h(x, y)`` of shape ``(b, p)`` (``p = 0`` without equality constraints)."""

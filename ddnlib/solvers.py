@@ -48,6 +48,7 @@ import scipy.optimize
 
 from .contract import check_initial_guess, check_start
 from . import interior_point
+from .contract import check_initial_guess, check_start
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
 from .linear_solvers import CG, Auto, Dense, chosen

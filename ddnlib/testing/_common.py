@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.utils import parametrize
 
+from ..contract import node_name
 from ..errors import DDNWarning
 from ..node import DeclarativeNode
 from ..solution import Solution, as_solution
@@ -19,12 +19,6 @@ from .report import CheckRow
 
 __all__ = ["float64_copy", "float64_inputs", "overrides", "solve", "captured", "warning_rows",
            "node_name"]
-
-
-def node_name(node: DeclarativeNode) -> str:
-    """The class name of ``node`` (the user's class, also under ``torch.nn.utils.parametrize``)."""
-    cls = type(node)
-    return cls.__bases__[0].__name__ if parametrize.is_parametrized(node) else cls.__name__
 
 
 def float64_copy(node: DeclarativeNode) -> DeclarativeNode:
