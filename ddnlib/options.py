@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +33,16 @@ class Options:
         damping: ``γ ≥ 0`` added to the Hessian, ``H + γI``, in the backward solve.
         cg_tol: relative residual at which CG stops (``None``: ``sqrt(eps)`` of the dtype).
         cg_max_iter: CG iteration cap (``None``: ``2 m + 10``).
-        check_optimality: run the optimality check of the forward solution in the backward pass.
+        check_optimality: run the checks of the forward solution in the backward pass: the
+            optimality check (:class:`~ddnlib.Optimality`) and the test for degenerate
+            constraints (:meth:`~ddnlib.KKTPoint.report_rank`). Off saves their cost.
         optimality_tol: tolerance of that check on the size of the Newton/KKT step relative to
             ``1 + ‖y‖∞`` and on constraint violation (``None``: ``1e-3`` in float32, ``1e-6``
             otherwise).
-        active_tol: an inequality ``g_j(y) ≤ 0`` is active when ``g_j(y) ≥ −active_tol``, or, when
-            the solver returns multipliers ``mu``, when ``mu_j > active_tol`` (``None``: ``1e-4``
-            in float32, ``1e-8`` otherwise).
+        active_tol: how close to its boundary an inequality ``g_j(y) ≤ 0`` counts as tight: first-order
+            distance ``max(−g_j, 0) / ‖∇g_j‖ ≤ active_tol · ‖y‖∞`` (``None``: ``1e-4`` in float32,
+            ``1e-8`` otherwise); candidates within ``√active_tol`` are decided by their multipliers
+            (see :func:`ddnlib.kkt.active_set`).
         strict: raise :class:`~ddnlib.DDNError` subclasses instead of warning.
         max_iter: iteration cap of the default forward solvers.
         solver_tol: stopping tolerance of the default forward solvers on the step size relative to
@@ -63,22 +68,20 @@ class Options:
                 f"linear_solver={self.linear_solver!r}: expected one of {_LINEAR_SOLVERS} or a "
                 "ddnlib.linear_solvers.LinearSolver"
             )
-        for name in ("dense_max", "max_iter"):
+        for name, optional in (("dense_max", False), ("max_iter", False), ("cg_max_iter", True)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
-        if self.cg_max_iter is not None and (
-            not isinstance(self.cg_max_iter, int) or self.cg_max_iter < 1
-        ):
-            raise ValueError(f"cg_max_iter={self.cg_max_iter!r}: expected a positive integer or None")
-        for name in ("damping",):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name}={value!r}: expected a non-negative number")
+            if not (optional and value is None) and (not _integer(value) or value < 1):
+                raise ValueError(f"{name}={value!r}: expected a positive integer"
+                                 + (" or None" if optional else ""))
+        if not _number(self.damping) or not self.damping >= 0:
+            raise ValueError(f"damping={self.damping!r}: expected a finite non-negative number")
         for name in ("cg_tol", "optimality_tol", "active_tol", "solver_tol"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not value > 0):
-                raise ValueError(f"{name}={value!r}: expected a positive number or None")
+            if value is not None and (not _number(value) or not value > 0):
+                raise ValueError(f"{name}={value!r}: expected a finite positive number or None")
+        for name in ("check_optimality", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
 
     @property
     def solver(self) -> LinearSolver:
@@ -106,3 +109,14 @@ class Options:
             "active_tol": (1e-4, 1e-8),
             "solver_tol": (1e-5, 1e-10),
         }[name][0 if single else 1]
+
+
+def _integer(value) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    """A finite real number that is not a bool."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))

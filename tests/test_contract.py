@@ -261,3 +261,42 @@ def test_inputs_that_cannot_be_batched_say_how_to_express_them(case):
         Weighted()(*xs)
     for fragment in fragments:
         assert fragment in str(info.value), f"{case}: {fragment!r} not in {info.value}"
+
+
+# -- Options: numbers that are not numbers ---------------------------------------------------------
+
+OPTION_CASES = [
+    (dict(damping=math.inf), "damping=inf: expected a finite non-negative number"),
+    (dict(damping=math.nan), "damping=nan: expected a finite non-negative number"),
+    (dict(damping=True), "damping=True: expected a finite non-negative number"),
+    (dict(damping="0.1"), "damping='0.1': expected a finite non-negative number"),
+    (dict(cg_max_iter=True), "cg_max_iter=True: expected a positive integer or None"),
+    (dict(cg_max_iter=2.5), "cg_max_iter=2.5: expected a positive integer or None"),
+    (dict(max_iter=False), "max_iter=False: expected a positive integer"),
+    (dict(dense_max=1e9), "dense_max=1000000000.0: expected a positive integer"),
+    (dict(solver_tol=math.inf), "solver_tol=inf: expected a finite positive number or None"),
+    (dict(cg_tol=math.inf), "cg_tol=inf: expected a finite positive number or None"),
+    (dict(optimality_tol=True), "optimality_tol=True: expected a finite positive number or None"),
+    (dict(active_tol=-math.inf), "active_tol=-inf: expected a finite positive number or None"),
+    (dict(strict=1), "strict=1: expected True or False"),
+    (dict(check_optimality="no"), "check_optimality='no': expected True or False"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", OPTION_CASES, ids=[m.split(":")[0] for _, m in
+                                                               OPTION_CASES])
+def test_options_reject_bools_and_non_finite_numbers(kwargs, message):
+    from ddnlib import Options
+
+    with pytest.raises(ValueError) as info:
+        Options(**kwargs)
+    assert message in str(info.value)
+
+
+def test_options_accept_numpy_numbers_and_ints_for_floats():
+    import numpy as np
+
+    from ddnlib import Options
+
+    options = Options(damping=1, cg_max_iter=np.int64(7), solver_tol=np.float64(1e-8))
+    assert options.tol("solver_tol", F64) == 1e-8 and options.cg_max_iter == 7
