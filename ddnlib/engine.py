@@ -87,7 +87,8 @@ def implicit_vjp(
     with torch.enable_grad():
         problem = Problem(node, xs, y.shape)
         kkt = problem.kkt(y, solution, options)
-        kkt.report_rank(options.strict, DEGENERACY * options.tol("optimality_tol", y.dtype))
+        if options.check_optimality:
+            kkt.report_rank(options.strict, DEGENERACY * options.tol("optimality_tol", y.dtype))
         # column 0: the backward system; column 1: the Newton/KKT step of the optimality check
         check = options.check_optimality
         gL, c = kkt.residual()

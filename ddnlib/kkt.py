@@ -307,7 +307,9 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             lam = multipliers_tensor(solution.eq_multipliers, b, p, yf.dtype, "'lambda'", where)
             mu = multipliers_tensor(solution.ineq_multipliers, b, q, yf.dtype, "'mu'", where)
         tight = _tight(g.detach(), A[:, p:], yf.detach(), active_tol)
-        if active is None:
+        if active is None and not q:
+            active = torch.ones_like(c, dtype=torch.bool)
+        elif active is None:
             active, ambiguous = active_set(grad_f.detach(), f, A, p, g.detach(), tight, mu,
                                            yf.detach(), active_tol)
             if ambiguous.any():
