@@ -3,14 +3,14 @@
 ``RobustGlobalPool1d`` with a learnable ``c`` (and ``α`` for ``general``); forward ``node(x)`` and
 backward (gradients for ``x`` and the learnable parameters, graph retained) each timed interleaved
 with the same step of mean pooling ``x.mean(-1)``: pseudo-Huber on the PointNet-sized input
-``(B, C, N) = (32, 1024, 1024)`` float32, every penalty on ``(4, 128, 1024)`` (the non-convex
-penalties' multi-start solves take tens of seconds per call at the PointNet size on 2 cores, which
-would not fit the 15-minute budget). The fused path (if the node offers one) is timed the same way, its
-compile time (first call minus a steady call) reported separately. Then pseudo-Huber forward +
-backward against mean pooling for ``N ∈ {64, 256, 1024, 4096}`` at ``(8, 256, N)``.
+``(B, C, N) = (32, 1024, 1024)`` and on the small ``(32, 64, 256)`` float32 (per-call overhead),
+every penalty on ``(4, 128, 1024)``. The fused path (``fused=True``) of pseudo-Huber is timed the
+same way, its compile time (first call minus a steady call) reported separately. Then pseudo-Huber
+forward + backward against mean pooling for ``N ∈ {64, 256, 1024, 4096}`` at ``(8, 256, N)``.
+Welsch and Barron's loss against pseudo-Huber and the original library: ``nonconvex_pooling``.
 
-Targets (issue 6): pseudo-Huber forward ≤ 150x mean, backward ≤ 3x mean's backward; fused
-forward ≤ 15x.
+Targets (issue 18): pseudo-Huber forward ≤ 100x mean (eager, both shapes), fused forward ≤ 15x
+at ``(32, 1024, 1024)``; backward ≤ 1.5x mean's backward for every penalty.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _penalty(report: Report, settings: Settings, cls, penalty: str, shape: tuple
     variants_f = {"mean pooling": lambda: x.mean(-1), f"{penalty} eager": forward}
     variants_b = {"mean pooling": lambda: torch.autograd.grad(y_mean, x, v, retain_graph=True),
                   f"{penalty} eager": backward}
-    fused = accepts(cls, "fused")
+    fused = targets and accepts(cls, "fused")
     if fused:
         node = _make(cls, penalty, fused=True)
         start = time.perf_counter()
@@ -64,13 +64,13 @@ def _penalty(report: Report, settings: Settings, cls, penalty: str, shape: tuple
     if fused:
         report.note(CASE, f"{setting} fused: compile time ≈ "
                     f"{first - tf[f'{penalty} fused']:.2f} s (first call minus a steady call)")
+    ratio_b = tb[f"{penalty} eager"] / tb["mean pooling"]
+    report.target(CASE, f"backward / mean backward, {setting}", ratio_b, "≤ 1.5x", ratio_b <= 1.5)
     if targets:
         ratio_f = tf[f"{penalty} eager"] / tf["mean pooling"]
-        ratio_b = tb[f"{penalty} eager"] / tb["mean pooling"]
-        report.target(CASE, f"forward / mean forward, {setting}", ratio_f, "≤ 150x",
-                      ratio_f <= 150)
-        report.target(CASE, f"backward / mean backward, {setting}", ratio_b, "≤ 3x", ratio_b <= 3)
-        if fused:
+        report.target(CASE, f"forward / mean forward, {setting}", ratio_f, "≤ 100x",
+                      ratio_f <= 100)
+        if fused and shape[-1] >= 1024:
             ratio = tf[f"{penalty} fused"] / tf["mean pooling"]
             report.target(CASE, f"fused forward / mean forward, {setting}", ratio, "≤ 15x",
                           ratio <= 15)
@@ -80,8 +80,8 @@ def run(report: Report, settings: Settings) -> None:
     cls = node_class("RobustGlobalPool1d")
     heavy = dataclasses.replace(settings, repeats=min(settings.repeats, 3))
     gen = torch.Generator().manual_seed(0)
-    _penalty(report, heavy, cls, "pseudo_huber", (4, 32, 64) if settings.quick else (32, 1024, 1024),
-             gen, targets=True)
+    for shape in [(4, 32, 64)] if settings.quick else [(32, 64, 256), (32, 1024, 1024)]:
+        _penalty(report, heavy, cls, "pseudo_huber", shape, gen, targets=True)
     for penalty in ("welsch",) if settings.quick else PENALTIES:
         _penalty(report, heavy, cls, penalty, (2, 16, 64) if settings.quick else (4, 128, 1024),
                  gen, targets=False)

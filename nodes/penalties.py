@@ -77,9 +77,11 @@ class Penalty:
         ``1/c²`` out of the arithmetic (it overflows for ``c ≲ 1e-19`` in float32)."""
         return self.derivatives(z, c, alpha)
 
-    def scaled_curvature(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
-        """``κ φ″(z)`` alone (what the backward stores)."""
-        return self.scaled_derivatives(z, c, alpha)[1]
+    def scaled_curvature(self, z: Tensor, c: Tensor, alpha: Tensor,
+                         out: Tensor | None = None) -> Tensor:
+        """``κ φ″(z)`` alone (what the backward stores), written into ``out`` if given."""
+        w = self.scaled_derivatives(z, c, alpha)[1]
+        return w if out is None else out.copy_(w)
 
     def newton_sums(self, z: Tensor, c: Tensor, alpha: Tensor,
                     scratch: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,9 +136,9 @@ class _PseudoHuber(Penalty):
         r = torch.hypot(z / c, torch.ones_like(z)).reciprocal()
         return z * r, r * r * r
 
-    def scaled_curvature(self, z, c, alpha):  # rsqrt(inf) = 0 is the right limit here
-        t = z / c
-        return torch.rsqrt(1 + t * t) ** 3
+    def scaled_curvature(self, z, c, alpha, out=None):  # rsqrt(inf) = 0: the right limit
+        out = torch.empty_like(z) if out is None else out
+        return torch.div(z, c, out=out).square_().add_(1).rsqrt_().pow_(3)
 
     def fused_sums(self, z, c, alpha):
         t = z / c
@@ -184,6 +186,12 @@ class _Welsch(Penalty):
         s = ((z / c) ** 2).clamp_max(_S_MAX)
         e = torch.exp(-0.5 * s)
         return z * e, e * (1 - s)
+
+    def scaled_curvature(self, z, c, alpha, out=None):
+        out = torch.empty_like(z) if out is None else out
+        s = torch.div(z, c, out=out).square_().clamp_max_(_S_MAX)
+        e = torch.mul(s, -0.5).exp_()
+        return s.neg_().add_(1).mul_(e)
 
     def newton_sums(self, z, c, alpha, scratch):
         s = torch.div(z, c, out=scratch).square_().clamp_max_(_S_MAX)

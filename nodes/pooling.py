@@ -125,14 +125,14 @@ class RobustPooling(DeclarativeNode):
         """Backward quantities of ``rows``: ``w = φ″(y − x)``, ``H = Σ w``, ``Σ w z``, ``Σ ∂φ′/∂α``."""
         z = y[:, None] - x
         c, alpha = c[:, None], alpha[:, None]
-        w = self.penalty.scaled_curvature(z, c, alpha)  # κ φ″: only ratios are used
+        # κ φ″ (only ratios are used), written straight into the stored weights
+        w = self.penalty.scaled_curvature(z, c, alpha, ctx["weights"][rows] if "weights" in ctx
+                                          else None)
         ctx["curvature"][rows] = w.sum(1)
-        if "weights" in ctx:
-            ctx["weights"][rows] = w
-        if "moment" in ctx:
-            ctx["moment"][rows] = (w * z).sum(1)
         if "alpha_term" in ctx:
             ctx["alpha_term"][rows] = self.penalty.alpha_derivative(z, c, alpha).sum(1)
+        if "moment" in ctx:
+            ctx["moment"][rows] = z.mul_(w).sum(1)  # z is not needed after this
 
     def vjp(self, x: Tensor, c: Tensor, alpha: Tensor, *, y: Tensor, v: Tensor,
             ctx: Mapping[str, Any] | None = None

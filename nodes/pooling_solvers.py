@@ -134,7 +134,10 @@ def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: Solve
 def _check_finite(x: Tensor, y: Tensor) -> None:
     """A row with a non-finite entry of ``x`` (whatever its ``y``: the multi-start solvers can
     return a finite one), or whose ``y`` overflowed (the mean of huge values), is rejected."""
-    bad = ~torch.isfinite(y) | ~torch.isfinite(x).all(1)
+    bad = ~torch.isfinite(y)
+    total = x.sum(1)  # finite unless an entry is not (or the sum overflows): then look closer
+    if not bool(torch.isfinite(total).all()):
+        bad = bad | ~torch.isfinite(x).all(1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
         raise ValueError(f"pooled row {row} of x (values {x[row, :6].tolist()}…) has no finite "
