@@ -251,7 +251,7 @@ def test_options_reject_bad_values(kwargs):
         (([1.0, 2.0],), TypeError, "expected a torch.Tensor"),
         ((torch.ones(2, 5, dtype=torch.int64),), TypeError, "dtype torch.int64"),
         ((torch.tensor(1.0),), ValueError, "0-d"),
-        ((torch.ones(2, 5), torch.ones(3, 5)), ValueError, "batch size 3"),
+        ((torch.ones(2, 5), torch.ones(3, 5)), ValueError, "batch sizes input 0: 2, input 1: 3"),
         ((torch.ones(2, 5), torch.ones(2, 5, dtype=torch.float64)), TypeError, "dtype"),
     ],
 )
