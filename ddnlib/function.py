@@ -41,7 +41,6 @@ import torch
 from torch import Tensor
 
 from .contract import check_vjp_result
-from .contract import check_vjp_result
 from .solution import as_solution
 from torch._C import _functorch
 from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
@@ -139,6 +138,10 @@ class _Both:
 
 
 class _Declarative(torch.autograd.Function):
+    """``y = argmin`` of ``node`` at the inputs and state in ``tensors``: ``forward`` solves without
+    a graph, ``backward`` calls ``node.vjp`` and ``jvp`` ``node.jvp`` at exactly the tensors the
+    forward saw; ``holder`` carries the solver's :class:`~ddnlib.Solution` to the backward."""
+
     @staticmethod
     def forward(node, holder, spec, *tensors):
         xs = tensors[:spec.n]
