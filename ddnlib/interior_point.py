@@ -111,8 +111,19 @@ def solve(node, *xs: Tensor, y0: Tensor | None = None, options: Options | None =
 
 
 def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
-    """Solve ``problem`` from ``y0 (b, *out)`` (need not be feasible); see the module docstring."""
+    """Solve ``problem`` from ``y0 (b, *out)`` (need not be feasible); see the module docstring.
+
+    A sample with a non-finite input comes back as NaN (not converged) without touching the
+    others; a sample whose inputs are finite but whose objective or constraints are not finite at
+    ``y0`` is a ``ValueError`` naming it.
+    """
     b, m = problem.batch, problem.m
+    finite_in = torch.ones(b, dtype=torch.bool, device=y0.device)
+    for x in problem.xs:
+        if x.is_floating_point() and x.dim() and x.shape[0] == b:
+            finite_in &= torch.isfinite(x.reshape(b, -1)).all(-1)
+    if not finite_in.all():
+        return _without(problem, y0, options, finite_in)
     dtype, device = y0.dtype, y0.device
     tol = options.tol("solver_tol", dtype)
     y = y0.detach().reshape(b, m).clone()
@@ -238,6 +249,24 @@ def _escape(problem: Problem, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Te
     y[idx], s[idx] = y_new, s_new
     moved[idx] = found
     return moved, y, s
+
+
+def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor) -> IPMResult:
+    """:func:`interior_point` on the samples ``keep``, the others NaN and not converged."""
+    idx = keep.nonzero().flatten()
+    sub = Problem(problem.node, [x[idx] if x.dim() and x.shape[0] == problem.batch else x
+                                 for x in problem.xs],
+                  torch.Size((idx.numel(),)) + problem.out_shape[1:])
+    part = interior_point(sub, y0[idx], options)
+
+    def spread(t: Tensor, fill) -> Tensor:
+        out = torch.full((problem.batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+        out[idx] = t
+        return out
+
+    return IPMResult(spread(part.y, float("nan")), spread(part.eq_multipliers, float("nan")),
+                     spread(part.ineq_multipliers, float("nan")), spread(part.converged, False),
+                     spread(part.iterations, 0), spread(part.residual, float("nan")))
 
 
 def _polish(problem: Problem, y: Tensor, lam: Tensor, mu: Tensor, active: Tensor,
