@@ -14,7 +14,7 @@ of the active constraints. ``super().vjp`` is the generic engine, valid for L2 e
 Forward algorithms (``s = sign(x)``, ``a = |x|``):
 
 - **L2**: ``y = r x / ‖x‖`` (a ball returns ``x`` when ``‖x‖ ≤ r``), with
-  ``‖x‖ = s ‖x / s‖``, ``s = max_i |x_i|``: no overflow or underflow of the squares.
+  ``‖x‖ = s ‖x / s‖``, ``s = max_i |x_i|``, where a plain norm would over- or underflow.
 - **L1**: ``y = s ⊙ max(a − τ, 0)``, the projection of ``a`` onto the simplex of radius ``r``
   with the signs restored (Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008), ``τ`` the root of
   ``Σ_i max(a_i − τ, 0) = r``. Duchi et al.'s Fig. 1 finds ``τ`` by sorting ``a``; the same ``τ``
@@ -92,25 +92,30 @@ def _sign_plus(x: Tensor) -> Tensor:
     return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
 
 
-def _scaled_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(s, x / s, ‖x‖)`` with ``s = max |x_i|`` (``1`` for a zero row) per row: the squares of
-    ``x / s`` neither overflow nor underflow, so ``‖x‖ = s ‖x / s‖`` holds over the whole float
-    range (``torch.linalg.vector_norm`` squares the entries: in float32 ``‖x‖ ≳ 1.8e19`` is inf
-    and ``‖x‖ ≲ 1e-23`` is 0)."""
+def _l2_norm(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(‖x‖ (b, 1), s)`` over the whole float range. ``torch.linalg.vector_norm`` squares the
+    entries (in float32 ``‖x‖ ≳ 1.8e19`` is inf, ``‖x‖ ≲ 1e-23`` is 0); where a norm falls outside
+    the range in which that is exact, every row is rescaled by ``s = max_i |x_i|`` and
+    ``‖x‖ = s ‖x / s‖`` (``s`` is returned then, else ``None``)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    info = torch.finfo(x.dtype)
+    if bool(((norm >= info.tiny ** 0.5 / info.eps) & (norm <= info.max ** 0.5 / 4)).all()):
+        return norm, None
     s = x.abs().amax(-1, keepdim=True)
     s = torch.where(s > 0, s, 1.0)  # a NaN row stays NaN
-    xs = x / s
-    return s, xs, s * torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
+    return s * torch.linalg.vector_norm(x / s, dim=-1, keepdim=True), s
 
 
 def _l2(x: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
-    _, xs, norm = _scaled_norm(x)
-    unit_norm = torch.linalg.vector_norm(xs, dim=-1, keepdim=True)  # ∈ [1, √n] or 0
+    norm, s = _l2_norm(x)
+    xs, unit_norm = (x, norm) if s is None else (x / s, norm / s)  # ‖x / s‖ ∈ [1, √n] or 0
     if sphere:
         nonzero = unit_norm != 0  # a NaN norm (NaN input) stays NaN, not the x = 0 choice
         unit = (xs / unit_norm if nonzero.all()
                 else torch.where(nonzero, xs / unit_norm, x.shape[-1] ** -0.5))
         return r * unit, norm - r
+    if s is None:
+        return x * torch.where(norm > r, r / norm, 1.0), (norm - r).clamp_min(0)
     inside = ~(norm > r)
     y = torch.where(inside, x, r * (xs / torch.where(inside, 1.0, unit_norm)))
     return y, (norm - r).clamp_min(0)
@@ -174,7 +179,7 @@ def _inside_identity(active: Tensor, gx: Tensor, dot: Tensor, v: Tensor) -> tupl
 
 
 def _l2_pullback(x: Tensor, y: Tensor, v: Tensor, r: Tensor, sphere: bool) -> tuple[Tensor, Tensor]:
-    norm = _scaled_norm(x)[2]
+    norm = _l2_norm(x)[0]
     unit = y / r
     dot = (unit * v).sum(-1, keepdim=True)
     scale = torch.where(norm > 0, r / norm, 0.0)
