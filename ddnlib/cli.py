@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -21,12 +22,16 @@ from .node import DeclarativeNode
 
 __all__ = ["main"]
 
+_MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes (seed + sample index must fit)
+
 _DESCRIPTION = """\
 Check a declarative node class: the forward solution is optimal (stationarity / KKT residual,
 feasibility, no lower objective nearby or from the default solver when the node has its own
-solve), its gradients for every input and learnable parameter match central finite differences in
-float64, and an overridden vjp matches the generic engine. Prints a table (check, argument, worst
-error, tolerance, result) per sample and exits with status 1 if any check fails (0 otherwise,
+solve), the problem is separable across the batch (perturbing one sample changes neither the
+objective nor the solution of the others), its gradients for every input and learnable parameter
+match central finite differences in float64, and an overridden vjp matches the generic engine.
+Prints a table (check, argument, worst error, tolerance, result) per sample, with the sign
+convention of the signed rows below it, and exits with status 1 if any check fails (0 otherwise,
 2 for bad usage).
 """
 
@@ -62,10 +67,22 @@ def _range(text: str) -> tuple[float, float] | None:
         low, high = (float(part) for part in text.split(","))
     except ValueError:
         low = high = float("nan")
-    if not low < high:
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise argparse.ArgumentTypeError(
-            f"invalid range {text!r}: expected LOW,HIGH with LOW < HIGH (e.g. 0.5,2) or 'normal'")
+            f"invalid range {text!r}: expected finite LOW,HIGH with LOW < HIGH (e.g. 0.5,2) or "
+            "'normal'")
     return low, high
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"invalid seed {text!r}: expected an integer from 0 to {_MAX_SEED}")
+    return value
 
 
 def _kwargs(text: str) -> dict:
@@ -96,7 +113,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        metavar="LOW,HIGH",
                        help="draw the matching input uniformly from [LOW, HIGH] instead of a "
                             "standard normal ('normal'); if given, once per --input-shape")
-    check.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    check.add_argument("--seed", type=_seed, default=0,
+                       help=f"seed of the random inputs, 0 to {_MAX_SEED} (default 0)")
     check.add_argument("--samples", type=int, default=1, metavar="K",
                        help="number of independent random input draws to check (default 1)")
     check.add_argument("--kwargs", type=_kwargs, default={}, metavar="JSON",
@@ -132,6 +150,9 @@ def _gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     if args.samples < 1:
         parser.error(f"argument --samples: {args.samples}: expected a positive integer")
+    if args.seed + args.samples - 1 > _MAX_SEED:
+        parser.error(f"argument --seed: {args.seed} with --samples {args.samples}: expected "
+                     f"seed + samples - 1 <= {_MAX_SEED} (one seed per sample)")
     shapes = args.shapes or [(3, 5)]
     if len({s[0] for s in shapes}) > 1:
         parser.error(f"argument --input-shape: batch sizes {[s[0] for s in shapes]} differ: "
@@ -158,6 +179,9 @@ def _gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"== {cls.__name__}, sample {k + 1} of {args.samples} (seed {args.seed + k}, "
               f"inputs {shown})")
         print(result.table())
+        legend = result.legend()
+        if legend:
+            print("signed rows:\n" + legend)
         print(result.summary() + "\n")
         failed += not result.passed
     print(f"{cls.__name__}: {'FAILED' if failed else 'PASSED'} "

@@ -86,6 +86,13 @@ def test_several_inputs_kwargs_and_samples(capsys):
     (["user_nodes:Smoother", "--samples", "0"], "--samples"),
     (["user_nodes:Smoother", "--input-range", "2,1"], "invalid range '2,1'"),
     (["user_nodes:Smoother", "--input-range", "0,1", "--input-range", "0,1"], "--input-range"),
+    (["user_nodes:Smoother", "--input-range", "0,inf"], "expected finite LOW,HIGH"),
+    (["user_nodes:Smoother", "--input-range", "nan,1"], "invalid range 'nan,1'"),
+    (["user_nodes:Smoother", "--seed", "99999999999999999999"],
+     "invalid seed '99999999999999999999': expected an integer from 0 to 9223372036854775807"),
+    (["user_nodes:Smoother", "--seed", "-1"], "invalid seed '-1'"),
+    (["user_nodes:Smoother", "--seed", str(2**63 - 1), "--samples", "2"],
+     "seed + samples - 1 <= 9223372036854775807"),
 ])
 def test_bad_usage_exits_2_with_a_message(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -101,8 +108,40 @@ def test_help_explains_the_command(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     for words in ("package.module:NodeClass", "--input-shape", "--seed", "--samples", "--kwargs",
-                  "finite differences", "exits with status 1"):
+                  "finite differences", "exits with status 1", "separable across the batch",
+                  "sign convention"):
         assert words in " ".join(out.split()), words
+
+
+def test_largest_seed_runs_and_the_table_explains_its_signed_rows(capsys):
+    code, out = _gradcheck(capsys, "user_nodes:Ball", "--input-shape", "3,5",
+                           "--seed", str(2**63 - 1))
+    assert code == 0, out
+    legend = out.split("signed rows:", 1)[1]
+    assert "perturbation: worst (f(y) - f(y')) / (1 + |f(y)|)" in legend
+    assert "negative when every one is higher" in legend
+    assert "multiplier sign: largest max(-mu_j, 0)" in legend and "mu >= 0 at a minimum" in legend
+    assert "separability: largest relative change in the other samples" in legend
+    rows = {tuple(line.split()[:2]): line for line in out.splitlines() if line.strip()}
+    assert ("separability", "solution") in rows and "PASS" in rows[("separability", "solution")]
+    assert " -0 " not in out  # a signed zero is shown as 0
+
+
+def test_a_non_separable_node_fails_the_command_line(capsys, tmp_path, monkeypatch):
+    (tmp_path / "coupled.py").write_text(
+        "from ddnlib import DeclarativeNode\n"
+        "class Coupled(DeclarativeNode):\n"
+        "    def objective(self, x, y):\n"
+        "        return 0.5 * ((y - x) ** 2).sum(-1) + 0.5 * (y.mean(0) ** 2).sum()\n"
+        "    def solve(self, x):\n"
+        "        return x - x.mean(0) / (1 + x.shape[0])\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out = _gradcheck(capsys, "coupled:Coupled", "--input-shape", "3,4")
+    assert code == 1
+    failing = [line for line in out.splitlines() if line.startswith("separability")]
+    assert any("objective" in line and "FAIL" in line and "changed at samples [1, 2]" in line
+               for line in failing), out
 
 
 # -- every bundled node, discovered from ddnlib.nodes.__all__ at collection time ---------------

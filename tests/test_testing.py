@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import user_nodes as U
+from ddnlib import DeclarativeNode, Options
 from ddnlib.testing import (CheckResult, CheckRow, assert_gradients, assert_node, assert_optimal,
-                            assert_vjp, check_gradients, check_node, check_optimality, check_vjp)
+                            assert_vjp, check_gradients, check_node, check_optimality,
+                            check_separability, check_vjp)
 from ddnlib.testing.strategies import PATTERNS, node_inputs
 
 
@@ -173,3 +175,51 @@ def test_node_inputs_strategy(data, tail):
 def test_smooth_node_passes_on_awkward_inputs(xs):
     assert_optimal(U.Smoother(), *xs)
     assert_gradients(U.Smoother(), *xs)
+
+
+# -- separability ------------------------------------------------------------------------------
+
+class _BatchCoupled(U.Smoother):
+    """Sample i's objective sees the batch mean of y: not separable."""
+
+    def objective(self, x, y):
+        return super().objective(x, y) + 0.5 * (y.mean(0) ** 2).sum()
+
+
+class _BatchSolve(U.Smoother):
+    """A separable objective, but a solve whose answer for sample i moves with sample j."""
+
+    def solve(self, x):
+        return DeclarativeNode.solve(self, x) + 1e-3 * x.mean(0)
+
+
+@pytest.mark.parametrize("node_cls", [U.Smoother, U.Pair, U.Sphere, U.Ball])
+def test_separable_nodes_pass_the_separability_check(node_cls):
+    result = check_separability(node_cls(), *_inputs(node_cls), seed=1)
+    assert result.passed, str(result)
+    assert _row(result, "separability", "objective").error <= 1e-12
+    assert _row(result, "separability", "solution").status == "pass"
+    if node_cls in (U.Sphere, U.Ball):
+        assert _row(result, "separability", "constraints").status == "pass"
+
+
+@pytest.mark.parametrize("node_cls, failing", [(_BatchCoupled, {"objective", "solution"}),
+                                               (_BatchSolve, {"solution"})])
+def test_non_separable_nodes_fail_it_naming_the_samples(node_cls, failing):
+    node = node_cls(options=Options(max_iter=10))  # Newton cannot converge on a coupled batch
+    result = check_separability(node, *_inputs(node_cls, b=4), seed=2)
+    assert {r.argument for r in result.failures} == failing, str(result)
+    for row in result.failures:
+        assert "when sample 2 is perturbed" in row.detail and "samples [0, 1, 3]" in row.detail
+        assert row.error > 1e-6
+
+
+def test_check_node_and_the_command_line_include_the_separability_rows():
+    result = check_node(_BatchSolve(), *_inputs(_BatchSolve, b=3))
+    assert _row(result, "separability", "solution").status == "fail"
+    assert _row(result, "separability", "objective").status == "pass"
+
+
+def test_separability_needs_two_samples():
+    row, = check_separability(U.Smoother(), *_inputs(U.Smoother, b=1)).rows
+    assert (row.argument, row.status) == ("batch", "skip") and "got 1" in row.detail

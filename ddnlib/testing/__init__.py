@@ -18,11 +18,13 @@ from .checks import assert_gradients, assert_node, assert_optimal, assert_vjp, c
 from .gradients import check_gradients
 from .optimality import check_optimality
 from .report import CheckResult, CheckRow
+from .separability import check_separability
 from .vjp import check_vjp
 
 __all__ = [
     "check_gradients",
     "check_optimality",
+    "check_separability",
     "check_vjp",
     "check_node",
     "assert_gradients",

@@ -15,13 +15,14 @@ from ..node import DeclarativeNode
 from .gradients import check_gradients
 from .optimality import check_optimality
 from .report import CheckResult
+from .separability import check_separability
 from .vjp import check_vjp
 
 __all__ = ["check_node", "assert_node", "assert_gradients", "assert_optimal", "assert_vjp"]
 
 
 def check_node(node: DeclarativeNode, *xs: Tensor, seed: int = 0, **options) -> CheckResult:
-    """Optimality, gradient and ``vjp`` checks of ``node`` at ``xs``, in one result.
+    """Optimality, separability, gradient and ``vjp`` checks of ``node`` at ``xs``, in one result.
 
     ``options`` are passed on by name: ``tol``, ``ftol``, ``smooth``, ``perturbations``,
     ``radius`` to :func:`check_optimality`; ``eps``, ``atol``, ``rtol``, ``max_elements``,
@@ -39,6 +40,7 @@ def check_node(node: DeclarativeNode, *xs: Tensor, seed: int = 0, **options) -> 
                             f"{sorted(owner)}")
         split[owner[key]][key.removeprefix("vjp_")] = value
     result = check_optimality(node, *xs, seed=seed, **split["optimality"])
+    result.extend(check_separability(node, *xs, seed=seed).rows)
     result.extend(check_gradients(node, *xs, seed=seed, **split["gradient"]).rows)
     result.extend(check_vjp(node, *xs, seed=seed, **split["vjp"]).rows)
     return result

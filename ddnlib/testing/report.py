@@ -65,6 +65,11 @@ class CheckResult:
                  for r in self.rows]
         return _align(header, lines)
 
+    def legend(self) -> str:
+        """What the signed "worst error" of the rows present means (sign conventions)."""
+        present = {row.argument for row in self.rows} | {row.check for row in self.rows}
+        return "\n".join(f"  {key}: {text}" for key, text in _LEGEND.items() if key in present)
+
     def summary(self) -> str:
         failed = len(self.failures)
         verdict = "PASSED" if self.passed else f"FAILED ({failed} of {len(self.rows)} rows)"
@@ -79,8 +84,22 @@ class CheckResult:
             raise AssertionError(str(self))
 
 
+_LEGEND = {
+    "perturbation": "worst (f(y) - f(y')) / (1 + |f(y)|) over random feasible points y' near y; "
+                    "negative when every one is higher, as at a minimum; fails above the "
+                    "tolerance (a lower objective nearby)",
+    "multiplier sign": "largest max(-mu_j, 0) / (1 + |grad f|) over tight g_j <= 0, for the "
+                       "Lagrangian L = f + lambda'h + mu'g (so mu >= 0 at a minimum); 0 when no "
+                       "multiplier has the wrong sign",
+    "vs default solver": "worst (f(y) - f(y_default)) / (1 + |f(y)|); negative or 0 when the "
+                         "node's solve is at least as low as the default solver",
+    "separability": "largest relative change in the other samples when one sample's inputs "
+                    "(and y) are perturbed; 0 (rounding) for a problem separable across the batch",
+}
+
+
 def _number(value: float) -> str:
-    return "-" if value != value else f"{value:.3g}"
+    return "-" if value != value else f"{value + 0.0:.3g}"  # + 0.0: no "-0"
 
 
 def _align(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..contract import check_vjp_result
 from ..node import DeclarativeNode
 from ._common import captured, float64_copy, float64_inputs, node_name, overrides, solve
 from .report import CheckResult, CheckRow
@@ -61,7 +62,9 @@ def check_vjp(
             y, ctx = solve(node64, xi)
             for _ in range(samples):
                 v = torch.randn(y.shape, generator=generator, dtype=y.dtype)
-                mine = _flatten(node64.vjp(*xi, y=y, v=v, ctx=ctx), len(xi), names, "override")
+                mine = _flatten(check_vjp_result(node64, node64.vjp(*xi, y=y, v=v, ctx=ctx), xi,
+                                                 dict(node64.named_parameters())),
+                                len(xi), names, "override")
                 with captured() as caught:
                     generic = _flatten(DeclarativeNode.vjp(node64, *xi, y=y, v=v, ctx=ctx),
                                        len(xi), names, "generic")
