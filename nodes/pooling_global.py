@@ -13,18 +13,20 @@ bound gives an upper bound ``U`` on the minimum; a bin with ``L_k > U`` cannot h
 minimiser.
 
 Search. Level 0 is ``[min x, max x]``. Each level keeps the range spanned by the surviving bins
-(every global minimiser lies in it) and histograms it again, until the bins are narrower than
-``c / 4``. There the surviving bins form a few runs; the run of the smallest bound, and each
-further run whose bound is below the best value found so far (at most ``3``), is refined by a
-safeguarded Newton iteration on ``F′`` inside the run (a bracket with ``F′ ≤ 0`` at its left end
-and ``≥ 0`` at its right end, Newton steps taken only where ``F″ > 0``), and the best point is
-returned. A row is settled (the answer is the minimum over all runs, up to the Newton tolerance
-and up to two minima inside one run) when every run left unrefined has a bound above the
-answer. The cost is a few histogram passes plus about one convex solve.
+(every global minimiser lies in it) and histograms it again; a range that does not halve splits
+into the quarters that hold surviving bins (separated clusters part, and bins too coarse to prune
+become four times finer), at most ``_PROBLEMS`` open ranges per row. When the bins are narrower
+than ``c / 4`` the surviving bins form a few runs; the run of the smallest bound, and each further
+run whose bound is below the best value found so far (at most ``3``), is refined by a safeguarded
+Newton iteration on ``F′`` inside the run widened by a bin (an end where ``F`` still descends
+outwards moves out until ``F′ ≤ 0`` at the left end and ``≥ 0`` at the right; Newton steps only
+where ``F″ > 0``, else bisection on the sign of ``F′``), and the best point is returned. A row is
+settled when every run left unrefined has a bound above the answer (up to the Newton tolerance,
+and up to two minima inside one run). The cost is a few histogram passes plus about one convex
+solve.
 
-Rows the bound cannot narrow (the surviving range does not halve at a level: clusters further
-apart than ``B·c/4``, or ``c`` far below the spacing of the data) or that are not settled are
-returned as unresolved, for the exhaustive multi-start solver.
+Rows that are not settled (too many open ranges, ``_LEVELS`` exhausted, a run that matters whose
+ends never bracket a minimum) are returned as unresolved, for the exhaustive multi-start solver.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Forward solvers of the one-dimensional pooling problems ``y_r = argmin_u Σ_i φ(u − x_ri)``.
 
-All rows are solved at once, in blocks of at most ``2**16`` entries: small enough to stay in the
+All rows are solved at once, in blocks of at most ``2**16`` entries (``2**18`` for the histogram
+search, whose many small operations are overhead-bound at ``2**16``): small enough to stay in the
 CPU's L2 cache (the iterations re-read cached data instead of streaming the whole input each pass)
 and large enough that the per-operation overhead of the vectorised iteration stays small (at
 ``(32, 1024, 1024)`` pseudo-Huber, ``2**14``-entry blocks were 3x slower, overhead-bound); on the
@@ -13,7 +14,9 @@ CPU the blocks are shared among ``torch.get_num_threads()`` Python threads (torc
   ``g(lo) ≤ 0 ≤ g(hi)``) that every evaluation of ``g`` shrinks. Newton steps are taken from the
   point with the smallest ``|g|`` so far; a trial that does not lower ``|g|`` only shrinks the
   bracket, and a Newton step that leaves the bracket is replaced by bisection.
-* Non-convex penalties (``welsch``, ``general`` with ``α < 1``): multi-start. The objective is
+* Non-convex penalties (``welsch``, ``general`` with ``α < 1``): branch and bound on per-row
+  histograms (:mod:`~.pooling_global`), which settles a row with a few histogram passes and about
+  one convex solve; the rows it cannot settle go to the multi-start search: the objective is
   evaluated at ``min x``, ``max x`` and ``starts`` entries of the row (every entry when the row
   has at most ``starts``; otherwise evenly spaced ones), plus the midpoints between consecutive
   sorted candidates. Around each of the 3 best candidates the neighbouring candidates give a
@@ -21,6 +24,8 @@ CPU the blocks are shared among ``torch.get_num_threads()`` Python threads (torc
   ``F(m)``; a safeguarded Newton/bisection search that only accepts decreasing steps finds it,
   and the best of the 3 is returned. The global minimum is found whenever its basin holds a
   candidate — always when every entry is a candidate and each basin holds a data point.
+* Convex penalties with ``fused``: the same Newton iteration compiled (:mod:`~.pooling_fused`),
+  in blocks of ``2**20`` entries on one thread.
 * ``truncated_quadratic``: exact. A minimiser is the mean of its inliers, a window of the sorted
   row; every window ``{i : |x_i − u| ≤ c}`` arises for ``u`` at a breakpoint ``x_j ± c`` or a
   midpoint between consecutive breakpoints, and ``½ SSE(window) + ½ c² (n − |window|)`` bounds
