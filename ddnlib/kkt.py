@@ -68,7 +68,8 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
     *force* is ``μ_j ‖∇g_j‖ / (‖∇_y f‖ + √eps (1 + |f|) / (1 + ‖y‖∞))``: its share of the
     stationarity balance ``∇_y f + Σ μ_j ∇g_j = 0``.
 
-    - With the solver's ``μ``: active where the force exceeds ``√tol``.
+    - With the solver's ``μ``: active where the force exceeds ``√tol``, or where the constraint
+      is tight and ``μ_j > 0`` (weakly active: dropping it changes the gradient).
     - Otherwise the candidates are the inequalities within the loose distance ``√tol · ‖y‖∞`` of
       their boundary (an inexact external solution is accurate to far less than ``tol``);
       least-squares multipliers over the equalities and the candidates decide: a candidate with
@@ -87,7 +88,8 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
         return m * norms / unit
 
     if mu is not None:
-        return torch.cat([eq, force(mu) > dual], dim=1), torch.zeros_like(g[:, 0], dtype=torch.bool)
+        on = (force(mu) > dual) | (tight & (mu > 0))  # weakly active: tight, positive μ
+        return torch.cat([eq, on], dim=1), torch.zeros_like(g[:, 0], dtype=torch.bool)
     candidates = _tight(g, A[:, p:], y, dual)
     nu = least_squares_multipliers(grad_f, A, torch.cat([eq, candidates], dim=1))
     strength = force(nu[:, p:])
