@@ -143,18 +143,14 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
     iterations = torch.zeros(b, dtype=torch.long, device=device)
     residual = torch.full((b,), float("inf"), dtype=dtype, device=device)
     escapes = torch.zeros_like(iterations)
+    polished = torch.zeros_like(running)
     for _ in range(options.max_iter + 1):
         ev = _evaluate(problem, y, lam, z, p)
         finite = (torch.isfinite(ev.gL).all(-1) & torch.isfinite(ev.J).all((-2, -1))
                   & torch.isfinite(ev.f))
         rd, re, ri = ev.gL, ev.h, ev.g + s
-        scale_d = 1 + ev.gf.abs().amax(-1)
-        scale_p = 1 + _amax(ev.J[:, m:].abs().flatten(1)) * y.abs().amax(-1)
-        res = torch.stack([
-            rd.abs().amax(-1) / scale_d,
-            _amax(torch.cat([re, ri], 1).abs()) / scale_p,
-            _amax(s * z) / (1 + ev.f.abs()),
-        ]).amax(0)
+        parts = _residuals(ev, y, rd, torch.cat([re, ri], 1), s * z)
+        res = parts.amax(0)
         residual = torch.where(running, res, residual)
         done = running & (res <= tol)
         escaping = torch.zeros_like(done)
@@ -164,6 +160,17 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
             s = torch.where(escaping.unsqueeze(-1), s_esc, s)
             escapes += escaping.long()
             done &= ~escaping
+        # near the end the active set is known: one Newton step on it (exact for a QP) ends the
+        # sample if it gives a KKT point; the interior iteration is ill-conditioned from there on
+        near = running & ~done & (parts[1:].amax(0) <= tol**0.5) if q else done & False
+        if near.any():
+            ok, y_p, lam_p, mu_p, res_p = _polish(problem, y, lam, z, s, near, tol)
+            keep = ok.unsqueeze(-1)
+            y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam), (mu_p, z)))
+            s = torch.where(keep, torch.zeros_like(s), s)
+            residual = torch.where(ok, res_p, residual)
+            polished |= ok
+            done |= ok
         converged |= done
         running &= ~done & finite
         if not running.any() or int(iterations.max()) >= options.max_iter:
@@ -172,10 +179,23 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
         stepping = running & ~escaping
         y, s, z, lam, nu = _step(problem, ev, y, s, z, lam, nu, rd, re, ri, stepping, p, q)
     _report(problem, converged, residual, iterations, options, tol)
-    active = z > s
-    mu = torch.where(active, z, torch.zeros_like(z))
-    y, lam, mu = _polish(problem, y, lam, mu, active, converged, tol)
+    final = converged & ~polished
+    if final.any():
+        ok, y_p, lam_p, mu_p, res_p = _polish(problem, y, lam, z, s, final, tol)
+        keep = ok.unsqueeze(-1)
+        y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam), (mu_p, z)))
+        polished |= ok
+    mu = torch.where(polished.unsqueeze(-1) | (z > s), z, torch.zeros_like(z))
     return IPMResult(problem.unflatten(y), lam, mu, converged, iterations, residual)
+
+
+def _residuals(ev: "_Eval", y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor) -> Tensor:
+    """The three relative residuals ``(3, b)`` of the stopping test: stationarity, feasibility,
+    complementarity (see the module docstring)."""
+    m = y.shape[1]
+    scale_p = 1 + _amax(ev.J[:, m:].abs().flatten(1)) * y.abs().amax(-1)
+    return torch.stack([rd.abs().amax(-1) / (1 + ev.gf.abs().amax(-1)),
+                        _amax(feas.abs()) / scale_p, _amax(comp.abs()) / (1 + ev.f.abs())])
 
 
 def _escape(problem: Problem, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tensor,
@@ -269,16 +289,19 @@ def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor) -> IP
                      spread(part.iterations, 0), spread(part.residual, float("nan")))
 
 
-def _polish(problem: Problem, y: Tensor, lam: Tensor, mu: Tensor, active: Tensor,
-            converged: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One Newton step on the KKT system with the active inequalities held as equalities.
+def _polish(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples: Tensor,
+            tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One Newton step on the KKT system with the active inequalities (``z > s``) held as
+    equalities, for ``samples (b,)``.
 
-    The interior point stops with the active constraints at ``g ≈ −s``, ``|s| ≈ μ/z``; this step
-    puts them at ``g = 0`` (exact for a QP). It is kept per sample where it leaves a KKT point:
-    inactive constraints satisfied, active multipliers non-negative, values finite.
+    The interior point approaches the active constraints at ``g ≈ −s``, ``s ≈ μ/z``; this step
+    puts them at ``g = 0`` (exact for a QP). Returns the mask of samples where it gives a KKT point
+    (stopping test passed with ``s = 0``: inactive constraints satisfied, active multipliers
+    non-negative, stationarity), the new ``y``, ``λ``, ``μ`` and the residual there.
     """
-    p = lam.shape[1]
-    m = y.shape[1]
+    p, m = lam.shape[1], y.shape[1]
+    active = z > s
+    mu = torch.where(active, z, torch.zeros_like(z))
     ev = _evaluate(problem, y, lam, mu, p)
     ev = _Eval(*(t.double() for t in (ev.f, ev.h, ev.g, ev.gL, ev.gf, ev.W, ev.J)))
     act = torch.cat([torch.ones_like(lam, dtype=torch.bool), active], 1)
@@ -286,17 +309,16 @@ def _polish(problem: Problem, y: Tensor, lam: Tensor, mu: Tensor, active: Tensor
     c = torch.cat([ev.h, ev.g], 1) * act.double()
     K = _Condensed(ev.W, A, inactive=~act)
     dy, dnu = K.solve(ev.gL, c)
-    y_new = y + dy.to(y.dtype)
+    y_new = torch.where(samples.unsqueeze(-1), y + dy.to(y.dtype), y)
     nu_new = (torch.cat([lam, mu], 1).double() + dnu).to(y.dtype) * act
-    with torch.no_grad():
-        g_new, f_new = problem.ineq(y_new), problem.objective(y_new)
-    scale = 1 + y_new.abs().amax(-1, keepdim=True)
-    ok = (converged & torch.isfinite(f_new) & torch.isfinite(y_new).all(-1)
-          & (active | (g_new <= tol * scale)).all(-1)
-          & (nu_new[:, p:] >= 0).all(-1))
-    keep = ok.unsqueeze(-1)
-    return (torch.where(keep, y_new, y), torch.where(keep, nu_new[:, :p], lam),
-            torch.where(keep, nu_new[:, p:], mu))
+    lam_new, mu_new = nu_new[:, :p], nu_new[:, p:]
+    ev_new = _evaluate(problem, y_new, lam_new, mu_new, p)
+    g = ev_new.g
+    res = _residuals(ev_new, y_new, ev_new.gL, torch.cat([ev_new.h, g.clamp_min(0)], 1),
+                     mu_new * g).amax(0)
+    ok = (samples & torch.isfinite(res) & (res <= tol) & (mu_new >= 0).all(-1)
+          & torch.isfinite(y_new).all(-1))
+    return ok, y_new, lam_new, mu_new, res
 
 
 @dataclass
