@@ -2,9 +2,11 @@
 
 Runs the named cases (all by default) with a fixed thread count, prints every measured value with
 its ratio against the baseline measured in the same run, checks the targets, and writes
-``results.json`` and ``results.md`` to ``--out``. ``--docs`` also rewrites the results section of
-``docs/benchmarks.md`` and the plots ``docs/img/bench_*.png``. Absolute times depend on the
-machine; the ratios are the result.
+``results.json`` and ``results.md`` to ``--out`` (default: ``benchmarks/results``, the committed
+results, for a full run of every case; ``build/benchmarks`` otherwise, ignored by git, so a quick
+or partial run never overwrites the committed figures). ``--docs`` also rewrites the results
+section of ``docs/benchmarks.md`` and the plots ``docs/img/bench_*.png`` (full runs of every case
+only). Absolute times depend on the machine; the ratios are the result.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ CASES = {
 }
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "benchmarks" / "results"  # the full run's results, tracked by git
+SCRATCH = ROOT / "build" / "benchmarks"  # quick and partial runs (build/ is ignored)
 
 
 def machine() -> dict[str, str | int]:
@@ -116,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                              "work, more threads than idle cores makes timings meaningless)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per comparison (default 7, quick 3)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                        help="folder for results.json and results.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for results.json and results.md (default: "
+                             "benchmarks/results for a full run of every case, build/benchmarks "
+                             "for a quick or partial run)")
     parser.add_argument("--docs", action="store_true",
                         help="also update docs/benchmarks.md and docs/img/bench_*.png")
     args = parser.parse_args(argv)
@@ -128,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threads={args.threads}: expected a positive integer")
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats={args.repeats}: expected a positive integer")
+    full = not args.quick and not args.cases
+    if args.docs and not full:
+        parser.error("--docs publishes a full run of every case: drop --quick and the case names")
+    out = args.out if args.out is not None else (COMMITTED if full else SCRATCH)
     torch.set_num_threads(args.threads)
     settings = Settings(quick=args.quick, repeats=args.repeats or (3 if args.quick else 7),
                         min_block_s=0.002 if args.quick else 0.02)
@@ -149,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
               "quick": args.quick, "machine": machine(),
               "elapsed_s": time.perf_counter() - started, **report.as_dict()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "results.md").write_text(markdown(result))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(result))
     _print_table(result)
+    print(f"results written to {out}")
     if args.docs:
-        update_docs(result, args.out)
+        update_docs(result, out)
     return 0
