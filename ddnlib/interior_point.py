@@ -63,6 +63,7 @@ from torch import Tensor
 from .errors import NonConvergenceWarning, report
 from .options import Options
 from .problem import Problem, batched_jacobian, grad
+from .solution import Solution
 
 __all__ = ["IPMResult", "interior_point", "solve"]
 
@@ -87,27 +88,25 @@ class IPMResult:
     iterations: Tensor
     residual: Tensor
 
-    def ctx(self) -> dict[str, Tensor]:
-        """The multipliers as a node's ``solve`` returns them in ``ctx``."""
-        ctx = {}
-        if self.eq_multipliers.shape[1]:
-            ctx["lambda"] = self.eq_multipliers
-        if self.ineq_multipliers.shape[1]:
-            ctx["mu"] = self.ineq_multipliers
-        return ctx
+    def solution(self) -> Solution:
+        """The result as the :class:`~ddnlib.Solution` a node's ``solve`` returns (multipliers of
+        the constraint kinds present, the statistics in ``stats``)."""
+        return Solution(self.y, self.eq_multipliers if self.eq_multipliers.shape[1] else None,
+                        self.ineq_multipliers if self.ineq_multipliers.shape[1] else None,
+                        stats={"converged": self.converged, "iterations": self.iterations,
+                               "residual": self.residual})
 
 
 def solve(node, *xs: Tensor, y0: Tensor | None = None, options: Options | None = None
-          ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Solve ``node`` at ``xs`` by :func:`interior_point`; ``(y, ctx)`` as a node's ``solve``.
+          ) -> Solution:
+    """Solve ``node`` at ``xs`` by :func:`interior_point`, as a node's ``solve`` would.
 
     Starts from ``y0`` (default ``node.initial_guess(*xs)``) with ``options`` (default
     ``node.options``). A node opts in with ``def solve(self, *xs): return interior_point.solve(self,
-    *xs)``.
+    *xs)``; the default solver does the same for inequality-constrained nodes.
     """
     y0 = node.initial_guess(*xs) if y0 is None else y0
-    result = interior_point(Problem(node, xs, y0.shape), y0, options or node.options)
-    return result.y, result.ctx()
+    return interior_point(Problem(node, xs, y0.shape), y0, options or node.options).solution()
 
 
 def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:

@@ -48,7 +48,6 @@ import scipy.optimize
 
 from .contract import check_initial_guess, check_start
 from . import interior_point
-from .contract import check_initial_guess, check_start
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
 from .linear_solvers import CG, Auto, Dense, chosen
@@ -71,11 +70,7 @@ def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
     options = node.options
     if problem.has_ineq or (problem.has_eq and _dense(options, problem.m
                                                       + problem.eq(problem.flatten(y0)).shape[1])):
-        result = interior_point.interior_point(problem, y0, options)
-        return Solution(result.y, result.eq_multipliers if problem.has_eq else None,
-                        result.ineq_multipliers if problem.has_ineq else None,
-                        stats={"converged": result.converged, "iterations": result.iterations,
-                               "residual": result.residual})
+        return interior_point.interior_point(problem, y0, options).solution()
     if problem.has_eq:
         y, nu, converged, residual, saddle = sqp(problem, y0, node.options)
         _report_sqp(converged, residual, node.options)
