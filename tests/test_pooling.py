@@ -373,7 +373,7 @@ def test_scale_equivariance_over_the_float_range(name, s, dtype):
     c = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
     a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
     fn = lambda x, c, a: robust_global_pool(x * s, name, c * s, a) / s  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), c, a), atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (x[:, :1].clone().requires_grad_(), c, a), atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
