@@ -8,6 +8,10 @@ Conventions (documented in ``docs/writing-docs.md``):
   example that expects one catches it explicitly.
 - A Python block with a title, ```` ```python title="my_nodes.py" ````, is also written to that file
   in the working directory first, so that later blocks and the command line can import it.
+- A page that tells the reader to paste its blocks into one file (``PASTED``: the tutorial) is
+  run that way instead: its untitled Python blocks, in order, make one script, each titled block
+  is saved as the file it names beside it, and ``python <script>`` runs in a fresh process in
+  that folder (a ``DDNWarning`` is an error there too), followed by the page's command lines.
 - Other fences (``text``, ``bash``, ``console``, ...) are not run, except that a line of a ``bash``
   block that starts with ``python -m ddnlib`` is run in the page's working directory after all of
   the page's Python blocks, and must exit with status 0.
@@ -83,6 +87,7 @@ def _cli_lines(block: Block) -> list[str]:
 
 
 PAGES = sorted(DOCS.rglob("*.md"))
+PASTED = [DOCS / "tutorial.md"]  # "paste the blocks into one file": run as a reader would
 
 
 def test_parser_finds_blocks_and_titles():
@@ -110,6 +115,8 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     commands = [c for b in blocks for c in _cli_lines(b)]
     if not python and not commands:
         pytest.skip("no executable code on this page")
+    if page in PASTED:
+        pytest.skip("run as one pasted script by test_pasted_page_runs_as_one_script")
     pytest.importorskip("matplotlib").use("Agg")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -131,6 +138,51 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert result.returncode == 0, (
             f"{page.name}: `{command}` exited with {result.returncode}\n"
             f"{result.stdout}\n{result.stderr}")
+
+
+@pytest.mark.parametrize("page", PASTED, ids=[p.name for p in PASTED])
+def test_pasted_page_runs_as_one_script(page: Path, tmp_path: Path):
+    blocks = code_blocks(page.read_text(encoding="utf-8"))
+    pasted = []
+    for block in filter(_is_python, blocks):
+        if block.title:  # "saved as my_nodes.py": a file of its own, not part of the script
+            (tmp_path / block.title).write_text(block.source, encoding="utf-8")
+        else:
+            pasted.append(f"# {page.name}, line {block.line}\n{block.source}")
+    script = tmp_path / f"{page.stem}.py"
+    script.write_text("\n".join(pasted), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MPLBACKEND"] = "Agg"
+    result = subprocess.run([sys.executable, "-W", "error::ddnlib.errors.DDNWarning", script.name],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, f"{script} (pasted from {page.name}):\n{result.stderr}"
+    for command in (c for b in blocks for c in _cli_lines(b)):
+        ran = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert ran.returncode == 0, f"{page.name}: `{command}`\n{ran.stdout}\n{ran.stderr}"
+
+
+def test_the_tutorial_says_how_to_paste_it():
+    text = " ".join((DOCS / "tutorial.md").read_text(encoding="utf-8").split())
+    titled = [b.title for b in code_blocks((DOCS / "tutorial.md").read_text(encoding="utf-8"))
+              if b.title]
+    assert titled == ["my_nodes.py"]
+    assert "paste the Python blocks, in order, into one file" in text
+    assert "save as `my_nodes.py` next to it" in text
+
+
+def _two_commands(text: str) -> list[str]:
+    """The ``pip install`` command lines of the "The two commands" section of a page."""
+    section = text.split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for b in code_blocks(section) if b.lang == "bash"
+            for line in b.source.splitlines() if line.startswith("pip install")]
+
+
+def test_the_getting_started_page_names_the_readme_commands():
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    assert len(_two_commands(readme)) == 2
+    assert _two_commands(index) == _two_commands(readme)
 
 
 def _env_with_path(path: Path) -> dict:
