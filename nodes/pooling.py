@@ -35,7 +35,7 @@ from ddnlib.errors import SingularSystemWarning, report
 from ddnlib.pickling import Picklable
 
 from .penalties import PENALTIES, Penalty, get_penalty
-from .pooling_fused import want_fused
+from .pooling_fused import fused_fill, mark_failed, want_fused
 from .pooling_solvers import SolverSettings, solve_rows
 
 __all__ = ["RobustPooling", "RobustGlobalPool1d", "RobustGlobalPool2d", "robust_global_pool"]
@@ -106,7 +106,8 @@ class RobustPooling(DeclarativeNode):
         on_block = None
         if any(wanted):
             ctx = self._allocate(x, *wanted)
-            on_block = lambda rows, xb, yb: self._fill(ctx, rows, xb, yb, c[rows], alpha[rows])  # noqa: E731
+            on_block = lambda rows, xb, yb: self._fill(ctx, rows, xb, yb, c[rows], alpha[rows],  # noqa: E731
+                                                       fused)
         y = solve_rows(self.penalty, x, c, alpha, settings, on_block)
         return y, ctx
 
@@ -121,10 +122,24 @@ class RobustPooling(DeclarativeNode):
             ctx["alpha_term"] = x.new_empty(r)
         return ctx
 
-    def _fill(self, ctx: dict, rows: slice, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor) -> None:
-        """Backward quantities of ``rows``: ``w = φ″(y − x)``, ``H = Σ w``, ``Σ w z``, ``Σ ∂φ′/∂α``."""
-        z = y[:, None] - x
+    def _fill(self, ctx: dict, rows: slice, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor,
+              fused: bool = False) -> None:
+        """Backward quantities of ``rows``: ``w = φ″(y − x)``, ``H = Σ w``, ``Σ w z``, ``Σ ∂φ′/∂α``
+        (``fused``: compiled, :mod:`~ddnlib.nodes.pooling_fused`)."""
         c, alpha = c[:, None], alpha[:, None]
+        fill = fused_fill(self.penalty) if fused and "alpha_term" not in ctx else None
+        if fill is not None:
+            try:
+                w, ctx["curvature"][rows], moment = fill(x, y, c, alpha)
+            except Exception as error:  # a compiler missing or failing: eager from here on
+                mark_failed(self.penalty, error)
+            else:
+                if "weights" in ctx:
+                    ctx["weights"][rows] = w
+                if "moment" in ctx:
+                    ctx["moment"][rows] = moment
+                return
+        z = y[:, None] - x
         # κ φ″ (only ratios are used), written straight into the stored weights
         w = self.penalty.scaled_curvature(z, c, alpha, ctx["weights"][rows] if "weights" in ctx
                                           else None)

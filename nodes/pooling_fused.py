@@ -1,5 +1,6 @@
 """The fused path of the convex pooling solver: one safeguarded Newton iteration per row block,
-compiled by ``torch.compile`` (TorchInductor, which needs a C++ compiler on the CPU).
+and the backward quantities stored by the forward (``w = κφ″``, ``Σ w``, ``Σ w z``), compiled by
+``torch.compile`` (TorchInductor, which needs a C++ compiler on the CPU).
 
 Eagerly an iteration is a dozen tensor operations, each a pass over the block; compiled it is
 one or two loops. The iteration is the same as :func:`~.pooling_solvers._newton`'s (same start,
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .penalties import Penalty
 
-__all__ = ["fused_iteration", "mark_failed", "want_fused"]
+__all__ = ["fused_fill", "fused_iteration", "mark_failed", "want_fused"]
 
 _LARGE = 1 << 24  # entries of an input from which the automatic choice counts a call
 _CALLS_BEFORE = 3  # large calls seen before the automatic choice compiles
@@ -69,6 +70,24 @@ def _iteration(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, u: Tensor,
             torch.where(accept, h_t, h), lo, hi, done)
 
 
+def _fill(penalty: Penalty, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor):
+    """``(w, Σ w, Σ w z)`` with ``w = κ φ″(z)``, ``z = y − x``: the backward quantities."""
+    z = y[:, None] - x
+    w = penalty.scaled_curvature(z, c, alpha)
+    return w, w.sum(1), (w * z).sum(1)
+
+
+def fused_fill(penalty: Penalty) -> Callable | None:
+    """The compiled :func:`_fill` for ``penalty``, or ``None`` if compiling failed before."""
+    key = penalty.name + ":fill"
+    with _lock:
+        fn = _compiled.get(key)
+        if fn is None and penalty.name not in _failed:
+            fn = _compiled[key] = torch.compile(
+                lambda x, y, c, alpha: _fill(penalty, x, y, c, alpha), dynamic=True)
+    return fn
+
+
 def fused_iteration(penalty: Penalty) -> Callable | None:
     """The compiled iteration for ``penalty`` (compiled on first use), or ``None`` if compiling
     failed (reported once)."""
@@ -87,6 +106,7 @@ def mark_failed(penalty: Penalty, error: Exception) -> None:
     with _lock:
         _failed.add(penalty.name)
         _compiled.pop(penalty.name, None)
+        _compiled.pop(penalty.name + ":fill", None)
     warnings.warn(f"robust pooling ({penalty.name}): the fused (torch.compile) solver failed "
                   f"({type(error).__name__}: {str(error)[:200]}); using the eager solver",
                   RuntimeWarning, stacklevel=3)
