@@ -9,9 +9,9 @@ these checks say which method returned what, for which samples, and what was exp
 - :func:`check_initial_guess`: a floating tensor ``(b, *out)`` with the inputs' batch size,
   dtype and device;
 - :func:`check_objective`: one value per sample, ``(b,)`` (cheap: run at every evaluation);
-- :func:`check_start`: once per default solve, at ``initial_guess``: the objective depends on
-  ``y``, and the objective, its ``y``-gradient (shaped like ``y``) and the constraints are finite
-  in every sample whose inputs are finite;
+- :func:`check_start`: once per default solve, at ``initial_guess``: the objective of an
+  unconstrained node depends on ``y``, and the objective, its ``y``-gradient and the constraints
+  are finite in every sample whose inputs are finite;
 - :func:`check_vjp_result`: ``(input_grads, param_grads)`` with one entry (or ``None``) per input
   shaped like that input, and parameter gradients under names of the node's parameters, shaped
   like them.
@@ -94,7 +94,7 @@ def check_objective(node, value: Any, batch: int, y_shape: Sequence[int]) -> Ten
 
 def check_start(node, xs: Sequence[Tensor], y0: Tensor) -> None:
     """Where the default solvers start, ``y0 = initial_guess(*xs)``: the objective depends on
-    ``y``, and the objective, its gradient in ``y`` and the constraints are finite in every
+    ``y`` (unless constraints may fix ``y``), and the objective, its gradient in ``y`` and the constraints are finite in every
     sample whose inputs and ``y0`` are finite (samples with non-finite inputs are left to the
     solvers, which return NaN for them). Raises ``ValueError`` naming the samples and a value."""
     name = node_name(node)
@@ -115,12 +115,14 @@ def check_start(node, xs: Sequence[Tensor], y0: Tensor) -> None:
         gy = None
         if f.requires_grad:
             gy, = torch.autograd.grad(f.sum(), [y], allow_unused=True)
-    if gy is None:
+    constrained = node.has_equality_constraints or node.has_inequality_constraints
+    if gy is None and not constrained:  # with constraints, y may be fixed by them alone
         raise ValueError(f"{name}.objective does not depend on y: its value is computed without "
                          f"y (or from y.detach()), so there is nothing to minimise; expected a "
                          f"per-sample objective f(*xs, y) of y. {_guess_hint(node, y.shape)}")
     _finite(f"{name}.objective", f.detach().reshape(b, 1), usable)
-    _finite(f"the y-gradient of {name}.objective", gy.reshape(b, -1), usable)
+    if gy is not None:
+        _finite(f"the y-gradient of {name}.objective", gy.reshape(b, -1), usable)
     with torch.no_grad():
         for method, present in (("equality_constraints", node.has_equality_constraints),
                                 ("inequality_constraints", node.has_inequality_constraints)):

@@ -300,3 +300,13 @@ def test_options_accept_numpy_numbers_and_ints_for_floats():
 
     options = Options(damping=1, cg_max_iter=np.int64(7), solver_tol=np.float64(1e-8))
     assert options.tol("solver_tol", F64) == 1e-8 and options.cg_max_iter == 7
+
+
+def test_a_constrained_node_may_have_an_objective_without_y():
+    """y fixed by its constraints alone (a root-finding layer): y = x / 2 from 2 y − x = 0."""
+    node = _node(lambda x, y: x.new_zeros(x.shape[0]), eq=lambda x, y: 2 * y - x)
+    x = _x(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DDNWarning)
+        y = node(x)
+    torch.testing.assert_close(y, x / 2)
