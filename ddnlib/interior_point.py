@@ -161,7 +161,7 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
             done &= ~escaping
         # near the end the active set is known: one Newton step on it (exact for a QP) ends the
         # sample if it gives a KKT point; the interior iteration is ill-conditioned from there on
-        near = running & ~done & (parts[1:].amax(0) <= tol**0.5) if q else done & False
+        near = running & ~done & (parts[1:].amax(0) <= tol**0.75) if q else done & False
         if near.any():
             ok, y_p, lam_p, mu_p, res_p = _polish(problem, y, lam, z, s, near, tol)
             keep = ok.unsqueeze(-1)
@@ -311,7 +311,7 @@ def _polish(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samp
     y_new = torch.where(samples.unsqueeze(-1), y + dy.to(y.dtype), y)
     nu_new = (torch.cat([lam, mu], 1).double() + dnu).to(y.dtype) * act
     lam_new, mu_new = nu_new[:, :p], nu_new[:, p:]
-    ev_new = _evaluate(problem, y_new, lam_new, mu_new, p)
+    ev_new = _evaluate(problem, y_new, lam_new, mu_new, p, second_order=False)
     g = ev_new.g
     res = _residuals(ev_new, y_new, ev_new.gL, torch.cat([ev_new.h, g.clamp_min(0)], 1),
                      mu_new * g).amax(0)
@@ -331,17 +331,25 @@ class _Eval:
     J: Tensor    # (b, m + p + q, m): rows m.. are [J_h; J_g]
 
 
-def _evaluate(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, p: int) -> _Eval:
-    """Values, ``∇L``, ``∇f``, the Hessian of the Lagrangian and the constraint Jacobians at ``y``."""
+def _evaluate(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, p: int,
+              second_order: bool = True) -> _Eval:
+    """Values, ``∇L``, ``∇f``, the constraint Jacobians and (with ``second_order``) the Hessian
+    of the Lagrangian at ``y``; without it ``W`` is empty and ``J`` holds zeros in its first
+    ``m`` rows (one backward pass over the ``p + q`` constraint rows only)."""
     m = y.shape[1]
     with torch.enable_grad():
         yv = y.detach().requires_grad_()
         f, h, g = problem.objective(yv), problem.eq(yv), problem.ineq(yv)
         total = f.sum() + (h * lam).sum() + (g * z).sum()
-        gL = grad(total, [yv], create_graph=True)[0]
-        J = batched_jacobian(torch.cat([gL, h, g], 1), yv).detach()
-    W = J[:, :m]
-    W = 0.5 * (W + W.transpose(-1, -2))
+        gL = grad(total, [yv], create_graph=second_order, retain_graph=True)[0]
+        rows = torch.cat([gL, h, g], 1) if second_order else torch.cat([h, g], 1)
+        J = batched_jacobian(rows, yv).detach()
+    if second_order:
+        W = J[:, :m]
+        W = 0.5 * (W + W.transpose(-1, -2))
+    else:
+        W = J.new_zeros(J.shape[0], 0, m)
+        J = torch.cat([J.new_zeros(J.shape[0], m, m), J], 1)
     A = J[:, m:]
     multipliers = torch.cat([lam, z], 1).unsqueeze(-1)
     gL = gL.detach()
