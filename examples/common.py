@@ -1,10 +1,12 @@
-"""What both studies share: seeding, device choice, mini-batch training and evaluation, tracking
-of the learned node parameters, checkpoints, tables, CSV files and plots."""
+"""What both studies share: seeding, device choice, mini-batch training, evaluation (top-1 and
+mean average precision), summaries over seeds, tracking of the learned node parameters,
+checkpoints, tables, CSV files and plots."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +25,12 @@ __all__ = [
     "batches",
     "train",
     "accuracy",
+    "evaluate",
+    "mean_average_precision",
+    "mean_std",
+    "format_mean_std",
+    "plural",
+    "parse_seeds",
     "learned_values",
     "save_checkpoint",
     "write_csv",
@@ -36,16 +44,18 @@ _LEARNED = ("c", "alpha", "radius", "r")
 
 def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and shuffling")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="comma-separated seeds; each seeds data, initialisation and shuffling of one repetition")
     p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="training mini-batch size (evaluation uses twice it)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--data-dir", type=Path, default=None, help="local copy of a real data set")
     p.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest on a shared 2-core machine; results depend on it)")
-    p.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the tqdm progress bars (they are hidden anyway when stderr is not a terminal)")
     return p
 
 
@@ -58,6 +68,17 @@ def run_program(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespa
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``; at least one seed, no repeats."""
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: expected one or more distinct integers")
+    return seeds
 
 
 def set_seed(seed: int, threads: int, device: torch.device) -> None:
@@ -125,7 +146,8 @@ def train(
     loss_fn = torch.nn.CrossEntropyLoss()
     history = []
     steps = epochs * -(-len(labels) // batch_size)
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    # disable=None: tqdm hides itself when its stream (stderr) is not a terminal, e.g. in a log file
+    bar = tqdm(total=steps, desc=desc, disable=None if progress else True, leave=False)
     step = 0
     for epoch in range(epochs):
         model.train()
@@ -147,13 +169,56 @@ def train(
 
 
 @torch.no_grad()
+def scores(model: torch.nn.Module, inputs: Tensor, batch_size: int, device) -> Tensor:
+    """Softmax class probabilities ``(n, classes)`` in evaluation mode, on the CPU."""
+    model.eval()
+    out = [torch.softmax(model(inputs[idx].to(device)).float(), 1).cpu()
+           for idx in batches(len(inputs), batch_size, None)]
+    return torch.cat(out)
+
+
 def accuracy(model: torch.nn.Module, inputs: Tensor, labels: Tensor, batch_size: int, device) -> float:
     """Top-1 accuracy in percent, evaluation mode."""
-    model.eval()
-    correct = 0
-    for idx in batches(len(labels), batch_size, None):
-        correct += int((model(inputs[idx].to(device)).argmax(1).cpu() == labels[idx]).sum())
-    return 100.0 * correct / max(len(labels), 1)
+    return evaluate(model, inputs, labels, batch_size, device)[0]
+
+
+def mean_average_precision(probs: Tensor, labels: Tensor) -> float:
+    """Mean average precision ×100: for each class ``k`` present in ``labels``, scikit-learn's
+    ``average_precision_score(labels == k, probs[:, k])`` (one-vs-rest ranking of the test set by
+    the class-``k`` score; AP = Σ_n (R_n − R_{n−1}) P_n), then the unweighted mean over classes
+    (macro average). Classes absent from ``labels`` have no AP and are left out."""
+    from sklearn.metrics import average_precision_score
+
+    y = labels.numpy()
+    p = probs.double().numpy()
+    aps = [average_precision_score(y == k, p[:, k]) for k in range(p.shape[1]) if (y == k).any()]
+    return 100.0 * float(np.mean(aps)) if aps else math.nan
+
+
+def evaluate(model: torch.nn.Module, inputs: Tensor, labels: Tensor, batch_size: int, device) -> tuple[float, float]:
+    """``(top-1 %, mAP ×100)`` of ``model`` on ``(inputs, labels)`` (see :func:`mean_average_precision`)."""
+    probs = scores(model, inputs, batch_size, device)
+    top1 = 100.0 * float((probs.argmax(1) == labels).double().mean()) if len(labels) else math.nan
+    return top1, mean_average_precision(probs, labels)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof = 1``; 0 for a single value)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def plural(n: int, noun: str) -> str:
+    """``"1 seed"``, ``"3 seeds"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def format_mean_std(values: Sequence[float] | None, digits: int = 1) -> str:
+    """``"86.6±1.2"`` (mean ± sample std over seeds); ``"-"`` for None."""
+    if values is None:
+        return "-"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}±{s:.{digits}f}"
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, **extra) -> None:
@@ -180,15 +245,26 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
         writer.writerows(rows)
 
 
-def format_table(title: str, row_names: Sequence[str], col_names: Sequence[str], cells) -> str:
-    """A fixed-width text table; ``cells[i][j]`` is a number or None (printed as '-')."""
+def format_table(title: str, row_names: Sequence[str], col_names: Sequence[str], cells,
+                 groups: Sequence[tuple[str, int]] = ()) -> str:
+    """A fixed-width text table; ``cells[i][j]`` is a number (one decimal), a string, or None
+    (printed as '-'). Columns are separated by two spaces; ``groups`` ``[(label, span), …]`` adds
+    a header line above the column names with each label centred over ``span`` columns."""
+    text = [["-" if v is None else v if isinstance(v, str) else f"{v:.1f}" for v in row] for row in cells]
     width = max(len(title), *(len(r) for r in row_names))
-    cw = [max(6, len(c)) for c in col_names]
-    head = f"{title:<{width}} | " + " ".join(f"{c:>{w}}" for c, w in zip(col_names, cw))
-    lines = [head, "-" * len(head)]
-    for name, row in zip(row_names, cells):
-        vals = " ".join(f"{'-':>{w}}" if v is None else f"{v:{w}.1f}" for v, w in zip(row, cw))
-        lines.append(f"{name:<{width}} | {vals}")
+    cw = [max(len(c), *(len(row[j]) for row in text)) for j, c in enumerate(col_names)]
+    lines = []
+    if groups:
+        spans, j = [], 0
+        for label, span in groups:
+            w = sum(cw[j:j + span]) + 2 * (span - 1)
+            spans.append(f"{label:^{w}}")
+            j += span
+        lines.append((f"{'':<{width}} | " + "  ".join(spans)).rstrip())
+    head = f"{title:<{width}} | " + "  ".join(f"{c:>{w}}" for c, w in zip(col_names, cw))
+    lines += [head, "-" * len(head)]
+    for name, row in zip(row_names, text):
+        lines.append(f"{name:<{width}} | " + "  ".join(f"{v:>{w}}" for v, w in zip(row, cw)))
     return "\n".join(lines)
 
 

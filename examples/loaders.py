@@ -35,6 +35,7 @@ __all__ = [
     "normalize_clouds",
     "standardize",
     "random_crop_flip",
+    "corrupt_images",
 ]
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm"}
@@ -203,4 +204,32 @@ def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator
     if flip:
         mirror = torch.rand(n, generator=generator) < 0.5
         out[mirror] = out[mirror].flip(-1)
+    return out
+
+
+def corrupt_images(x: Tensor, noise: float, occlusion: int, generator: torch.Generator) -> Tensor:
+    """A harder copy of images ``x (n, C, H, W)`` (float, any range): a square of side
+    ``occlusion`` pixels at a uniformly random position of each image is filled with uniform
+    noise over the image's value range, then Gaussian noise of standard deviation
+    ``noise × (max − min)`` of the whole batch is added everywhere. Pure function of ``x`` and the
+    generator's state; ``x`` is not modified."""
+    if noise < 0:
+        raise ValueError(f"noise={noise}: expected a non-negative standard deviation (fraction of the value range)")
+    n, c, h, w = x.shape
+    if not 0 <= occlusion <= min(h, w):
+        raise ValueError(f"occlusion={occlusion}: expected a square side in [0, {min(h, w)}]")
+    x = x.float()
+    lo, hi = float(x.min()), float(x.max())
+    out = x.clone()
+    if occlusion:
+        top = torch.randint(0, h - occlusion + 1, (n,), generator=generator)
+        left = torch.randint(0, w - occlusion + 1, (n,), generator=generator)
+        rows = torch.arange(h)[None, :, None]
+        cols = torch.arange(w)[None, None, :]
+        inside = ((rows >= top[:, None, None]) & (rows < (top + occlusion)[:, None, None])
+                  & (cols >= left[:, None, None]) & (cols < (left + occlusion)[:, None, None]))
+        fill = lo + (hi - lo) * torch.rand(n, c, h, w, generator=generator)
+        out = torch.where(inside[:, None], fill, out)
+    if noise:
+        out = out + noise * (hi - lo) * torch.randn(n, c, h, w, generator=generator)
     return out

@@ -4,10 +4,12 @@ respect to the learned robust-pooling threshold."""
 
 import csv
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +20,8 @@ import images  # noqa: E402
 import pointcloud  # noqa: E402
 
 _TINY_PC = ["--per-class", "2", "--test-per-class", "1", "--classes", "4", "--num-points", "32",
-            "--widths", "8,8,8", "--epochs", "1", "--batch-size", "4", "--rates", "0,50", "--no-progress"]
+            "--widths", "8,8,8", "--epochs", "1", "--batch-size", "4", "--rates", "0,50", "--seeds", "3,4",
+            "--no-progress"]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -33,32 +36,60 @@ def test_pointcloud_smoke(tmp_path, capsys):
         warnings.simplefilter("ignore")  # a barely trained net may leave a pooled row unconverged
         results = pointcloud.run(args)
     assert list(results) == ["max", "mean", "pseudo_huber:learned", "general:learned"]
-    for name in ("table.txt", "accuracy.csv", "accuracy.png", "timing.csv", "trajectory.csv", "trajectory.png"):
+    assert all(results[s][m].shape == (2, 2) for s in results for m in ("top1", "map"))  # (seeds, rates)
+    written = ("table.txt", "accuracy.csv", "summary.csv", "learned.csv", "timing.csv", "trajectory.csv",
+               "accuracy.png", "trajectory.png")
+    for name in written:
         assert (tmp_path / name).stat().st_size > 0, name
     rows = _rows(tmp_path / "accuracy.csv")
-    assert len(rows) == 4 * 2 and {r["outlier_rate"] for r in rows} == {"0", "50"}
+    assert len(rows) == 4 * 2 * 2 and {r["outlier_rate"] for r in rows} == {"0", "50"}
+    assert {r["seed"] for r in rows} == {"3", "4"}
+    assert all(0 <= float(r["map"]) <= 100 and 0 <= float(r["top1"]) <= 100 for r in rows)
+    # the summary is the mean and sample std of the per-seed rows, with the seed's published value
+    summary = {(r["pooling"], r["outlier_rate"]): r for r in _rows(tmp_path / "summary.csv")}
+    for spec in results:
+        for rate in ("0", "50"):
+            vals = [float(r["map"]) for r in rows if r["pooling"] == spec and r["outlier_rate"] == rate]
+            m = sum(vals) / 2
+            assert float(summary[spec, rate]["map_mean"]) == pytest.approx(m, abs=1e-3)
+            assert float(summary[spec, rate]["map_std"]) == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2), abs=1e-3)
+    assert float(summary["max", "0"]["seed_top1"]) == 88.4 and float(summary["mean", "50"]["seed_map"]) == 62.3
+    assert summary["general:learned", "0"]["seed_top1"] == ""  # not one of the seed's columns
     traj = _rows(tmp_path / "trajectory.csv")
     assert {r["pooling"] for r in traj} == {"pseudo_huber:learned", "general:learned"}
     general = [r for r in traj if r["pooling"] == "general:learned"]
-    assert len(general) == 2 and "pool.alpha" in general[0] and "pool.c" in general[0]
+    assert len(general) == 2 * 2 and "pool.alpha" in general[0] and "pool.c" in general[0]
     # one Adam step moved the learned values away from their initial c = 1, alpha = 1
     assert all(float(r["pool.c"]) != 1.0 for r in traj)
-    ckpt = torch.load(tmp_path / "checkpoints" / "general-learned.pt")
+    learned = _rows(tmp_path / "learned.csv")
+    assert len(learned) == 2 * (1 + 2)  # seeds × (c of pseudo-Huber, c and α of general)
+    ckpt = torch.load(tmp_path / "checkpoints" / "general-learned-seed4.pt")
     assert set(ckpt["learned"]) == {"pool.c", "pool.alpha"}
     assert "pool.parametrizations.c.original" in ckpt["state_dict"]
+    timing = _rows(tmp_path / "timing.csv")
+    assert all(float(t["forward_backward_ms"]) >= float(t["forward_ms"]) for t in timing)
     out = capsys.readouterr().out
-    assert "pseudo_huber:learned" in out and "pooling \\ outliers %" in out
+    table = (tmp_path / "table.txt").read_text()
+    assert table.strip() in out
+    assert "beside the seed's Table 3.2" in table and "mAP ×100, every pooling" in table
+    written_line = next(line for line in out.splitlines() if line.startswith("written to"))
+    assert all(name in written_line for name in written)
 
 
 def test_pointcloud_outlier_training_mode(tmp_path):
-    args = pointcloud._parser().parse_args(_TINY_PC + ["--poolings", "max", "--mode", "outliers", "--out", str(tmp_path)])
+    args = pointcloud._parser().parse_args(_TINY_PC + ["--poolings", "max,huber:learned", "--mode", "outliers",
+                                                       "--seeds", "0", "--out", str(tmp_path)])
     results = pointcloud.run(args)
-    assert len(results["max"]) == 2
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["max-train0.pt", "max-train50.pt"]
+    assert results["max"]["top1"].shape == (1, 2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "huber-learned-train0-seed0.pt", "huber-learned-train50-seed0.pt", "max-train0-seed0.pt", "max-train50-seed0.pt"]
+    learned = _rows(tmp_path / "learned.csv")
+    assert sorted(r["train_rate"] for r in learned) == ["0", "50"]
+    assert "beside the seed's Table 3.1" in (tmp_path / "table.txt").read_text()
 
 
 def test_pointcloud_is_deterministic(tmp_path):
-    argv = _TINY_PC + ["--poolings", "max,huber:learned", "--seed", "5"]
+    argv = _TINY_PC + ["--poolings", "max,huber:learned", "--seeds", "5"]
     runs = []
     for k in range(2):
         pointcloud.run(pointcloud._parser().parse_args(argv + ["--out", str(tmp_path / str(k))]))
@@ -66,19 +97,149 @@ def test_pointcloud_is_deterministic(tmp_path):
     assert runs[0] == runs[1]
 
 
+def _fake(values: dict) -> dict:
+    """``{pooling: {"top1": array, "map": array}}`` with top-1 = mAP = ``values[pooling]``."""
+    return {k: {"top1": np.asarray(v, float), "map": np.asarray(v, float)} for k, v in values.items()}
+
+
+def test_side_by_side_table_puts_ours_beside_the_seeds_number():
+    results = _fake({"max": [[80.0, 10.0], [90.0, 30.0]], "welsch:learned": [[70.0, 60.0], [70.0, 60.0]]})
+    text = pointcloud.side_by_side("top1", [0, 1], results, pointcloud.SEED_TABLE_3_2)
+    lines = text.splitlines()
+    assert lines[0].split("|")[1].split() == list(pointcloud.SEED_COLUMNS)
+    assert lines[1].split("|")[1].split() == ["ours", "seed"] * 6
+    row0 = lines[3].split("|")[1].split()
+    row1 = lines[4].split("|")[1].split()
+    # M: mean ± sample std over the two seeds, then the seed's number; Q, PH, H not run; W
+    assert row0[:2] == ["85.0±7.1", "88.4"] and row1[:2] == ["20.0±14.1", "32.6"]
+    assert row0[2:8] == ["-", "84.7", "-", "86.6", "-", "86.7"]
+    assert row0[8:10] == ["70.0±0.0", "85.9"] and row1[10:] == ["-", "85.3"]
+    # every cell of a column starts at the same offset as its header: the columns do not run together
+    bar = lines[1].index("|")
+    header_ends = [m.end() for m in re.finditer(r"\S+", lines[1][bar:])]
+    for line in lines[3:5]:
+        assert line.index("|") == bar
+        assert [m.end() for m in re.finditer(r"\S+", line[bar:])] == header_ends
+    m = pointcloud.side_by_side("map", [10], results, pointcloud.SEED_TABLE_3_2).splitlines()[3].split()
+    assert m[3] == "8.20" and m[-1] == "93.9"  # mAP of max and of TQ at 10 %, as published
+
+
+def test_seed_tables_are_the_published_numbers():
+    t = pointcloud.SEED_TABLE_3_2
+    assert sorted(t) == list(pointcloud.DEFAULT_RATES)
+    assert t[0]["top1"] == {"M": 88.4, "Q": 84.7, "PH": 86.6, "H": 86.7, "W": 85.9, "TQ": 85.4}
+    assert t[90]["map"] == {"M": 4.49, "Q": 8.20, "PH": 17.2, "H": 18.9, "W": 17.1, "TQ": 9.78}
+    assert pointcloud.SEED_TABLE_3_1[50]["top1"]["W"] == 84.9
+
+
+def test_mean_average_precision_matches_its_definition():
+    """Per class: AP = Σ_n (R_n − R_{n−1}) P_n over the test set ranked by that class's score
+    (no ties here), then the unweighted mean over the classes present."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    labels[:3] = torch.tensor([0, 1, 2])  # class 3 may be absent; classes 0..2 present
+    labels[labels == 3] = 2
+    probs = torch.softmax(torch.randn(60, 4, generator=g), 1)
+    aps = []
+    for k in range(3):
+        order = probs[:, k].argsort(descending=True)
+        hit = (labels[order] == k).double()
+        precision = hit.cumsum(0) / torch.arange(1, 61)
+        aps.append(float((precision * hit).sum() / hit.sum()))
+    assert common.mean_average_precision(probs, labels) == pytest.approx(100 * sum(aps) / 3, abs=1e-9)
+    perfect = torch.nn.functional.one_hot(labels, 4).double() * 0.9 + 0.025
+    assert common.mean_average_precision(perfect, labels) == pytest.approx(100.0)
+    top1, ap = common.evaluate(torch.nn.Identity(), perfect.log(), labels, 7, "cpu")
+    assert top1 == pytest.approx(100.0) and ap == pytest.approx(100.0)
+
+
+def test_mean_std_and_its_format():
+    assert common.mean_std([1.0, 2.0, 3.0, 6.0]) == pytest.approx((3.0, math.sqrt(14 / 3)))
+    assert common.mean_std([4.0]) == (4.0, 0.0)
+    assert common.format_mean_std([86.0, 87.0, 88.0]) == "87.0±1.0"
+    assert common.format_mean_std(None) == "-"
+
+
+@pytest.mark.parametrize("text,ok", [("0,1,2", [0, 1, 2]), ("7", [7]), ("1,1", None), ("", None), ("a", None)])
+def test_parse_seeds(text, ok):
+    if ok is None:
+        with pytest.raises(ValueError, match="--seeds"):
+            common.parse_seeds(text)
+    else:
+        assert common.parse_seeds(text) == ok
+
+
+def test_progress_bars_stay_out_of_a_non_terminal_log(capsys):
+    """pytest's captured streams are not terminals: with progress requested, nothing is printed."""
+    model = torch.nn.Linear(3, 2)
+    common.train(model, torch.randn(8, 3), torch.tensor([0, 1] * 4), epochs=2, batch_size=2,
+                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1), generator=torch.Generator().manual_seed(0),
+                 device=torch.device("cpu"), progress=True)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_time_pooling_reports_consistent_times():
+    pool = pointcloud.make_pooling("welsch:learned")
+    fwd, bwd, both = pointcloud.time_pooling(pool, torch.randn(2, 4, 16), repeats=3)
+    assert 0 < fwd <= both and 0 < bwd <= both
+    assert all(p.grad is None for p in pool.parameters())
+
+
+def test_batch_size_has_help():
+    assert "mini-batch size" in pointcloud._parser().format_help()
+
+
 def test_images_smoke(tmp_path, capsys):
-    variants = "none,l2_ball:fixed,linf_ball:learned,linf_ball:learned-scaled"
-    args = images._parser().parse_args(["--variants", variants, "--epochs", "1", "--limit", "128", "--width", "4",
-                                        "--no-progress", "--out", str(tmp_path)])
+    variants = "none,l2_ball:fixed,l2_ball:learned,linf_ball:learned,linf_ball:learned-scaled"
+    args = images._parser().parse_args(["--data", "digits", "--variants", variants, "--epochs", "1", "--limit", "64", "--width", "4",
+                                        "--seeds", "0,1", "--no-progress", "--out", str(tmp_path)])
     results = images.run(args)
     assert list(results) == variants.split(",")
-    assert all(0 <= a <= 100 for a in results.values())
-    for name in ("table.txt", "accuracy.csv", "accuracy.png", "trajectory.csv", "trajectory.png"):
+    assert all(results[v][m].shape == (2,) and ((0 <= results[v][m]) & (results[v][m] <= 100)).all()
+               for v in results for m in ("top1", "map"))
+    written = ("table.txt", "accuracy.csv", "summary.csv", "trajectory.csv", "accuracy.png", "trajectory.png")
+    for name in written:
         assert (tmp_path / name).stat().st_size > 0, name
+    rows = _rows(tmp_path / "accuracy.csv")
+    assert len(rows) == 5 * 2 and {r["seed"] for r in rows} == {"0", "1"}
     traj = _rows(tmp_path / "trajectory.csv")
-    assert {r["variant"] for r in traj} == {"linf_ball:learned", "linf_ball:learned-scaled"}
+    assert {r["variant"] for r in traj} == {"l2_ball:learned", "linf_ball:learned", "linf_ball:learned-scaled"}
     assert "projection.radius" in traj[0] or "projection.projection.radius" in traj[-1]
-    assert "linf_ball" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "learned-fixed" in out and "the seed, Imagewoof" in out and "linf_ball:learned-scaled" in out
+    written_line = next(line for line in out.splitlines() if line.startswith("written to"))
+    assert all(name in written_line for name in written)
+
+
+def test_images_noisy_digits_split_and_corruption():
+    args = images._parser().parse_args([])
+    tx, ty, _vx, vy, names, _ = images.load_data(args, seed=0)
+    assert (len(ty), len(vy)) == (500, 1297) and names == [str(i) for i in range(10)]
+    tx2, *_ = images.load_data(args, seed=0)
+    torch.testing.assert_close(tx, tx2)
+    other, *_ = images.load_data(args, seed=1)
+    assert not torch.equal(tx, other)
+    clean = images.load_data(images._parser().parse_args(["--data", "digits"]), seed=0)
+    assert len(clean[1]) == int(0.7 * 1797)
+
+
+def test_images_comparison_table_reports_the_paired_difference():
+    results = {"none": {"top1": np.array([60.0, 62.0]), "map": np.array([50.0, 54.0])},
+               "l2_ball:fixed": {"top1": np.array([70.0, 60.0]), "map": np.array([60.0, 50.0])},
+               "l2_ball:learned": {"top1": np.array([71.0, 63.0]), "map": np.array([65.0, 51.0])}}
+    text = images.comparison_table(results, "test")
+    assert "no projection: top-1 61.0±1.4, mAP 52.0±2.8" in text
+    row = next(line for line in text.splitlines() if line.startswith("l2_ball")).split("|")[1].split()
+    # top-1: fixed 65±7.1, learned 67±5.7, paired difference (1, 3) → 2.0±1.4; mAP: (5, 1) → 3.0±2.8
+    assert row == ["65.0±7.1", "67.0±5.7", "2.0±1.4", "55.0±7.1", "58.0±9.9", "3.0±2.8"]
+
+
+def test_images_seed_table_is_the_published_numbers():
+    text = images.seed_table()
+    line = next(line for line in text.splitlines()[text.splitlines().index("the seed, Imagewoof (ResNet-18)"):]
+                if line.startswith("l2_ball"))
+    assert line.split("|")[1].split() == ["80.35", "81.34", "+0.99", "72.86", "80.35", "+7.49"]
 
 
 @pytest.mark.parametrize("name,d", [("l1_ball", 64), ("l2_sphere", 64), ("linf_ball", 64), ("linf_sphere", 512)])

@@ -238,3 +238,36 @@ def test_uniform_ball_radius_distribution():
     r = p.norm(dim=-1)
     for s in (0.3, 0.6, 0.9):
         assert abs(float((r <= s).float().mean()) - s**3) < 0.015
+
+
+# -- the harder digits of the image study ---------------------------------------------------------
+@pytest.mark.parametrize("occlusion", [0, 1, 3, 8])
+def test_corrupt_images_occludes_one_square_per_image(occlusion):
+    x = torch.arange(5 * 64, dtype=torch.float32).reshape(5, 1, 8, 8) % 17
+    before = x.clone()
+    out = loaders.corrupt_images(x, 0.0, occlusion, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x, before)  # input untouched
+    assert out.shape == x.shape
+    assert float(out.min()) >= float(x.min()) and float(out.max()) <= float(x.max())
+    changed = out != x
+    for k in range(5):  # the changed pixels lie inside one occlusion × occlusion window
+        rows, cols = changed[k, 0].nonzero(as_tuple=True)
+        if len(rows):
+            assert int(rows.max() - rows.min()) < occlusion and int(cols.max() - cols.min()) < occlusion
+    # a uniform fill changes almost every pixel of the square; none outside it
+    assert occlusion * occlusion * 5 * 0.8 <= int(changed.sum()) <= occlusion * occlusion * 5
+
+
+def test_corrupt_images_noise_level_and_determinism():
+    x = torch.zeros(200, 1, 8, 8)
+    x[:, :, 0, 0] = 16.0  # value range 0..16
+    a = loaders.corrupt_images(x, 0.25, 0, torch.Generator().manual_seed(0))
+    b = loaders.corrupt_images(x, 0.25, 0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    assert float((a - x).std()) == pytest.approx(0.25 * 16, rel=0.03)
+
+
+@pytest.mark.parametrize("noise,occlusion,match", [(-0.1, 2, "noise=-0.1"), (0.1, 9, "occlusion=9"), (0.1, -1, "occlusion=-1")])
+def test_corrupt_images_rejects_bad_arguments(noise, occlusion, match):
+    with pytest.raises(ValueError, match=match):
+        loaders.corrupt_images(torch.zeros(2, 1, 8, 8), noise, occlusion, torch.Generator())
