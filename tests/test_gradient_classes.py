@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from ddnlib import DDNWarning, DeclarativeNode, Options, SingularSystemWarning, Solution
+from ddnlib import (DDNWarning, DeclarativeNode, OptimalityWarning, Options, SingularSystemWarning,
+                    Solution)
 
 from helpers import DENSE, LINEAR_SOLVERS, MATRIX_FREE, functional, learnable
 
@@ -349,6 +350,25 @@ class FlatValley(UserNode):
         return torch.cat([half, half, x[:, 1:2]], -1), None, None
 
 
+class InconsistentSpheres(DegenerateSphere):
+    """h = [‖y‖² − 1, ‖y‖² − 1.21]: two spheres with no common point; ``solve`` returns the
+    projection onto the first, which violates the second by 0.21."""
+
+    def equality_constraints(self, x, y):
+        n2 = (y * y).sum(-1, keepdim=True)
+        return torch.cat([n2 - 1, n2 - 1.21], dim=-1)
+
+
+class BallBoundary(BallNode):
+    """The ball of radius 1 with every x exactly on the sphere: the constraint is weakly active
+    (g = 0, μ = 0) and the projection has no derivative there."""
+
+
+def boundary_inputs(seed: int, b: int = 3, n: int = 3):
+    x = torch.randn(b, n, generator=_generator(seed), dtype=F64)
+    return (x / x.norm(dim=-1, keepdim=True),)
+
+
 def pair_inputs(seed: int, b: int = 3, n: int = 2):
     return (torch.randn(b, n, generator=_generator(seed), dtype=F64) + 2,)
 
@@ -523,6 +543,7 @@ class Case:
     warns: type | None = None
     fd: bool = True  # also a finite-difference check (float64, exact modes)
     float32: bool = True  # False: beyond float32 (cond · eps ≈ 0.1); measured, not asserted
+    magnitude: bool = True  # an ill-posed case's warning must carry a magnitude
     known: dict = field(default_factory=dict)  # (mode, dtype, solver) -> open finding (xfail)
 
 
@@ -533,13 +554,14 @@ TOL = {("float64", "dense"): 1e-9, ("float64", "cg"): 1e-6,
 SOLVERS = {"dense": DENSE, "cg": MATRIX_FREE}
 DTYPES = {"float64": F64, "float32": F32}
 
-EIGEN_SQP = "see h15_findings: default SQP (matrix-free) does not converge on the top eigenvector"
-TINY_BALL = "see h15_findings: interior point inaccurate on a ball of radius 1e-3"
-OT_IP32 = "see h15_findings: interior point does not converge on float32 entropic transport"
-ENTMAX_INF = "see h15_findings: 1.5-entmax, infinite curvature at active bounds gives NaN"
-ENTMAX_DENSE = "see h15_findings: 1.5-entmax default forward, dense backward off by 3e-6"
-ENTMAX_IP32 = "see h15_findings: 1.5-entmax float32 default forward, wrong gradient"
-SINGULAR_MSG = "see h15_findings: the dense singular-KKT warning carries no magnitude"
+EIGEN_SQP = "see h15_findings: F6, matrix-free SQP does not converge on the top eigenvector"
+TINY_BALL = "see h15_findings: F1/F5, ball of radius 1e-3 (interior point, absolute check)"
+OT_IP32 = "see h15_findings: F5, interior point does not converge on float32 transport"
+ENTMAX_INF = "see h15_findings: F3, infinite curvature on active bounds gives NaN"
+ENTMAX_DENSE = "see h15_findings: F2, dense KKT solve off by 3e-6 (H huge on active bounds)"
+ENTMAX_IP32 = "see h15_findings: F3, float32 interior point leaves y_j ~ 1e-7, wrong gradient"
+WEAK_GIVEN = "see h15_findings: F8, weakly active not reported when the solver passes mu = 0"
+SINGULAR_MSG = "see h15_findings: F4, the singular-KKT warning carries no magnitude"
 
 
 def _all(modes, dtypes=DTYPES, solvers=SOLVERS):
@@ -585,9 +607,15 @@ CASES = [
                 **{("default", "float32", s): ENTMAX_IP32 for s in SOLVERS}}),
     Case("4 degenerate constraint", "sphere written as (‖y‖² − 1)² = 0", DegenerateSphere,
          lambda: sphere_inputs(10), None, ("exact",), warns=DDNWarning),
+    Case("3 inconsistent constraints", "two disjoint spheres, ‖y‖² = 1 and ‖y‖² = 1.21",
+         InconsistentSpheres, lambda: sphere_inputs(13), None, ("exact",),
+         warns=OptimalityWarning),
+    Case("5 weakly active", "ball, every x exactly on the sphere (μ = 0)", BallBoundary,
+         lambda: boundary_inputs(14), None, EXACT, warns=OptimalityWarning, magnitude=False,
+         known={k: WEAK_GIVEN for k in _all(["multipliers"])}),
     Case("singular KKT", "a line of minimisers (reduced Hessian singular)", FlatValley,
          lambda: pair_inputs(11), None, ("exact",), warns=SingularSystemWarning,
-         known={k: SINGULAR_MSG for k in _all(["exact"], solvers=["dense"])}),
+         known={k: SINGULAR_MSG for k in _all(["exact"])}),
 ]
 PERMUTED = Case("2 permuted rows", "ball ∩ orthant ∩ box, 9 rows in 6 orders", BallOrthant,
                 lambda: orthant_inputs(12), orthant_reference, ("default", "exact", "ctx"))
@@ -673,11 +701,15 @@ def test_finite_differences(case, mode, dtype, solver):
 
 @pytest.mark.parametrize("case,mode,dtype,solver", list(_params(well_posed=False)))
 def test_ill_posed_warns_with_numbers(case, mode, dtype, solver):
-    """A DDNWarning of the expected kind whose message carries a magnitude."""
+    """Every sample named by a DDNWarning; one of the expected kind carries a magnitude."""
     result = measure(case, mode, DTYPES[dtype], SOLVERS[solver])
+    named = {int(i) for w in result.ddn_warnings
+             for group in re.findall(r"samples \[([\d, ]+)\]", w) for i in group.split(",")}
+    assert named == set(range(case.inputs()[0].shape[0])), result.ddn_warnings
     reports = [w for w in result.warnings if issubclass(w.category, case.warns)]
     assert reports, f"no {case.warns.__name__}; got {result.ddn_warnings}"
-    assert any(re.search(r"\d\.\d|\de-?\d", str(w.message)) for w in reports), result.ddn_warnings
+    assert not case.magnitude or any(re.search(r"\d\.\d|\de-?\d", str(w.message))
+                                     for w in reports), result.ddn_warnings
 
 
 @pytest.mark.parametrize("case,mode,dtype,solver", list(_params(well_posed=True,
