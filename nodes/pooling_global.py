@@ -159,7 +159,9 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     r, n = x.shape
     dev = x.device
     lo, hi = x.amin(1), x.amax(1)
-    flat = hi == lo  # constant rows: y = x_1
+    # constant rows: y = x_1; a row with a non-finite entry is skipped (y = its min, rejected by
+    # the caller's finite check)
+    flat = (hi == lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
     resolved = torch.ones_like(flat)
     best_u, best_f = lo.clone(), torch.full_like(lo, float("inf"))
     row = (~flat).nonzero().flatten()
