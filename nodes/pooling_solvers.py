@@ -9,7 +9,7 @@ CPU the blocks are shared among ``torch.get_num_threads()`` Python threads (torc
 
 * ``quadratic``: the mean.
 * Convex penalties (``pseudo_huber``, ``huber``, ``general`` with ``α ≥ 1``): safeguarded Newton on
-  ``g(u) = Σ φ′(u − x_i)`` (increasing), started from the median of at most 64 evenly spaced
+  ``g(u) = Σ φ′(u − x_i)`` (increasing), started from the median of at most 16 evenly spaced
   entries of the row, inside the bracket ``[lo, hi]`` (initially ``[min x, max x]``, where
   ``g(lo) ≤ 0 ≤ g(hi)``) that every evaluation of ``g`` shrinks. Newton steps are taken from the
   point with the smallest ``|g|`` so far; a trial that does not lower ``|g|`` only shrinks the
@@ -151,7 +151,7 @@ def _check_finite(x: Tensor, y: Tensor) -> None:
 
 def _median_start(x: Tensor) -> Tensor:
     n = x.shape[1]
-    stride = max(1, n // 64)
+    stride = max(1, n // 16)  # torch.median costs µs per row: 16 samples, about one more step
     return x[:, ::stride].median(1).values
 
 
