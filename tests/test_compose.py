@@ -295,10 +295,12 @@ checked = pytest.mark.parametrize("make", list(CHECKED.values()), ids=list(CHECK
 
 
 @checked
-def test_gradcheck_with_batched_grad(make):
+def test_gradcheck_batched_backward_and_forward_mode(make):
+    """Reverse mode, batched reverse (vmap over the backward), forward mode and batched forward."""
     node, x = make()
     call, params = _as_function(node)
-    assert torch.autograd.gradcheck(call, (x.requires_grad_(), *params), check_batched_grad=True)
+    assert torch.autograd.gradcheck(call, (x.requires_grad_(), *params), check_batched_grad=True,
+                                    check_forward_ad=True, check_batched_forward_grad=True)
 
 
 @checked
@@ -392,14 +394,6 @@ def test_func_grad_of_pooling_matches_autograd():
 
 # -- forward mode: forward_ad, torch.func.jvp, jacfwd ------------------------------------------------
 
-@checked
-def test_gradcheck_forward_mode(make):
-    node, x = make()
-    call, params = _as_function(node)
-    assert torch.autograd.gradcheck(call, (x.requires_grad_(), *params), check_forward_ad=True,
-                                    check_backward_ad=False, check_batched_forward_grad=True)
-
-
 @generic
 def test_forward_ad_jvp_and_jacfwd_match_the_closed_form(cls):
     import torch.autograd.forward_ad as fwAD
@@ -488,8 +482,6 @@ def test_a_node_inside_another_nodes_objective():
     wrt = [x, *_params(node).values()]
     _assert_all_close(torch.autograd.grad((y * v).sum(), wrt),
                       torch.autograd.grad((ref * v).sum(), wrt))
-    call, params = _as_function(node)
-    assert torch.autograd.gradcheck(call, (x, *params))
 
 
 def test_double_backward_of_a_constrained_generic_node_raises_clearly():
