@@ -108,15 +108,16 @@ def test_docs_have_python_blocks():
         "no page has a Python code block: the collector would test nothing"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
+IN_PROCESS = [p for p in PAGES if p not in PASTED]
+
+
+@pytest.mark.parametrize("page", IN_PROCESS, ids=[str(p.relative_to(DOCS)) for p in IN_PROCESS])
 def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     blocks = code_blocks(page.read_text(encoding="utf-8"))
     python = [b for b in blocks if _is_python(b)]
     commands = [c for b in blocks for c in _cli_lines(b)]
     if not python and not commands:
         pytest.skip("no executable code on this page")
-    if page in PASTED:
-        pytest.skip("run as one pasted script by test_pasted_page_runs_as_one_script")
     pytest.importorskip("matplotlib").use("Agg")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
