@@ -103,9 +103,10 @@ class Optimality:
     """Per-sample optimality measures of a point (each ``(b,)``) and the tolerance they meet.
 
     - ``step``: the Newton/KKT step ``d`` (``[H Aᵀ; A 0] [d; dν] = −[∇_y L; c]``) relative to the
-      point, ``‖d‖∞ / (1 + ‖y‖∞)`` — small at a stationary, feasible point;
+      point, ``‖d‖∞ / (‖y‖∞ + tol)`` — small at a stationary, feasible point, at every scale of
+      ``y`` (a ball of radius 1e-3 is judged as one of radius 1);
     - ``violation``: the first-order distance to the constraints, ``max_j c_j⁺ / ‖∇_y c_j‖``
-      (``|h_j|`` for equalities), relative to ``1 + ‖y‖∞``; ``inf`` where a violated row has a
+      (``|h_j|`` for equalities), relative to ``‖y‖∞ + tol``; ``inf`` where a violated row has a
       zero gradient;
     - ``wrong_sign``: ``max(−μ_j, 0) / (1 + ‖∇_y f‖∞)`` over the tight or active inequalities.
 
@@ -129,7 +130,7 @@ class Optimality:
             report(OptimalityWarning,
                    f"the forward solution violates the constraints at samples "
                    f"{describe_samples(infeasible)}: distance to the constraints up to "
-                   f"{self.violation[infeasible].max().item():.3g} relative to 1 + |y| (tol "
+                   f"{self.violation[infeasible].max().item():.3g} relative to |y| (tol "
                    f"{tol:g}). Gradients at an infeasible point are unreliable.", strict)
         bad = ~(self.step <= tol)
         if bad.any():
@@ -233,9 +234,12 @@ class KKTPoint:
             J = batched_jacobian(self.c, self.y, create_graph=True)
             if not J.requires_grad:  # linear constraints: no curvature, never degenerate
                 return none
-            norms = self.A.norm(dim=-1)
-            unit = self.A / norms.clamp_min(torch.finfo(norms.dtype).tiny).unsqueeze(-1)
-            curvature = batched_jacobian((J * unit).sum(-1), self.y).detach().norm(dim=-1)
+            norms = self.A.norm(dim=-1, keepdim=True)
+            # along the unit gradient; along y's direction where the gradient is exactly zero
+            probe = torch.where(norms > 0, self.A, self.y.detach().unsqueeze(1).expand_as(self.A))
+            probe = probe / probe.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(probe.dtype).tiny)
+            curvature = batched_jacobian((J * probe).sum(-1), self.y).detach().norm(dim=-1)
+            norms = norms.squeeze(-1)
         length = self.y.detach().norm(dim=-1, keepdim=True)
         rows = self.active & (norms < tol * curvature * length)
         degenerate = rows.any(-1)
@@ -254,7 +258,7 @@ class KKTPoint:
     def optimality(self, step: Tensor, tol: float) -> Optimality:
         """The :class:`Optimality` of this point given its Newton/KKT step ``step (b, m)``."""
         y = self.y.detach()
-        scale = 1 + y.abs().amax(-1)
+        scale = y.abs().amax(-1) + tol  # relative to the point; absolute only below tol
         c = self.c.detach()
         zeros = torch.zeros_like(scale)
         if self.constrained:

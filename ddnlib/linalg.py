@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SolveInfo", "lstsq", "solve_spd", "solve_kkt", "reduced_min_eig", "cg", "NullSpace"]
+__all__ = ["SolveInfo", "lstsq", "solve_spd", "solve_kkt", "cg", "NullSpace"]
 
 
 @dataclass
@@ -114,6 +114,15 @@ def solve_kkt(
     """
     if damping:
         H = H + damping * _eye_like(H)
+    # Curvature along a coordinate that an active bound pins (a row of A with one non-zero) never
+    # enters the solution: an infinite entry there (y^1.5 or y log y at y = 0) is set to zero and
+    # the null-space route, which never reads it, is taken.
+    pinned = ((A != 0).sum(-1, keepdim=True) == 1) & active.unsqueeze(-1) & (A != 0)
+    pinned = pinned.any(-2)  # (b, m)
+    blind = pinned.unsqueeze(-1) | pinned.unsqueeze(-2)
+    sanitised = blind & ~torch.isfinite(H)
+    H = torch.where(sanitised, torch.zeros_like(H), H)
+    forced = sanitised.any((-2, -1))
     # a non-finite sample (a NaN input) gets a NaN solution and is kept away from LAPACK
     finite = (torch.isfinite(H).all((-2, -1)) & torch.isfinite(A).all((-2, -1))
               & torch.isfinite(By).all((-2, -1)) & torch.isfinite(Bc).all((-2, -1)))
@@ -138,55 +147,64 @@ def solve_kkt(
     Ls, s_not_pd, s_weak = _cholesky(S)
     W = torch.cholesky_solve(A @ HiBy - Bc, Ls)
     U = HiBy - HiAt @ W
-    fallback = h_not_pd | h_weak | s_not_pd | s_weak
+    # a Schur solve can be inaccurate where S mixes scales (huge curvature along directions the
+    # constraints pin): check the residual of the constraint rows, A U = Bc, relative to its terms
+    rtol = torch.finfo(H.dtype).eps ** 0.5
+    r_c = (A @ U - Bc).abs().amax((-2, -1))
+    inexact = ~(r_c <= rtol * (s_h * U.abs().amax((-2, -1)) + Bc.abs().amax((-2, -1))))
+    fallback = h_not_pd | h_weak | s_not_pd | s_weak | inexact | forced
     not_pd = torch.zeros_like(h_not_pd)
     singular = torch.zeros_like(h_not_pd)
     min_eig = None
     if fallback.any():
         U, W = U.clone(), W.clone()
-        m = H.shape[-1]
-        Hf, Af = H[fallback], A[fallback]
-        top = torch.cat([Hf, Af.transpose(-1, -2)], dim=-1)
-        bottom = torch.cat([Af, inactive_diag[fallback]], dim=-1)
-        K = torch.cat([top, bottom], dim=-2)
-        solution = torch.linalg.lstsq(K, torch.cat([By[fallback], Bc[fallback]], dim=-2),
-                                      driver="gelsd" if K.device.type == "cpu" else None)
-        X = solution.solution
-        U[fallback], W[fallback] = X[..., :m, :], X[..., m:, :]
-        eig, rank_a = reduced_min_eig(Hf, Af)
-        rank_k = (solution.rank if solution.rank is not None and solution.rank.numel()
-                  else torch.linalg.matrix_rank(K))
-        n_inactive = (1 - act[fallback]).sum(-1).to(rank_k.dtype)
-        singular[fallback] = rank_k < m + rank_a + n_inactive
+        Uf, Wf, not_pd_f, singular_f, eig = _null_space_solve(H[fallback], A[fallback],
+                                                              By[fallback], Bc[fallback])
+        U[fallback], W[fallback] = Uf, Wf
+        not_pd[fallback], singular[fallback] = not_pd_f, singular_f
         min_eig = torch.full_like(h_not_pd, float("inf"), dtype=H.dtype)
         min_eig[fallback] = eig
-        scale = 1 + Hf.abs().amax((-2, -1))
-        not_pd[fallback] = eig <= m * torch.finfo(H.dtype).eps * scale
     W = W * d.unsqueeze(-1)
     U = torch.where(finite[:, None, None], U, float("nan"))
     W = torch.where(finite[:, None, None], W, float("nan"))
     return U, W, SolveInfo(not_pd=not_pd, singular=singular, min_eig=min_eig)
 
 
-def reduced_min_eig(H: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
-    """Smallest eigenvalue of ``Zᵀ H Z`` per sample, ``Z`` an orthonormal basis of ``null(A)``, and
-    the rank of ``A``.
+def _null_space_solve(H: Tensor, A: Tensor, By: Tensor, Bc: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The KKT system by the null-space method: ``U = A⁺ Bc + Z z`` with ``(Zᵀ H Z) z =
+    Zᵀ (By − H A⁺ Bc)`` and ``W = (A⁺)ᵀ (By − H U)``, ``Z`` an orthonormal basis of ``null(A)``.
 
-    ``H (b, m, m)``, ``A (b, p, m)`` (rows of inactive constraints zeroed); ``+inf`` where the null
-    space is ``{0}``. Second-order sufficient condition of a constrained minimum: this is ``> 0``.
+    Exact whenever the reduced Hessian ``Zᵀ H Z`` is non-singular, whatever ``H`` does along the
+    directions the constraints fix (singular, or huge: the entries there never enter ``Zᵀ H Z``).
+    Returns ``U, W``, the masks ``not_pd`` and ``singular`` (``Zᵀ H Z`` not positive definite /
+    singular, i.e. ``U`` not determined) and the smallest reduced eigenvalue.
     """
     m = H.shape[-1]
-    _, S, Vh = torch.linalg.svd(A, full_matrices=True)
+    V, S, Qt = torch.linalg.svd(A, full_matrices=True)  # rows of Qt: range(Aᵀ) first, then null(A)
     eps = torch.finfo(A.dtype).eps * max(A.shape[-2:])
-    rank = (S > eps * S.amax(-1, keepdim=True)).sum(-1) if S.shape[-1] else S.new_zeros(S.shape[0])
-    null = torch.arange(m, device=H.device) >= rank.unsqueeze(-1)  # rows of Vh spanning null(A)
-    R = Vh @ H @ Vh.transpose(-1, -2)
+    keep = S > eps * S.amax(-1, keepdim=True) if S.shape[-1] else S.new_zeros(S.shape[0], 0).bool()
+    rank = keep.sum(-1)
+    null = torch.arange(m, device=H.device) >= rank.unsqueeze(-1)  # (b, m) over the rows of Qt
+    inv_s = torch.where(keep, 1 / S.where(keep, torch.ones_like(S)), torch.zeros_like(S))
+    k = S.shape[-1]
+    V = V[..., :k]
+    particular = Qt[:, :k].transpose(-1, -2) @ (inv_s.unsqueeze(-1) * (V.transpose(-1, -2) @ Bc))
+    R = Qt @ H @ Qt.transpose(-1, -2)
     R = 0.5 * (R + R.transpose(-1, -2))
-    big = 1 + 2 * R.abs().amax((-2, -1), keepdim=True)
     both = null.unsqueeze(-1) & null.unsqueeze(-2)
-    R = torch.where(both, R, torch.zeros_like(R)) + torch.diag_embed((~null).to(H.dtype)) * big
-    eig = torch.linalg.eigvalsh(R)[..., 0]
-    return torch.where(null.any(-1), eig, torch.full_like(eig, float("inf"))), rank
+    R = torch.where(both, R, torch.zeros_like(R)) + torch.diag_embed((~null).to(H.dtype))
+    rhs = (Qt @ (By - H @ particular)) * null.unsqueeze(-1).to(H.dtype)
+    z, info = solve_spd(R, rhs)
+    z = z * null.unsqueeze(-1).to(H.dtype)
+    U = particular + Qt.transpose(-1, -2) @ z
+    residual = By - H @ U
+    W = V @ (inv_s.unsqueeze(-1) * (Qt[:, :k] @ residual))
+    big = 1 + 2 * R.abs().amax((-2, -1), keepdim=True)
+    eig = torch.linalg.eigvalsh(R + torch.diag_embed((~null).to(H.dtype)) * big)[..., 0]
+    eig = torch.where(null.any(-1), eig, torch.full_like(eig, float("inf")))
+    scale = 1 + H.abs().amax((-2, -1))
+    return U, W, eig <= m * torch.finfo(H.dtype).eps * scale, info.singular, eig
 
 
 class NullSpace:

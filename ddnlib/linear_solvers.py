@@ -59,7 +59,7 @@ class KKTOperator:
         self.active = (active if active is not None or A is None
                        else torch.ones(A.shape[:2], dtype=torch.bool, device=A.device))
         self._hessian, self._dense = hessian, None
-        self._null_space, self._null = null_space, None
+        self._null_space, self._null, self._pin = null_space, None, None
 
     @property
     def constrained(self) -> bool:
@@ -71,9 +71,22 @@ class KKTOperator:
         return self.m + (self.A.shape[1] if self.A is not None else 0)
 
     def hvp(self, P: Tensor) -> Tensor:
-        """``(H + γI) P`` for ``P (k, b, m)``."""
+        """``(H + γI) P`` for ``P (k, b, m)``.
+
+        Non-finite entries at coordinates that an active bound pins are set to zero: the
+        curvature there (infinite for ``y^1.5`` at ``y = 0``) never enters the projected solve.
+        """
         out = self._hvp(P)
+        if self.constrained:
+            out = torch.where(self._pinned() & ~torch.isfinite(out), torch.zeros_like(out), out)
         return out + self.damping * P if self.damping else out
+
+    def _pinned(self) -> Tensor:
+        if self._pin is None:
+            nonzero = self.A != 0
+            single = (nonzero.sum(-1, keepdim=True) == 1) & self.active.unsqueeze(-1)
+            self._pin = (single & nonzero).any(-2)
+        return self._pin
 
     def hessian(self) -> Tensor:
         """The dense symmetric ``H (b, m, m)`` (without the damping)."""
@@ -204,8 +217,13 @@ def chosen(solver: LinearSolver, op: KKTOperator) -> LinearSolver:
 def report_solve(info: SolveInfo, strict: bool, what: str, H: Tensor | None = None) -> None:
     """Warn (raise when ``strict``) about the samples ``info`` marks; ``what`` names the matrix."""
     if info.singular.any():
+        detail = ""
+        if info.min_eig is not None:
+            detail = (f" (smallest reduced-Hessian eigenvalue "
+                      f"{info.min_eig[info.singular].abs().min().item():.3g})")
         report(SingularSystemWarning,
-               f"{what} is singular or rank deficient at samples {describe_samples(info.singular)}; "
+               f"{what} is singular or rank deficient at samples {describe_samples(info.singular)}"
+               f"{detail}: the gradient is not determined there; "
                "the minimum-norm least-squares solution was used. Add damping "
                "(Options(damping=...)) or check that the problem has a unique solution.", strict)
     elif info.not_pd.any():
