@@ -74,8 +74,10 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
       their boundary (an inexact external solution is accurate to far less than ``tol``);
       least-squares multipliers over the equalities and the candidates decide: a candidate with
       a force above ``√tol`` is active, and so is a tight one (distance ``≤ tol · ‖y‖∞``; a
-      negative multiplier there is reported by the optimality check). A tight candidate with a
-      force within ``√tol`` of zero is weakly active: ambiguous, and held active.
+      negative multiplier there is reported by the optimality check).
+
+    A tight inequality whose force is within ``tol`` of zero is weakly active (``g_j = 0`` and
+    ``μ_j = 0`` to the accuracy of the solution): the decision is ambiguous and reported.
     """
     b = g.shape[0]
     eq = torch.ones(b, p, dtype=torch.bool, device=g.device)
@@ -88,13 +90,14 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
         return m * norms / unit
 
     if mu is not None:
-        on = (force(mu) > dual) | (tight & (mu > 0))  # weakly active: tight, positive μ
-        return torch.cat([eq, on], dim=1), torch.zeros_like(g[:, 0], dtype=torch.bool)
+        strength = force(mu)
+        on = (strength > dual) | (tight & (mu > 0))  # weakly active: tight, positive μ
+        return torch.cat([eq, on], dim=1), (tight & (strength.abs() <= tol)).any(-1)
     candidates = _tight(g, A[:, p:], y, dual)
     nu = least_squares_multipliers(grad_f, A, torch.cat([eq, candidates], dim=1))
     strength = force(nu[:, p:])
     ineq = candidates & ((strength > dual) | tight)
-    ambiguous = (tight & (strength.abs() <= dual)).any(-1)
+    ambiguous = (tight & (strength.abs() <= tol)).any(-1)
     return torch.cat([eq, ineq], dim=1), ambiguous
 
 
