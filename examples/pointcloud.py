@@ -286,10 +286,12 @@ def _plot(out: Path, rates, results: dict, learned_rows: list, trajectories: dic
     handles = [Line2D([], [], color=_color(s, specs), lw=2, label=s) for s in specs]
     handles += [Line2D([], [], color="k", ls="-", marker="o", ms=3, label=ours_label),
                 Line2D([], [], color="k", ls="--", marker="x", ms=4, label=seed_label)]
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    ncol = 4 if len(metrics) > 1 else 2  # one panel: a narrower legend, so nothing is cut off
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle("Point-cloud classification with " + ("outliers at test time only (trained clean)"
                  if args.mode == "clean" else "outliers in training and test"), fontsize=11)
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    rows = -(-len(handles) // ncol)
+    fig.tight_layout(rect=(0, min(0.45, 0.035 * rows + 0.04), 1, 1))
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
     if not trajectories:
