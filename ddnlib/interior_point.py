@@ -394,7 +394,7 @@ class _Condensed:
             else:
                 if omega is None:
                     omega = torch.full_like(rho_unit, 1.0)
-                    omega[idx] = torch.linalg.eigvalsh(Mk)[:, 0]
+                    omega[idx] = _smallest_eigenvalue(Mk)
                 delta = factor * (2 * (-omega[idx]).clamp_min(0) + 10 * eps)
             Mk = Mk + delta[:, None, None] * eye
             L, info = torch.linalg.cholesky_ex(Mk)
@@ -436,7 +436,13 @@ class _Condensed:
         bad = self.s_singular
         if bad.any():
             dlam = dlam.clone()
-            dlam[bad] = torch.linalg.lstsq(self.S[bad], rhs[bad], driver=_driver(rhs)).solution
+            S, r = self.S[bad], rhs[bad]
+            finite = torch.isfinite(S).all((-2, -1)) & torch.isfinite(r).all((-2, -1))
+            S = torch.where(finite[:, None, None], S, torch.eye(S.shape[-1], dtype=S.dtype,
+                                                                device=S.device))
+            r = torch.where(finite[:, None, None], r, torch.zeros_like(r))
+            sol = torch.linalg.lstsq(S, r, driver=_driver(rhs)).solution
+            dlam[bad] = torch.where(finite[:, None, None], sol, torch.nan)  # a NaN sample stops
         dy = -Mir - self.MiAt @ dlam
         return dy[..., 0], dlam[..., 0]
 
@@ -625,3 +631,14 @@ def _report(problem, converged: Tensor, residual: Tensor, iterations: Tensor, op
                "decrease, a non-finite value, or an infeasible problem also end a sample). Raise "
                "Options(max_iter=...), start from a better initial_guess, or supply solve().",
                options.strict)
+
+
+def _smallest_eigenvalue(M: Tensor) -> Tensor:
+    """Smallest eigenvalue per sample; where LAPACK's ``eigh`` fails to converge on the batch
+    (ill-conditioned), the Gershgorin lower bound ``min_i (M_ii − Σ_{j≠i} |M_ij|)`` (a larger,
+    still sufficient shift)."""
+    try:
+        return torch.linalg.eigvalsh(M)[:, 0]
+    except RuntimeError:
+        diag = M.diagonal(dim1=-2, dim2=-1)
+        return (2 * diag - M.abs().sum(-1)).amin(-1)
