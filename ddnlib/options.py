@@ -37,7 +37,7 @@ class Options:
             optimality check (:class:`~ddnlib.Optimality`) and the test for degenerate
             constraints (:meth:`~ddnlib.KKTPoint.report_rank`). Off saves their cost.
         optimality_tol: tolerance of that check on the size of the Newton/KKT step relative to
-            ``1 + ‖y‖∞`` and on constraint violation (``None``: ``1e-3`` in float32, ``1e-6``
+            ``‖y‖∞ + optimality_tol`` and on constraint violation (``None``: ``1e-3`` in float32, ``1e-6``
             otherwise).
         active_tol: how close to its boundary an inequality ``g_j(y) ≤ 0`` counts as tight: first-order
             distance ``max(−g_j, 0) / ‖∇g_j‖ ≤ active_tol · ‖y‖∞`` (``None``: ``1e-4`` in float32,

@@ -4,9 +4,9 @@ Per sample, with Lagrangian ``L = f + νᵀc`` over the equalities and the activ
 (multipliers from the solver's ``ctx`` or recovered by least squares, as in the engine):
 
 - stationarity: the Newton/KKT step ``d`` solving ``[H Aᵀ; A 0] [d; dν] = −[∇_y L; c]`` is small,
-  ``‖d‖∞ ≤ tol · (1 + ‖y‖∞)``;
+  ``‖d‖∞ ≤ tol · (‖y‖∞ + tol)``;
 - feasibility: the first-order distance to the constraints ``max_j c_j⁺ / ‖∇_y c_j‖`` is at most
-  ``tol · (1 + ‖y‖∞)``;
+  ``tol · (‖y‖∞ + tol)``;
 - multiplier sign: tight or active inequality multipliers ``μ ≥ −tol · (1 + ‖∇_y f‖∞)``;
 
 (these three are :meth:`ddnlib.kkt.KKTPoint.optimality`, the definition the backward pass's
