@@ -168,11 +168,11 @@ class KKTPoint:
 
     def __init__(self, y: Tensor, f: Tensor, grad_f: Tensor, c: Tensor, A: Tensor, p: int,
                  active: Tensor, nu: Tensor, mu_given: Tensor | None, lagrangian_grad: Tensor,
-                 tight: Tensor):
+                 tight: Tensor, jacobian: Tensor | None = None):
         self.y, self.f, self.grad_f, self.c, self.A, self.p = y, f, grad_f, c, A, p
         self.q = c.shape[1] - p
         self.active, self.nu, self.lagrangian_grad = active, nu, lagrangian_grad
-        self._mu_given, self._tight = mu_given, tight
+        self._mu_given, self._tight, self._jacobian = mu_given, tight, jacobian
         self._hessian: Tensor | None = None
         self._null: NullSpace | None = None
 
@@ -234,7 +234,8 @@ class KKTPoint:
         if not self.constrained or not self.c.requires_grad:
             return none
         with torch.enable_grad():
-            J = batched_jacobian(self.c, self.y, create_graph=True)
+            J = self._jacobian if self._jacobian is not None else batched_jacobian(
+                self.c, self.y, create_graph=True)
             if not J.requires_grad:  # linear constraints: no curvature, never degenerate
                 return none
             norms = self.A.norm(dim=-1, keepdim=True)
@@ -300,21 +301,32 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
     with torch.enable_grad():
         yf = problem.flatten(y.detach()).clone().requires_grad_()
         f = problem.objective(yf)
-        grad_f = grad(f.sum(), [yf], create_graph=True)[0]
-        f = f.detach()
         h, g = problem.eq(yf), problem.ineq(yf)
         p, q = h.shape[1], g.shape[1]
         c = torch.cat([h, g], dim=1)
         active_tol = options.tol("active_tol", yf.dtype)
         if c.shape[1] == 0:
+            grad_f = grad(f.sum(), [yf], create_graph=True)[0]
             none = torch.zeros(b, 0, dtype=torch.bool, device=yf.device)
-            return KKTPoint(yf, f, grad_f, c, yf.new_zeros(b, 0, problem.m), 0, none,
+            return KKTPoint(yf, f.detach(), grad_f, c, yf.new_zeros(b, 0, problem.m), 0, none,
                             c.detach(), None, grad_f, none)
-        A = batched_jacobian(c, yf).detach()
         lam = mu = None
         if solution is not None:
             lam = multipliers_tensor(solution.eq_multipliers, b, p, yf.dtype, "'lambda'", where)
             mu = multipliers_tensor(solution.ineq_multipliers, b, q, yf.dtype, "'mu'", where)
+        A_graph = batched_jacobian(c, yf, create_graph=True)  # its graph serves report_rank
+        A = A_graph.detach()
+        if not q and active is None and (multipliers is not None or lam is not None):
+            # equalities with known multipliers: ∇_y L in one backward pass, ∇_y f from it
+            nu = (multipliers if multipliers is not None else lam).detach()
+            lagrangian_grad = grad(f.sum() + (c * nu).sum(), [yf], create_graph=True)[0]
+            grad_f = lagrangian_grad.detach() - (A.transpose(-1, -2) @ nu.unsqueeze(-1))[..., 0]
+            active = torch.ones_like(c, dtype=torch.bool)
+            none = torch.zeros(b, 0, dtype=torch.bool, device=yf.device)
+            return KKTPoint(yf, f.detach(), grad_f, c, A, p, active, nu, None, lagrangian_grad,
+                            none, A_graph)
+        grad_f = grad(f.sum(), [yf], create_graph=True)[0]
+        f = f.detach()
         tight = _tight(g.detach(), A[:, p:], yf.detach(), active_tol)
         if active is None and not q:
             active = torch.ones_like(c, dtype=torch.bool)
@@ -335,4 +347,4 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             multipliers = least_squares_multipliers(grad_f.detach(), A, active)
         nu = (multipliers * active.to(multipliers.dtype)).detach()
         lagrangian_grad = grad_f + grad((c * nu).sum(), [yf], create_graph=True)[0]
-    return KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, tight)
+    return KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, tight, A_graph)
