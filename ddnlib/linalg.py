@@ -193,7 +193,9 @@ def _null_space_solve(H: Tensor, A: Tensor, By: Tensor, Bc: Tensor
     R = Qt @ H @ Qt.transpose(-1, -2)
     R = 0.5 * (R + R.transpose(-1, -2))
     both = null.unsqueeze(-1) & null.unsqueeze(-2)
-    R = torch.where(both, R, torch.zeros_like(R)) + torch.diag_embed((~null).to(H.dtype))
+    R = torch.where(both, R, torch.zeros_like(R))
+    pad = R.abs().amax((-2, -1), keepdim=True)  # the range rows padded at the scale of Zᵀ H Z
+    R = R + torch.diag_embed((~null).to(H.dtype)) * torch.where(pad > 0, pad, torch.ones_like(pad))
     rhs = (Qt @ (By - H @ particular)) * null.unsqueeze(-1).to(H.dtype)
     z, info = solve_spd(R, rhs)
     z = z * null.unsqueeze(-1).to(H.dtype)
