@@ -45,6 +45,8 @@ class Penalty:
             ``inf``: never).
         radial: ``φ(z) = f(|z|/c)`` with ``f`` non-decreasing and ``ranked = f``: the
             histogram bounds of :mod:`~ddnlib.nodes.pooling_global` apply.
+        closed_form: the exact solver the pooling uses instead of Newton: ``"mean"`` (the
+            quadratic) or ``"sorted_window"`` (the truncated quadratic); ``None`` for none.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Penalty:
     uses_alpha: bool = False
     convex_from: float = float("-inf")
     radial: bool = False
+    closed_form: str | None = None
 
     def value(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
         """``φ(z)``."""
@@ -268,11 +271,12 @@ class _General(Penalty):
 PENALTIES: dict[str, Penalty] = {
     p.name: p
     for p in (
-        _Quadratic("quadratic", uses_c=False),
+        _Quadratic("quadratic", uses_c=False, closed_form="mean"),
         _PseudoHuber("pseudo_huber"),
         _Huber("huber"),
         _Welsch("welsch", convex_from=float("inf"), radial=True),
-        _TruncatedQuadratic("truncated_quadratic", convex_from=float("inf")),
+        _TruncatedQuadratic("truncated_quadratic", convex_from=float("inf"),
+                            closed_form="sorted_window"),
         _General("general", uses_alpha=True, convex_from=1.0, radial=True),
     )
 }

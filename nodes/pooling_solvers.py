@@ -80,9 +80,9 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     still in cache. Rows that did not converge are reported.
     """
     rows, n = x.shape
-    if penalty.name == "quadratic":
+    if penalty.closed_form == "mean":
         block_solver = _mean
-    elif penalty.name == "truncated_quadratic":
+    elif penalty.closed_form == "sorted_window":
         block_solver = _truncated_quadratic
     elif penalty.convex(alpha):
         block_solver = _newton_fused if settings.fused else _newton

@@ -470,3 +470,17 @@ def test_non_convex_global_minimum_on_hard_rows(name, alpha, case, dtype):
         got = float(phi(name, yr - row, c, alpha).sum())
         rounding = 1e-9 if dtype == torch.float64 else 1e-4
         assert got <= brute + rounding * (1 + abs(brute)), (got, brute)
+
+
+def test_solver_dispatch_reads_the_penalty_not_its_name():
+    """A user penalty that happens to be called "quadratic" is solved by Newton on its own φ (here
+    pseudo-Huber's), not by the mean that the bundled quadratic's ``closed_form`` selects."""
+    import dataclasses
+
+    from ddnlib.nodes import PENALTIES, robust_global_pool
+
+    mine = dataclasses.replace(PENALTIES["pseudo_huber"], name="quadratic")
+    x = torch.tensor([[0.0, 0.1, 0.2, 10.0]], dtype=torch.float64)
+    y = robust_global_pool(x, mine, c=0.5)
+    torch.testing.assert_close(y, robust_global_pool(x, "pseudo_huber", c=0.5))
+    assert (y - x.mean(-1)).abs().item() > 1.0
