@@ -268,8 +268,10 @@ def cg(
     ``matvec`` applies the symmetric operator to a ``(k, b, m)`` tensor. With ``project`` the
     iteration runs in the range of that projector (null-space CG for equality constraints).
     Each ``(k, b)`` system stops at ``‖r‖ ≤ tol ‖rhs‖`` (``tol`` a number or a tensor broadcasting
-    to ``(k, b)``); a direction of non-positive curvature stops its system and marks the sample not
-    positive definite. ``matvec`` is applied only to the right-hand sides still running.
+    to ``(k, b)``); a direction of zero curvature (at the rounding level ``m · eps`` of the
+    largest Rayleigh quotient seen) stops its system and marks the sample singular, one of negative curvature marks
+    it not positive definite; ``min_eig`` is the smallest Rayleigh quotient met, an upper bound of
+    the smallest eigenvalue. ``matvec`` is applied only to the right-hand sides still running.
     """
     P = project if project is not None else (lambda t: t)
     x = torch.zeros_like(rhs)
@@ -279,6 +281,10 @@ def cg(
     stop = tol**2 * (rhs * rhs).sum(-1).clamp_min(torch.finfo(rhs.dtype).tiny)
     done = rr <= stop
     not_pd = torch.zeros_like(done)
+    flat = torch.zeros_like(done)
+    rayleigh_max = torch.zeros_like(rr)
+    rayleigh_min = torch.full_like(rr, float("inf"))
+    flat_tol = rhs.shape[-1] * torch.finfo(rhs.dtype).eps  # curvature at the level of rounding
     for _ in range(max_iter):
         if bool(done.all()):
             break
@@ -289,9 +295,15 @@ def cg(
             Mp = torch.zeros_like(p)
             Mp[live] = P(matvec(p[live]))
         curvature = (p * Mp).sum(-1)
-        negative = (curvature <= 0) & ~done
+        pp = (p * p).sum(-1).clamp_min(torch.finfo(rhs.dtype).tiny)
+        quotient = curvature / pp  # a Rayleigh quotient of the (projected) operator
+        rayleigh_max = torch.where(done, rayleigh_max, torch.maximum(rayleigh_max, quotient.abs()))
+        rayleigh_min = torch.where(done, rayleigh_min, torch.minimum(rayleigh_min, quotient))
+        zero = (quotient.abs() <= flat_tol * rayleigh_max) & ~done  # zero curvature: singular
+        negative = (curvature <= 0) & ~done & ~zero
+        flat |= zero
         not_pd |= negative
-        done |= negative
+        done |= negative | zero
         alpha = torch.where(done, torch.zeros_like(rr), rr / curvature.where(~done, torch.ones_like(rr)))
         x = x + alpha.unsqueeze(-1) * p
         r = r - alpha.unsqueeze(-1) * Mp
@@ -301,6 +313,6 @@ def cg(
         rr = torch.where(done, rr, rr_new)
         done |= rr <= stop
     residual = (rr / (rhs * rhs).sum(-1).clamp_min(torch.finfo(rhs.dtype).tiny)).sqrt()
-    not_pd = not_pd.any(0)  # per sample, over the k right-hand sides
-    return x, SolveInfo(not_pd=not_pd, singular=torch.zeros_like(not_pd),
-                        not_converged=(~done).any(0), residual=residual.amax(0))
+    not_pd, flat = not_pd.any(0), flat.any(0)  # per sample, over the k right-hand sides
+    return x, SolveInfo(not_pd=not_pd, singular=flat, not_converged=(~done).any(0) & ~flat,
+                        residual=residual.amax(0), min_eig=rayleigh_min.amin(0))

@@ -190,7 +190,7 @@ class CG(LinearSolver):
 
 
 def _steepest_where_stuck(X: Tensor, fallback: Tensor, info: SolveInfo) -> Tensor:
-    stuck = info.not_pd & (X == 0).all(-1).all(0)
+    stuck = (info.not_pd | info.singular) & (X == 0).all(-1).all(0)
     return torch.where(stuck[None, :, None], fallback, X)
 
 
