@@ -47,13 +47,26 @@ from torch import Tensor
 
 from .linalg import solve_spd
 from .linear_solvers import CG, chosen, report_solve
-from .problem import Problem, grad
+from .problem import Problem, batched_jacobian, grad
 from .solution import Solution, as_solution
 
 __all__ = ["implicit_vjp", "implicit_jvp", "transposed_vjp", "differentiable_vjp"]
 
 CHECK_CG_TOL = 0.1  # the optimality check needs only the size of its step
 DEGENERACY = 0.1  # a constraint gradient below this share of optimality_tol is degenerate
+
+
+def _kkt_system(node, xs: Sequence[Tensor], y: Tensor, ctx) -> tuple:
+    """``(problem, kkt, operator, solver)`` at ``y`` for the backward and forward modes (graph
+    mode on); degenerate constraints are reported when the node's checks are on."""
+    options = node.options
+    solution = ctx if isinstance(ctx, Solution) else as_solution((y, ctx))
+    problem = Problem(node, xs, y.shape)
+    kkt = problem.kkt(y, solution, options)
+    if options.check_optimality:
+        kkt.report_rank(options.strict, DEGENERACY * options.tol("optimality_tol", y.dtype))
+    op = kkt.operator(options.damping)
+    return problem, kkt, op, chosen(options.solver, op)
 
 
 def implicit_vjp(
@@ -83,20 +96,14 @@ def implicit_vjp(
         }
     if torch.is_grad_enabled() and getattr(_GRAPH, "on", False):
         return _vjp_with_graph(node, xs, y, v, params, wanted)
-    solution = ctx if isinstance(ctx, Solution) else as_solution((y, ctx))
     with torch.enable_grad():
-        problem = Problem(node, xs, y.shape)
-        kkt = problem.kkt(y, solution, options)
-        if options.check_optimality:
-            kkt.report_rank(options.strict, DEGENERACY * options.tol("optimality_tol", y.dtype))
+        problem, kkt, op, solver = _kkt_system(node, xs, y, ctx)
         # column 0: the backward system; column 1: the Newton/KKT step of the optimality check
         check = options.check_optimality
         gL, c = kkt.residual()
         vf = problem.flatten(v).to(y.dtype)
         By = torch.stack([-vf, gL] if check else [-vf], dim=-1)
         Bc = torch.stack([torch.zeros_like(c), c] if check else [torch.zeros_like(c)], dim=-1)
-        op = kkt.operator(options.damping)
-        solver = chosen(options.solver, op)
         rtol = None
         if isinstance(solver, CG) and check:
             rtol = torch.tensor([[0.0], [CHECK_CG_TOL]], dtype=y.dtype, device=y.device)
@@ -147,14 +154,11 @@ def _vjp_with_graph(node, xs, y, v, params, wanted):
     if not yf.requires_grad:
         yf = yf.detach().requires_grad_()
     grad_f = grad(problem.objective(yf).sum(), [yf], create_graph=True)[0]
-    m = yf.shape[1]
-    basis = torch.eye(m, dtype=yf.dtype, device=yf.device).unsqueeze(1).expand(m, yf.shape[0], m)
-    H = grad(grad_f, [yf], basis, create_graph=True, is_grads_batched=True)[0].transpose(0, 1)
+    H = batched_jacobian(grad_f, yf, create_graph=True)
     H = 0.5 * (H + H.transpose(-1, -2))
     U, info = solve_spd(H, -problem.flatten(v).to(yf.dtype).unsqueeze(-1), options.damping)
     report_solve(info, options.strict, "the Hessian", H.detach())
-    grads = torch.autograd.grad(grad_f, wanted, U[..., 0], create_graph=True, allow_unused=True)
-    grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, wanted)]
+    grads = grad(grad_f, wanted, U[..., 0], create_graph=True)
     it = iter(grads)
     input_grads = tuple(next(it) if x.requires_grad else None for x in xs)
     return input_grads, {name: next(it) for name in params}
@@ -182,16 +186,9 @@ def implicit_jvp(
     pairs += [(params[k], t) for k, t in param_tangents.items() if t is not None]
     if y.numel() == 0 or not pairs:
         return torch.zeros_like(y)
-    if torch.is_grad_enabled() and getattr(_GRAPH, "on", False):
-        return _vjp_with_graph(node, xs, y, v, params, wanted)
-    solution = ctx if isinstance(ctx, Solution) else as_solution((y, ctx))
     with torch.enable_grad():
-        problem = Problem(node, xs, y.shape)
-        kkt = problem.kkt(y, solution, options)
-        kkt.report_rank(options.strict, DEGENERACY * options.tol("optimality_tol", y.dtype))
+        problem, kkt, op, solver = _kkt_system(node, xs, y, ctx)
         da, dc = _directional([kkt.lagrangian_grad, kkt.c], pairs)
-        op = kkt.operator(options.damping)
-        solver = chosen(options.solver, op)
         dc = dc * kkt.active.to(dc.dtype)
         U, _, info = solver.solve(op, -da.detach().unsqueeze(-1), -dc.detach().unsqueeze(-1))
         report_solve(info, options.strict, "the KKT matrix" if kkt.constrained else "the Hessian")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SolveInfo", "lstsq", "solve_spd", "solve_kkt", "cg", "NullSpace"]
+__all__ = ["SolveInfo", "lstsq", "pinned_coordinates", "solve_spd", "solve_kkt", "cg", "NullSpace"]
 
 
 @dataclass
@@ -66,6 +66,14 @@ def _cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     pivots = L.diagonal(dim1=-2, dim2=-1).square().amin(-1) if M.shape[-1] else scale
     weak = ~failed & (pivots <= torch.finfo(M.dtype).eps ** 0.5 * scale)
     return L, failed, weak
+
+
+def pinned_coordinates(A: Tensor, active: Tensor) -> Tensor:
+    """``(b, m)``: the coordinates ``y_j`` that an active row of ``A (b, r, m)`` with a single
+    non-zero entry (a bound ``±y_j ≤ …`` or ``y_j = …``) fixes."""
+    nonzero = A != 0
+    single = (nonzero.sum(-1, keepdim=True) == 1) & active.unsqueeze(-1)
+    return (single & nonzero).any(-2)
 
 
 def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, SolveInfo]:
@@ -117,8 +125,7 @@ def solve_kkt(
     # Curvature along a coordinate that an active bound pins (a row of A with one non-zero) never
     # enters the solution: an infinite entry there (y^1.5 or y log y at y = 0) is set to zero and
     # the null-space route, which never reads it, is taken.
-    pinned = ((A != 0).sum(-1, keepdim=True) == 1) & active.unsqueeze(-1) & (A != 0)
-    pinned = pinned.any(-2)  # (b, m)
+    pinned = pinned_coordinates(A, active)
     blind = pinned.unsqueeze(-1) | pinned.unsqueeze(-2)
     sanitised = blind & ~torch.isfinite(H)
     H = torch.where(sanitised, torch.zeros_like(H), H)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
-from .linalg import NullSpace, SolveInfo, cg, solve_kkt, solve_spd
+from .linalg import NullSpace, SolveInfo, cg, pinned_coordinates, solve_kkt, solve_spd
 
 __all__ = ["KKTOperator", "LinearSolver", "Dense", "CG", "Auto", "report_solve"]
 
@@ -83,9 +83,7 @@ class KKTOperator:
 
     def _pinned(self) -> Tensor:
         if self._pin is None:
-            nonzero = self.A != 0
-            single = (nonzero.sum(-1, keepdim=True) == 1) & self.active.unsqueeze(-1)
-            self._pin = (single & nonzero).any(-2)
+            self._pin = pinned_coordinates(self.A, self.active)
         return self._pin
 
     def hessian(self) -> Tensor:
@@ -120,7 +118,8 @@ class LinearSolver:
 @dataclass(frozen=True)
 class Dense(LinearSolver):
     """Dense per-sample factorisation: Cholesky of ``H`` (or of the Schur complement
-    ``A H⁻¹ Aᵀ``), minimum-norm least squares where that fails. No batched LU (wrong on CPU
+    ``A H⁻¹ Aᵀ``) where it is trustworthy; otherwise minimum-norm least squares (no constraints)
+    or the null-space method (:func:`~ddnlib.linalg.solve_kkt`). No batched LU (wrong on CPU
     with more than one thread at size ≳ 150 in torch 2.13)."""
 
     def solve(self, op, By, Bc, rtol=None):
