@@ -281,45 +281,49 @@ def cg(
     the smallest eigenvalue. ``matvec`` is applied only to the right-hand sides still running.
     """
     P = project if project is not None else (lambda t: t)
-    x = torch.zeros_like(rhs)
-    r = P(rhs)
+    tiny = torch.finfo(rhs.dtype).tiny
+    x = torch.zeros_like(rhs, memory_format=torch.contiguous_format)
+    r = P(rhs).clone(memory_format=torch.contiguous_format)  # updated in place below
     p = r.clone()
     rr = (r * r).sum(-1)
-    stop = tol**2 * (rhs * rhs).sum(-1).clamp_min(torch.finfo(rhs.dtype).tiny)
-    done = rr <= stop
-    not_pd = torch.zeros_like(done)
-    flat = torch.zeros_like(done)
+    stop = tol**2 * (rhs * rhs).sum(-1).clamp_min(tiny)
+    running = ~(rr <= stop)  # (k, b); a NaN system runs on and is reported unconverged
+    not_pd = torch.zeros_like(running)
+    flat = torch.zeros_like(running)
     rayleigh_max = torch.zeros_like(rr)
     rayleigh_min = torch.full_like(rr, float("inf"))
     flat_tol = rhs.shape[-1] * torch.finfo(rhs.dtype).eps  # curvature at the level of rounding
     for _ in range(max_iter):
-        if bool(done.all()):
+        live = running.any(-1)  # (k,): right-hand sides with a running system
+        n_live = int(live.sum())
+        if n_live == 0:
             break
-        live = ~done.all(-1)
-        if bool(live.all()):
+        if n_live == live.numel():
             Mp = P(matvec(p))
         else:
             Mp = torch.zeros_like(p)
             Mp[live] = P(matvec(p[live]))
         curvature = (p * Mp).sum(-1)
-        pp = (p * p).sum(-1).clamp_min(torch.finfo(rhs.dtype).tiny)
-        quotient = curvature / pp  # a Rayleigh quotient of the (projected) operator
-        rayleigh_max = torch.where(done, rayleigh_max, torch.maximum(rayleigh_max, quotient.abs()))
-        rayleigh_min = torch.where(done, rayleigh_min, torch.minimum(rayleigh_min, quotient))
-        zero = (quotient.abs() <= flat_tol * rayleigh_max) & ~done  # zero curvature: singular
-        negative = (curvature <= 0) & ~done & ~zero
-        flat |= zero
-        not_pd |= negative
-        done |= negative | zero
-        alpha = torch.where(done, torch.zeros_like(rr), rr / curvature.where(~done, torch.ones_like(rr)))
-        x = x + alpha.unsqueeze(-1) * p
-        r = r - alpha.unsqueeze(-1) * Mp
-        rr_new = (r * r).sum(-1)
-        beta = torch.where(done, torch.zeros_like(rr), rr_new / rr.where(~done, torch.ones_like(rr)))
-        p = r + beta.unsqueeze(-1) * p
-        rr = torch.where(done, rr, rr_new)
-        done |= rr <= stop
-    residual = (rr / (rhs * rhs).sum(-1).clamp_min(torch.finfo(rhs.dtype).tiny)).sqrt()
+        # a Rayleigh quotient of the (projected) operator; NaN (ignored by fmax / fmin) where
+        # the system has stopped and Mp may not have been formed
+        quotient = (curvature / (p * p).sum(-1).clamp_min(tiny)).masked_fill(~running, torch.nan)
+        rayleigh_max = torch.fmax(rayleigh_max, quotient.abs())
+        rayleigh_min = torch.fmin(rayleigh_min, quotient)
+        stuck = quotient <= flat_tol * rayleigh_max  # zero or negative curvature, running
+        if bool(stuck.any()):
+            zero = quotient.abs() <= flat_tol * rayleigh_max  # singular
+            flat |= zero
+            not_pd |= stuck & ~zero
+            running &= ~stuck
+        alpha = torch.where(running, rr / curvature, 0.0).unsqueeze(-1)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, Mp, value=-1.0)
+        rr_new = (r * r).sum(-1)  # unchanged where stopped (α = 0)
+        beta = torch.where(running, rr_new / rr, 0.0).unsqueeze(-1)
+        p = torch.addcmul(r, beta, p)
+        rr = rr_new
+        running &= ~(rr <= stop)
+    residual = (rr / (rhs * rhs).sum(-1).clamp_min(tiny)).sqrt()
     not_pd, flat = not_pd.any(0), flat.any(0)  # per sample, over the k right-hand sides
-    return x, SolveInfo(not_pd=not_pd, singular=flat, not_converged=(~done).any(0) & ~flat,
+    return x, SolveInfo(not_pd=not_pd, singular=flat, not_converged=running.any(0) & ~flat,
                         residual=residual.amax(0), min_eig=rayleigh_min.amin(0))
