@@ -24,8 +24,10 @@ unchanged) and then ``δ T²`` with ``δ = 10^k`` (the inertia correction of N&W
 symmetric diagonal scaling ``M = T M̂ T``, ``T² = diag max(|M_ii|, 1)``, that keeps every shift relative to
 its row. A point that passes the stopping test but has negative curvature on the constraints
 (``Zᵀ M Z``, ``Z`` spanning ``null(J_h)``, not positive semi-definite: a maximum or saddle) is left
-along the most negative eigenvector, so the solver does not stop at maxima. No batched LU is used (it is unreliable on
-multi-threaded CPU builds of torch at sizes ≳ 150).
+along the most negative eigenvector, so the solver does not stop at maxima (samples whose problem
+is convex — quadratic objective with a positive semi-definite Hessian, affine constraints — skip
+this test). No batched LU is used (it is unreliable on multi-threaded CPU builds of torch at sizes
+≳ 150).
 
 Globalisation: fraction-to-boundary ``τ = 0.995`` on ``s`` and ``z`` (separate primal and dual
 step lengths) and an Armijo backtracking line search on the primal step with the ℓ1 barrier merit
@@ -41,6 +43,20 @@ graph, then one vectorised backward pass (``is_grads_batched``) over the ``m + p
 ``[∇_y L; h; g]`` gives every per-sample Hessian ``W`` and both constraint Jacobians. So one
 iteration costs one forward evaluation, one gradient and one batched second-order pass, plus one
 forward evaluation per backtracking step.
+
+Structure (``exploit_structure``, on by default). At ``y₀`` the solver builds ``∇²f`` and the
+constraint Jacobian ``J = ∂[h; g]/∂y`` with their graphs and asks autograd whether they depend on
+``y`` at all. Where ``∇²f`` does not, ``f`` is quadratic and is replaced by its exact expansion
+``f(y₀) + ∇f(y₀)ᵀd + ½ dᵀ∇²f d`` (``d = y − y₀``); where ``J`` does not, the constraints are affine,
+``c(y) = c(y₀) + J d``; where ``J`` does but the per-row Hessians ``∇²c_k`` do not (and the batch
+of them, ``b (p + q) m²`` numbers, is at most ``2²²``), they are quadratic, ``c_k(y) = c_k(y₀) +
+J_k d + ½ dᵀ∇²c_k d``. The parts so detected are never evaluated again: for a QP every iteration is
+batched linear algebra (``O(m³ + (p + q) m²)`` per sample, no autodiff), and the other parts keep the
+autodiff pass above. Autograd sees through smooth code only: a branch (``abs``, ``where``,
+``clamp``) makes a piecewise function look affine or quadratic near ``y₀``. So the result is
+certified: at the returned point the stopping test is recomputed from the user's functions by
+autodiff (first order: one gradient and one pass over the ``p + q`` constraint rows), and a
+sample that fails it is solved again from ``y₀`` without the expansions.
 
 A sample stops when, with ``tol = Options.solver_tol``,
 
@@ -70,6 +86,9 @@ __all__ = ["IPMResult", "interior_point", "solve"]
 _TAU = 0.995
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 30
+_POLISH_TRIES = 2
+_POLISH_EXP = 0.25
+_MAX_CACHED = 2**22  # most numbers b (p + q) m² kept for constant constraint Hessians
 
 
 @dataclass
@@ -109,8 +128,14 @@ def solve(node, *xs: Tensor, y0: Tensor | None = None, options: Options | None =
     return interior_point(Problem(node, xs, y0.shape), y0, options or node.options).solution()
 
 
-def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
+def interior_point(problem: Problem, y0: Tensor, options: Options, *,
+                   exploit_structure: bool = True) -> IPMResult:
     """Solve ``problem`` from ``y0 (b, *out)`` (need not be feasible); see the module docstring.
+
+    With ``exploit_structure`` the parts of the problem that autograd shows to be quadratic
+    (objective) or affine / quadratic (constraints) are expanded once at ``y0`` instead of being
+    differentiated at every iteration, and the result is certified by autodiff (module docstring);
+    without it every iteration differentiates the user's functions.
 
     A sample with a non-finite input comes back as NaN (not converged) without touching the
     others; a sample whose inputs are finite but whose objective or constraints are not finite at
@@ -122,12 +147,46 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
         if x.is_floating_point() and x.dim() and x.shape[0] == b:
             finite_in &= torch.isfinite(x.reshape(b, -1)).all(-1)
     if not finite_in.all():
-        return _without(problem, y0, options, finite_in)
-    dtype, device = y0.dtype, y0.device
-    tol = options.tol("solver_tol", dtype)
-    y = y0.detach().reshape(b, m).clone()
-    with torch.no_grad():
-        f0, h0, g0 = problem.objective(y), problem.eq(y), problem.ineq(y)
+        return _without(problem, y0, options, finite_in, exploit_structure)
+    tol = options.tol("solver_tol", y0.dtype)
+    y0 = y0.detach().reshape(b, m)
+    model = _Model(problem, y0 if exploit_structure else None)
+    out = _solve(model, y0, options, tol)
+    if model.expanded:
+        # the expansions are checked where they were used: the stopping test from autodiff
+        redo = out.converged & ~_certified(_Model(problem, None), out, tol)
+        if redo.any():
+            idx = redo.nonzero().flatten()
+            sub = _select(problem, idx)
+            again = _solve(_Model(sub, None), y0[idx], options, tol)
+            for name in ("y", "lam", "mu", "converged", "iterations", "residual"):
+                getattr(out, name)[idx] = getattr(again, name)
+    _report(problem, out.converged, out.residual, out.iterations, options, tol)
+    return IPMResult(problem.unflatten(out.y), out.lam, out.mu, out.converged, out.iterations,
+                     out.residual)
+
+
+@dataclass
+class _Outcome:
+    """The state :func:`_solve` ends in: ``y``, ``λ``, the handed-back ``μ`` and, for the
+    certification, the slacks ``s`` (0 where polished) and ``z``."""
+
+    y: Tensor
+    lam: Tensor
+    mu: Tensor
+    s: Tensor
+    z: Tensor
+    polished: Tensor
+    converged: Tensor
+    iterations: Tensor
+    residual: Tensor
+
+
+def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
+    """The interior-point iteration on ``model`` from ``y (b, m)``; nothing reported."""
+    b = y.shape[0]
+    dtype, device = y.dtype, y.device
+    f0, h0, g0 = model.values(y)
     _check_finite(f0, h0, g0)
     p, q = h0.shape[1], g0.shape[1]
     # slacks: s = −g where the start is clearly inside (then g + s = 0 stays exact for linear
@@ -143,61 +202,85 @@ def interior_point(problem: Problem, y0: Tensor, options: Options) -> IPMResult:
     residual = torch.full((b,), float("inf"), dtype=dtype, device=device)
     escapes = torch.zeros_like(iterations)
     polished = torch.zeros_like(running)
-    for _ in range(options.max_iter + 1):
-        ev = _evaluate(problem, y, lam, z, p)
-        finite = (torch.isfinite(ev.gL).all(-1) & torch.isfinite(ev.J).all((-2, -1))
+    may_escape = ~model.convex
+    for it in range(options.max_iter + 1):
+        ev = model.evaluate(y, lam, z)
+        finite = (torch.isfinite(ev.gL).all(-1) & torch.isfinite(ev.A).all((-2, -1))
                   & torch.isfinite(ev.f))
         rd, re, ri = ev.gL, ev.h, ev.g + s
         parts = _residuals(ev, y, rd, torch.cat([re, ri], 1), s * z)
         res = parts.amax(0)
         residual = torch.where(running, res, residual)
         done = running & (res <= tol)
-        escaping = torch.zeros_like(done)
-        if done.any():  # a KKT point with negative curvature on the constraints is left
-            escaping, y_esc, s_esc = _escape(problem, ev, y, s, z, nu, done & (escapes < 5), p)
+        escaping = None
+        candidates = done & may_escape & (escapes < 5)
+        if candidates.any():  # a KKT point with negative curvature on the constraints is left
+            escaping, y_esc, s_esc = _escape(model, ev, y, s, z, nu, candidates, p)
             y = torch.where(escaping.unsqueeze(-1), y_esc, y)
             s = torch.where(escaping.unsqueeze(-1), s_esc, s)
             escapes += escaping.long()
             done &= ~escaping
         # near the end the active set is known: one Newton step on it (exact for a QP) ends the
         # sample if it gives a KKT point; the interior iteration is ill-conditioned from there on
-        near = running & ~done & (parts[1:].amax(0) <= tol**0.75) if q else done & False
-        if near.any():
-            ok, y_p, lam_p, mu_p, res_p = _polish(problem, y, lam, z, s, near, tol)
-            keep = ok.unsqueeze(-1)
-            y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam), (mu_p, z)))
-            s = torch.where(keep, torch.zeros_like(s), s)
-            residual = torch.where(ok, res_p, residual)
-            polished |= ok
-            done |= ok
+        if q:
+            near = running & ~done & (parts[1:].amax(0) <= tol**_POLISH_EXP)
+            if near.any():
+                ok, y_p, lam_p, mu_p, res_p = _polish(model, y, lam, z, s, near, tol)
+                keep = ok.unsqueeze(-1)
+                y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam),
+                                                                    (mu_p, z)))
+                s = torch.where(keep, torch.zeros_like(s), s)
+                residual = torch.where(ok, res_p, residual)
+                polished |= ok
+                done |= ok
         converged |= done
         running &= ~done & finite
-        if not running.any() or int(iterations.max()) >= options.max_iter:
+        if it == options.max_iter or not running.any():
             break
         iterations += running.long()
-        stepping = running & ~escaping
-        y, s, z, lam, nu = _step(problem, ev, y, s, z, lam, nu, rd, re, ri, stepping, p, q)
-    _report(problem, converged, residual, iterations, options, tol)
+        stepping = running if escaping is None else running & ~escaping
+        y, s, z, lam, nu = _step(model, ev, y, s, z, lam, nu, rd, re, ri, stepping, p, q)
     final = converged & ~polished
     if final.any():
-        ok, y_p, lam_p, mu_p, res_p = _polish(problem, y, lam, z, s, final, tol)
+        ok, y_p, lam_p, mu_p, res_p = _polish(model, y, lam, z, s, final, tol)
         keep = ok.unsqueeze(-1)
         y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam), (mu_p, z)))
+        s = torch.where(keep, torch.zeros_like(s), s)
         polished |= ok
     mu = torch.where(polished.unsqueeze(-1) | (z > s), z, torch.zeros_like(z))
-    return IPMResult(problem.unflatten(y), lam, mu, converged, iterations, residual)
+    return _Outcome(y, lam, mu, s, z, polished, converged, iterations, residual)
 
 
-def _residuals(ev: "_Eval", y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor) -> Tensor:
+def _certified(truth: _Model, out: _Outcome, tol: float) -> Tensor:
+    """Where the stopping test that ended each sample (polished: at ``s = 0`` with ``μ``; else the
+    interior test) passes with the user's functions differentiated by autodiff; also stores that
+    residual in ``out.residual``."""
+    ev = truth.evaluate(out.y, out.lam, out.z, second_order=False)
+    pol = out.polished.unsqueeze(-1)
+    feas = torch.where(pol, ev.g.clamp_min(0), ev.g + out.s)
+    comp = torch.where(pol, out.z * ev.g, out.s * out.z)
+    res = _residuals(ev, out.y, ev.gL, torch.cat([ev.h, feas], 1), comp).amax(0)
+    ok = torch.isfinite(res) & (res <= tol)
+    out.residual = torch.where(out.converged, res, out.residual)
+    return ok
+
+
+def _select(problem: Problem, idx: Tensor) -> Problem:
+    """The problem of the samples ``idx`` (inputs without the batch dimension are shared)."""
+    return Problem(problem.node, [x[idx] if x.dim() and x.shape[0] == problem.batch else x
+                                  for x in problem.xs],
+                   torch.Size((idx.numel(),)) + problem.out_shape[1:])
+
+
+def _residuals(ev: _Eval, y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor) -> Tensor:
     """The three relative residuals ``(3, b)`` of the stopping test: stationarity, feasibility,
     complementarity (see the module docstring)."""
-    m = y.shape[1]
-    scale_p = 1 + _amax(ev.J[:, m:].abs().flatten(1)) * y.abs().amax(-1)
+    scale_p = 1 + _amax(ev.A.abs().flatten(1)) * y.abs().amax(-1)
     return torch.stack([rd.abs().amax(-1) / (1 + ev.gf.abs().amax(-1)),
                         _amax(feas.abs()) / scale_p, _amax(comp.abs()) / (1 + ev.f.abs())])
 
 
-def _escape(problem: Problem, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tensor,
+def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tensor,
             candidates: Tensor, p: int) -> tuple[Tensor, Tensor, Tensor]:
     """Leave KKT points that are not local minima (maxima, saddles) along negative curvature.
 
@@ -211,11 +294,9 @@ def _escape(problem: Problem, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Te
     """
     idx = candidates.nonzero().flatten()
     moved = torch.zeros_like(candidates)
-    if idx.numel() == 0:
-        return moved, y, s
     m = y.shape[1]
-    J = ev.J[idx].double()
-    Ah, Ag = J[:, m:m + p], J[:, m + p:]
+    A = ev.A[idx].double()
+    Ah, Ag = A[:, :p], A[:, p:]
     W = ev.W[idx].double()
     M = W + Ag.transpose(-1, -2) @ ((z[idx] / s[idx]).double().unsqueeze(-1) * Ag)
     if p:
@@ -241,8 +322,7 @@ def _escape(problem: Problem, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Te
     d = (Z @ V[..., :1])[..., 0]
     d = torch.where(((ev.gf[idx].double() * d).sum(-1) > 0).unsqueeze(-1), -d, d)
     ds = -(Ag @ d.unsqueeze(-1))[..., 0]
-    sub = Problem(problem.node, [x[idx] for x in problem.xs],
-                  torch.Size((idx.numel(),)) + problem.out_shape[1:])
+    sub = model.select(idx)
     correct = _soc(Ah) if p else (lambda h: 0.0)
     yi, si, nui = y[idx], s[idx], nu[idx]
     d, ds = d.to(y.dtype), ds.to(y.dtype)
@@ -255,7 +335,7 @@ def _escape(problem: Problem, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Te
         for _ in range(21):
             tt = torch.minimum(t, frac * (1 + yi.abs().amax(-1)))
             y_t = yi + tt[:, None] * d
-            y_t = y_t + correct(sub.eq(y_t)) if p else y_t
+            y_t = y_t + correct(sub.values(y_t)[1]) if p else y_t
             s_t = si + tt[:, None] * ds
             ok = ~found & (_merit(sub, y_t, s_t, torch.zeros_like(nui), nui) < phi0)
             y_new = torch.where(ok.unsqueeze(-1), y_t, y_new)
@@ -270,13 +350,12 @@ def _escape(problem: Problem, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Te
     return moved, y, s
 
 
-def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor) -> IPMResult:
+def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor,
+             exploit_structure: bool) -> IPMResult:
     """:func:`interior_point` on the samples ``keep``, the others NaN and not converged."""
     idx = keep.nonzero().flatten()
-    sub = Problem(problem.node, [x[idx] if x.dim() and x.shape[0] == problem.batch else x
-                                 for x in problem.xs],
-                  torch.Size((idx.numel(),)) + problem.out_shape[1:])
-    part = interior_point(sub, y0[idx], options)
+    part = interior_point(_select(problem, idx), y0[idx], options,
+                          exploit_structure=exploit_structure)
 
     def spread(t: Tensor, fill) -> Tensor:
         out = torch.full((problem.batch, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
@@ -288,36 +367,61 @@ def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor) -> IP
                      spread(part.iterations, 0), spread(part.residual, float("nan")))
 
 
-def _polish(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples: Tensor,
+def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples: Tensor,
             tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One Newton step on the KKT system with the active inequalities (``z > s``) held as
+    """Newton steps on the KKT system with a guess of the active inequalities held as
     equalities, for ``samples (b,)``.
 
-    The interior point approaches the active constraints at ``g ≈ −s``, ``s ≈ μ/z``; this step
-    puts them at ``g = 0`` (exact for a QP). Returns the mask of samples where it gives a KKT point
-    (stopping test passed with ``s = 0``: inactive constraints satisfied, active multipliers
-    non-negative, stationarity), the new ``y``, ``λ``, ``μ`` and the residual there.
+    The interior point approaches the active constraints at ``g ≈ −s``, ``s ≈ μ/z``; a step with
+    the rows ``z > s`` active puts them at ``g = 0`` (exact for a QP). Where that is no KKT point,
+    the guess is corrected once as in a primal–dual active-set method (rows with a negative
+    multiplier leave it, violated rows join it) and the step is taken again from the same point.
+    Returns the mask of samples where a step gives a KKT point (stopping test passed with ``s =
+    0``: inactive constraints satisfied, active multipliers non-negative, stationarity), the new
+    ``y``, ``λ``, ``μ`` and the residual there (the input state and ``inf`` elsewhere).
     """
-    p, m = lam.shape[1], y.shape[1]
-    active = z > s
+    ok = torch.zeros_like(samples)
+    y_out, lam_out, mu_out = y.clone(), lam.clone(), z.clone()
+    res_out = torch.full_like(y[:, 0], float("inf"))
+    idx = samples.nonzero().flatten()
+    sub = model.select(idx) if idx.numel() < samples.numel() else model
+    y, lam, z, active = y[idx], lam[idx], z[idx], (z > s)[idx]
+    for attempt in range(_POLISH_TRIES):
+        good, y_new, lam_new, mu_new, res, g = _active_step(sub, y, lam, z, active, tol)
+        where = idx[good]
+        y_out[where], lam_out[where], mu_out[where] = y_new[good], lam_new[good], mu_new[good]
+        res_out[where], ok[where] = res[good], True
+        guess = (active & (mu_new > 0)) | (g > 0)
+        again = (~good & (guess != active).any(-1)).nonzero().flatten()
+        if attempt + 1 == _POLISH_TRIES or again.numel() == 0:
+            break
+        idx, sub = idx[again], sub.select(again)
+        y, lam, z, active = y[again], lam[again], z[again], guess[again]
+    return ok, y_out, lam_out, mu_out, res_out
+
+
+def _active_step(model: _Model, y: Tensor, lam: Tensor, z: Tensor, active: Tensor, tol: float
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One Newton step of :func:`_polish` with the rows ``active (b, q)`` held as equalities:
+    whether it passed, the new ``y``, ``λ``, ``μ``, the residual and ``g`` there."""
+    p = lam.shape[1]
     mu = torch.where(active, z, torch.zeros_like(z))
-    ev = _evaluate(problem, y, lam, mu, p)
-    ev = _Eval(*(t.double() for t in (ev.f, ev.h, ev.g, ev.gL, ev.gf, ev.W, ev.J)))
+    ev = model.evaluate(y, lam, mu).double()
     act = torch.cat([torch.ones_like(lam, dtype=torch.bool), active], 1)
-    A = ev.J[:, m:] * act.unsqueeze(-1).double()
+    A = ev.A * act.unsqueeze(-1).double()
     c = torch.cat([ev.h, ev.g], 1) * act.double()
     K = _Condensed(ev.W, A, inactive=~act)
     dy, dnu = K.solve(ev.gL, c)
-    y_new = torch.where(samples.unsqueeze(-1), y + dy.to(y.dtype), y)
+    y_new = y + dy.to(y.dtype)
     nu_new = (torch.cat([lam, mu], 1).double() + dnu).to(y.dtype) * act
     lam_new, mu_new = nu_new[:, :p], nu_new[:, p:]
-    ev_new = _evaluate(problem, y_new, lam_new, mu_new, p, second_order=False)
+    ev_new = model.evaluate(y_new, lam_new, mu_new, second_order=False)
     g = ev_new.g
     res = _residuals(ev_new, y_new, ev_new.gL, torch.cat([ev_new.h, g.clamp_min(0)], 1),
                      mu_new * g).amax(0)
-    ok = (samples & torch.isfinite(res) & (res <= tol) & (mu_new >= 0).all(-1)
+    ok = (torch.isfinite(res) & (res <= tol) & (mu_new >= 0).all(-1)
           & torch.isfinite(y_new).all(-1))
-    return ok, y_new, lam_new, mu_new, res
+    return ok, y_new, lam_new, mu_new, res, g
 
 
 @dataclass
@@ -327,34 +431,173 @@ class _Eval:
     g: Tensor    # (b, q)
     gL: Tensor   # (b, m)   ∇_y L
     gf: Tensor   # (b, m)   ∇_y f
-    W: Tensor    # (b, m, m)
-    J: Tensor    # (b, m + p + q, m): rows m.. are [J_h; J_g]
+    W: Tensor    # (b, m, m) ∇²_yy L, or (b, 0, m) for a first-order evaluation
+    A: Tensor    # (b, p + q, m): [J_h; J_g]
+
+    def double(self) -> _Eval:
+        return _Eval(*(t.double() for t in (self.f, self.h, self.g, self.gL, self.gf, self.W,
+                                             self.A)))
 
 
-def _evaluate(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, p: int,
-              second_order: bool = True) -> _Eval:
-    """Values, ``∇L``, ``∇f``, the constraint Jacobians and (with ``second_order``) the Hessian
-    of the Lagrangian at ``y``; without it ``W`` is empty and ``J`` holds zeros in its first
-    ``m`` rows (one backward pass over the ``p + q`` constraint rows only)."""
-    m = y.shape[1]
-    with torch.enable_grad():
-        yv = y.detach().requires_grad_()
-        f, h, g = problem.objective(yv), problem.eq(yv), problem.ineq(yv)
-        total = f.sum() + (h * lam).sum() + (g * z).sum()
-        gL = grad(total, [yv], create_graph=second_order, retain_graph=True)[0]
-        rows = torch.cat([gL, h, g], 1) if second_order else torch.cat([h, g], 1)
-        J = batched_jacobian(rows, yv).detach()
-    if second_order:
-        W = J[:, :m]
-        W = 0.5 * (W + W.transpose(-1, -2))
-    else:
-        W = J.new_zeros(J.shape[0], 0, m)
-        J = torch.cat([J.new_zeros(J.shape[0], m, m), J], 1)
-    A = J[:, m:]
-    multipliers = torch.cat([lam, z], 1).unsqueeze(-1)
-    gL = gL.detach()
-    gf = gL - (A.transpose(-1, -2) @ multipliers).squeeze(-1)
-    return _Eval(f.detach(), h.detach(), g.detach(), gL, gf, W, J)
+class _Model:
+    """The problem's values and derivatives at any ``y (b, m)``: by autodiff of the user's
+    functions, except for the parts found quadratic (objective) or affine / quadratic
+    (constraints) at ``y₀``, which come from their exact expansion about ``y₀`` (module
+    docstring). ``y0=None``: everything by autodiff, nothing evaluated up front."""
+
+    def __init__(self, problem: Problem, y0: Tensor | None):
+        self.problem, self.y0 = problem, y0
+        self.quad: tuple[Tensor, Tensor, Tensor] | None = None  # f(y₀), ∇f(y₀), ∇²f
+        self.lin: tuple[Tensor, Tensor, Tensor | None] | None = None  # c(y₀), J(y₀), ∇²c_k
+        self.p = 0
+        self.convex = torch.zeros(problem.batch, dtype=torch.bool,
+                                  device=None if y0 is None else y0.device)
+        if y0 is not None:
+            self._detect(y0)
+
+    @property
+    def expanded(self) -> bool:
+        return self.quad is not None or self.lin is not None
+
+    def _detect(self, y0: Tensor) -> None:
+        problem = self.problem
+        b, m = y0.shape
+        with torch.enable_grad():
+            yv = y0.detach().requires_grad_()
+            f, h, g = problem.objective(yv), problem.eq(yv), problem.ineq(yv)
+            c = torch.cat([h, g], 1)
+            k = c.shape[1]
+            gf = grad(f.sum(), [yv], create_graph=True)[0]
+            # apart: in one pass over [∇f; c] the rows of ∇²f would reach y through c's graph
+            H = batched_jacobian(gf, yv, create_graph=True)
+            J = batched_jacobian(c, yv, create_graph=True)
+            if not _depends(H, yv):
+                self.quad = (f.detach(), gf.detach(), _sym(H.detach()))
+            C, constant = None, not _depends(J, yv)
+            if not constant and b * k * m * m <= _MAX_CACHED:
+                C = batched_jacobian(J.reshape(b, k * m), yv, create_graph=True)
+                constant = not _depends(C, yv)
+                C = _sym(C.detach().reshape(b, k, m, m))
+            if constant:
+                self.lin = (c.detach(), J.detach(), C)
+        self.p = h.shape[1]
+        if self.quad is not None and self.lin is not None and C is None:
+            # no maximum or saddle to escape: ∇²f ⪰ −√eps (1 + max |H_ii|), the escape's threshold
+            H = self.quad[2].double()
+            t = torch.finfo(y0.dtype).eps ** 0.5 * (1 + H.diagonal(dim1=-2, dim2=-1).abs().amax(-1))
+            eye = torch.eye(m, dtype=H.dtype, device=H.device)
+            self.convex = torch.linalg.cholesky_ex(H + t[:, None, None] * eye).info == 0
+
+    def select(self, idx: Tensor) -> _Model:
+        """The model of the samples ``idx``."""
+        sub = _Model(_select(self.problem, idx), None)
+        sub.p, sub.convex = self.p, self.convex[idx]
+        if self.y0 is not None:
+            sub.y0 = self.y0[idx]
+        if self.quad is not None:
+            sub.quad = tuple(t[idx] for t in self.quad)
+        if self.lin is not None:
+            sub.lin = tuple(None if t is None else t[idx] for t in self.lin)
+        return sub
+
+    def _quadratic(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``f`` and ``∇f`` from the expansion."""
+        f0, g0, H = self.quad
+        d = y - self.y0
+        Hd = (H @ d.unsqueeze(-1))[..., 0]
+        return f0 + (d * (g0 + 0.5 * Hd)).sum(-1), g0 + Hd
+
+    def _constraints(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``c = [h; g]``, ``J`` and ``(∇²c_k)`` (None: affine) from the expansion."""
+        c0, J0, C = self.lin
+        d = y - self.y0
+        if C is None:
+            return c0 + (J0 @ d.unsqueeze(-1))[..., 0], J0, None
+        Cd = torch.einsum("bkij,bj->bki", C, d)
+        return c0 + ((J0 + 0.5 * Cd) @ d.unsqueeze(-1))[..., 0], J0 + Cd, C
+
+    def values(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``f (b,)``, ``h (b, p)``, ``g (b, q)`` at ``y``, without derivatives."""
+        problem = self.problem
+        with torch.no_grad():
+            f = problem.objective(y) if self.quad is None else self._quadratic(y)[0]
+            if self.lin is None:
+                return f, problem.eq(y), problem.ineq(y)
+            c = self._constraints(y)[0]
+        return f, c[:, :self.p], c[:, self.p:]
+
+    def evaluate(self, y: Tensor, lam: Tensor, z: Tensor, second_order: bool = True) -> _Eval:
+        """Values, ``∇L``, ``∇f``, the constraint Jacobians and (with ``second_order``) the
+        Hessian of the Lagrangian at ``y``. The parts evaluated by autodiff take one gradient
+        (with its graph for ``second_order``) and one vectorised backward pass over the rows
+        ``[∇_y(f + wᵀc); c]`` that need it; without ``second_order`` ``W`` is ``(b, 0, m)``."""
+        problem = self.problem
+        b, m = y.shape
+        w = torch.cat([lam, z], 1)
+        auto_f, auto_c = self.quad is None, self.lin is None
+        W = y.new_zeros(b, 0, m) if not second_order else None
+        if auto_f or auto_c:
+            with torch.enable_grad():
+                yv = y.detach().requires_grad_()
+                rows = []
+                if auto_f:
+                    fv = problem.objective(yv)
+                    f = fv.detach()
+                if auto_c:
+                    h, g = problem.eq(yv), problem.ineq(yv)
+                if auto_f or second_order:  # then the sum is not empty
+                    total = ((fv.sum() if auto_f else 0)
+                             + ((h * lam).sum() + (g * z).sum() if auto_c else 0))
+                    gT = grad(total, [yv], create_graph=second_order, retain_graph=True)[0]
+                    if second_order:
+                        rows.append(gT)
+                    gT = gT.detach()
+                if auto_c:
+                    rows += [h, g]
+                    h, g = h.detach(), g.detach()
+                R = batched_jacobian(torch.cat(rows, 1), yv).detach() if rows else None
+            if second_order:
+                W = _sym(R[:, :m])
+            if auto_c:
+                A = R[:, m if second_order else 0:]
+        if not auto_f:
+            f, gf = self._quadratic(y)
+            if second_order:
+                W = self.quad[2] if W is None else W + self.quad[2]
+        if not auto_c:
+            c, A, C = self._constraints(y)
+            h, g = c[:, :self.p], c[:, self.p:]
+            if second_order and C is not None:
+                W = W + torch.einsum("bk,bkij->bij", w, C)
+        Atw = (A.transpose(-1, -2) @ w.unsqueeze(-1))[..., 0]
+        if auto_f and auto_c:
+            gL, gf = gT, gT - Atw
+        else:
+            gf = gT if auto_f else gf
+            gL = gf + Atw
+        return _Eval(f, h, g, gL, gf, W, A)
+
+
+def _depends(t: Tensor, y: Tensor) -> bool:
+    """Whether autograd's graph of ``t`` reaches the leaf ``y``, except through a power with
+    exponent 0 (derivative identically zero; torch differentiates ``u²`` as ``2u¹`` and ``u¹`` as
+    ``u⁰``, so every Hessian of a square holds one)."""
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if getattr(fn, "variable", None) is y:
+            return True
+        if type(fn).__name__ == "PowBackward0" and fn._saved_exponent == 0:
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+def _sym(M: Tensor) -> Tensor:
+    return 0.5 * (M + M.transpose(-1, -2))
 
 
 class _Condensed:
@@ -373,38 +616,40 @@ class _Condensed:
         diag = M.diagonal(dim1=-2, dim2=-1).abs()
         self.r = diag.clamp_min(1.0).rsqrt()  # T⁻¹
         Ms = self.r.unsqueeze(-1) * M * self.r.unsqueeze(-2)
-        Ahs = Ah * self.r.unsqueeze(-2)
-        AtA = Ahs.transpose(-1, -2) @ Ahs
-        rho_unit = 1 / (1 + _amax(AtA.diagonal(dim1=-2, dim2=-1)))
-        self.rho = M.new_zeros(b)
-        self.L = torch.zeros_like(M)
-        todo = torch.ones(b, dtype=torch.bool, device=M.device)
         # shifts tried in turn: none; the augmentation; then δ = 2 max(−ω_min, 0) + 10 eps (ω_min
         # the smallest eigenvalue of the augmented scaled matrix) and ten times that, repeatedly
-        rho_last = 1.0 if Ah.shape[1] else 0.0
-        ladder = ([(0.0, None)] + ([(1.0, None)] if Ah.shape[1] else [])
-                  + [(rho_last, 10.0**k) for k in range(17)])
-        omega = None
-        for rho_k, factor in ladder:
-            idx = todo.nonzero().flatten()
-            rho = rho_unit[idx] * rho_k
-            Mk = Ms[idx] + rho[:, None, None] * AtA[idx]
-            if factor is None:
-                delta = Mk.new_full((idx.numel(),), 10 * eps)
-            else:
-                if omega is None:
-                    omega = torch.full_like(rho_unit, 1.0)
-                    omega[idx] = _smallest_eigenvalue(Mk)
-                delta = factor * (2 * (-omega[idx]).clamp_min(0) + 10 * eps)
-            Mk = Mk + delta[:, None, None] * eye
-            L, info = torch.linalg.cholesky_ex(Mk)
-            ok = info == 0
-            self.L[idx[ok]], self.rho[idx[ok]] = L[ok], rho[ok]
-            todo[idx[ok]] = False
-            if not todo.any():
-                break
-        # samples where nothing factorised (non-finite M) keep L = I: their step is discarded
-        self.L[todo] = eye
+        self.L, info = torch.linalg.cholesky_ex(Ms + 10 * eps * eye)
+        self.rho = M.new_zeros(b)
+        todo = info != 0
+        if todo.any():
+            self.L = self.L.clone()
+            Ahs = Ah * self.r.unsqueeze(-2)
+            AtA = Ahs.transpose(-1, -2) @ Ahs
+            rho_unit = 1 / (1 + _amax(AtA.diagonal(dim1=-2, dim2=-1)))
+            rho_last = 1.0 if Ah.shape[1] else 0.0
+            ladder = (([(1.0, None)] if Ah.shape[1] else [])
+                      + [(rho_last, 10.0**k) for k in range(17)])
+            omega = None
+            for rho_k, factor in ladder:
+                idx = todo.nonzero().flatten()
+                rho = rho_unit[idx] * rho_k
+                Mk = Ms[idx] + rho[:, None, None] * AtA[idx]
+                if factor is None:
+                    delta = Mk.new_full((idx.numel(),), 10 * eps)
+                else:
+                    if omega is None:
+                        omega = torch.full_like(rho_unit, 1.0)
+                        omega[idx] = _smallest_eigenvalue(Mk)
+                    delta = factor * (2 * (-omega[idx]).clamp_min(0) + 10 * eps)
+                Mk = Mk + delta[:, None, None] * eye
+                L, info = torch.linalg.cholesky_ex(Mk)
+                ok = info == 0
+                self.L[idx[ok]], self.rho[idx[ok]] = L[ok], rho[ok]
+                todo[idx[ok]] = False
+                if not todo.any():
+                    break
+            # samples where nothing factorised (non-finite M) keep L = I: their step is discarded
+            self.L[todo] = eye
         self.Ah = Ah
         if Ah.shape[1]:
             self.MiAt = self._solve_m(Ah.transpose(-1, -2))
@@ -474,15 +719,15 @@ def _max_step(v: Tensor, dv: Tensor, tau: float) -> Tensor:
     return ratio.amin(-1).clamp(max=1.0) if v.shape[-1] else v.new_ones(v.shape[0])
 
 
-def _step(problem: Problem, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: int, q: int):
+def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: int, q: int):
     """One predictor–corrector iteration with line search; frozen where not ``running``."""
     m, dtype = y.shape[1], y.dtype
     y_in, s_in, z_in, lam_in, f = y, s, z, lam, ev.f
     # the Newton direction is computed in float64 whatever the input's precision: the barrier
     # term J_gᵀDJ_g makes the condensed matrix ill-conditioned near the solution
     y, s, z, lam, nu, rd, re, ri = (t.double() for t in (y, s, z, lam, nu, rd, re, ri))
-    ev = _Eval(*(t.double() for t in (ev.f, ev.h, ev.g, ev.gL, ev.gf, ev.W, ev.J)))
-    Ah, Ag = ev.J[:, m:m + p], ev.J[:, m + p:]
+    ev = ev.double()
+    Ah, Ag = ev.A[:, :p], ev.A[:, p:]
     M = ev.W + Ag.transpose(-1, -2) @ ((z / s).unsqueeze(-1) * Ag)
     finite = torch.isfinite(M).all((-2, -1))
     M = torch.where(finite[:, None, None], M, torch.eye(m, dtype=M.dtype, device=M.device))
@@ -504,9 +749,9 @@ def _step(problem: Problem, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p:
     # ℓ1 barrier merit: ν ≥ 1.1 ‖(λ⁺, z⁺)‖∞ and large enough for descent (N&W eq. 18.36)
     c1 = re.abs().sum(-1) + ri.abs().sum(-1)
     slope_f = (ev.gf * dy).sum(-1) - (target.unsqueeze(-1) * ds / s).sum(-1)
-    curvature = torch.einsum("bi,bij,bj->b", dy, M, dy).clamp_min(0)
+    curvature = (dy * (M @ dy.unsqueeze(-1))[..., 0]).sum(-1).clamp_min(0)
     # a violation at rounding level (linear constraints once met) must not inflate ν
-    rounding = 64 * torch.finfo(dtype).eps * (c1.new_ones(()) + _amax(ev.J[:, m:].abs().flatten(1))
+    rounding = 64 * torch.finfo(dtype).eps * (c1.new_ones(()) + _amax(ev.A.abs().flatten(1))
                                               * y.abs().amax(-1)) * max(p + q, 1)
     needed = torch.where(c1 > rounding, (slope_f + 0.5 * curvature) / (0.5 * c1).clamp_min(
         torch.finfo(y.dtype).tiny), torch.zeros_like(c1))
@@ -518,7 +763,7 @@ def _step(problem: Problem, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p:
     dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope = (
         t.to(dtype) for t in (dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope))
     y, s, z, lam = y_in, s_in, z_in, lam_in
-    y_new, t = _line_search(problem, f, y, s, dy, ds, a_p, target, nu, c1, slope, running,
+    y_new, t = _line_search(model, f, y, s, dy, ds, a_p, target, nu, c1, slope, running,
                             correct)
     keep = running.unsqueeze(-1)
     y = torch.where(keep, y_new, y)
@@ -528,8 +773,8 @@ def _step(problem: Problem, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p:
     return y, s, z, lam, nu
 
 
-def _merit(problem: Problem, y: Tensor, s: Tensor, target: Tensor, nu: Tensor) -> Tensor:
-    f, h, g = problem.objective(y), problem.eq(y), problem.ineq(y)
+def _merit(model: _Model, y: Tensor, s: Tensor, target: Tensor, nu: Tensor) -> Tensor:
+    f, h, g = model.values(y)
     c1 = h.abs().sum(-1) + (g + s).abs().sum(-1)
     phi = f - target * s.log().sum(-1) + nu * c1
     return torch.where(torch.isfinite(phi), phi, torch.full_like(phi, float("inf")))
@@ -551,7 +796,7 @@ def _soc(Ah: Tensor):
     return correct
 
 
-def _line_search(problem, f, y, s, dy, ds, a_max, target, nu, c1, slope, running, correct
+def _line_search(model, f, y, s, dy, ds, a_max, target, nu, c1, slope, running, correct
                  ) -> tuple[Tensor, Tensor]:
     """Per-sample Armijo search on the merit: the full step ``a_max``, then (with equality
     constraints) its second-order correction, then ``a_max 2^-k``. Returns the new ``y`` and the
@@ -570,13 +815,13 @@ def _line_search(problem, f, y, s, dy, ds, a_max, target, nu, c1, slope, running
         t = a_max.clone()
         y_full = y + t[:, None] * dy
         s_full = s + t[:, None] * ds
-        phi = _merit(problem, y_full, s_full, target, nu)
+        phi = _merit(model, y_full, s_full, target, nu)
         full_finite = torch.isfinite(phi)
         accepted = running & passes(phi, t)
         y_new = y_full
         if correct is not None and bool((running & ~accepted).any()):
-            y_soc = y_full + correct(problem.eq(y_full))
-            ok = running & ~accepted & passes(_merit(problem, y_soc, s_full, target, nu), t)
+            y_soc = y_full + correct(model.values(y_full)[1])
+            ok = running & ~accepted & passes(_merit(model, y_soc, s_full, target, nu), t)
             y_new = torch.where(ok.unsqueeze(-1), y_soc, y_new)
             accepted |= ok
         searching = running & ~accepted
@@ -587,7 +832,7 @@ def _line_search(problem, f, y, s, dy, ds, a_max, target, nu, c1, slope, running
                 break
             t = torch.where(searching, 0.5 * t, t)
             y_t = y + t[:, None] * dy
-            phi = _merit(problem, y_t, s + t[:, None] * ds, target, nu)
+            phi = _merit(model, y_t, s + t[:, None] * ds, target, nu)
             ok = searching & passes(phi, t)
             y_new = torch.where(ok.unsqueeze(-1), y_t, y_new)
             accepted |= ok

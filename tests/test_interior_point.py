@@ -175,12 +175,13 @@ def test_equality_and_inequality_qp_matches_scipy():
 
 
 def test_non_convergence_is_reported_with_samples_and_residual():
-    x = torch.randn(4, 6, dtype=F64)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10), dtype=F64)
+    y0 = 100 * x  # far and infeasible: no sample can end within one iteration
     with pytest.warns(NonConvergenceWarning, match=r"samples \[0, 1, 2, 3\].*residual"):
-        result = _run(Simplex(), x, options=Options(max_iter=2))
+        result = _run(Simplex(), x, y0, options=Options(max_iter=1))
     assert not bool(result.converged.any())
     with pytest.raises(NonConvergenceError, match="interior point did not converge"):
-        _run(Simplex(), x, options=Options(max_iter=2, strict=True))
+        _run(Simplex(), x, y0, options=Options(max_iter=1, strict=True))
 
 
 class LogBarrier(DeclarativeNode):
