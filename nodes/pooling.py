@@ -106,8 +106,8 @@ class RobustPooling(DeclarativeNode):
         on_block = None
         if any(wanted):
             ctx = self._allocate(x, *wanted)
-            on_block = lambda rows, xb, yb: self._fill(ctx, rows, xb, yb, c[rows], alpha[rows],  # noqa: E731
-                                                       fused)
+            on_block = lambda rows, xb, yb, work: self._fill(  # noqa: E731
+                ctx, rows, xb, yb, c[rows], alpha[rows], fused, work)
         y = solve_rows(self.penalty, x, c, alpha, settings, on_block)
         return y, ctx
 
@@ -123,9 +123,10 @@ class RobustPooling(DeclarativeNode):
         return ctx
 
     def _fill(self, ctx: dict, rows: slice, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor,
-              fused: bool = False) -> None:
+              fused: bool = False, work: tuple[Tensor, Tensor] | None = None) -> None:
         """Backward quantities of ``rows``: ``w = φ″(y − x)``, ``H = Σ w``, ``Σ w z``, ``Σ ∂φ′/∂α``
-        (``fused``: compiled, :mod:`~ddnlib.nodes.pooling_fused`)."""
+        (``fused``: compiled, :mod:`~ddnlib.nodes.pooling_fused`; ``work``: a scratch buffer
+        like ``x`` for ``z``)."""
         c, alpha = c[:, None], alpha[:, None]
         fill = fused_fill(self.penalty) if fused and "alpha_term" not in ctx else None
         if fill is not None:
@@ -139,7 +140,7 @@ class RobustPooling(DeclarativeNode):
                 if "moment" in ctx:
                     ctx["moment"][rows] = moment
                 return
-        z = y[:, None] - x
+        z = y[:, None] - x if work is None else torch.sub(y[:, None], x, out=work[0])
         # κ φ″ (only ratios are used), written straight into the stored weights
         w = self.penalty.scaled_curvature(z, c, alpha, ctx["weights"][rows] if "weights" in ctx
                                           else None)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .penalties import Penalty
 
-__all__ = ["fused_fill", "fused_iteration", "mark_failed", "want_fused"]
+__all__ = ["decide", "evaluate", "fused_fill", "fused_iteration", "mark_failed", "want_fused"]
 
 _LARGE = 1 << 24  # entries of an input from which the automatic choice counts a call
 _CALLS_BEFORE = 3  # large calls seen before the automatic choice compiles
@@ -52,22 +52,53 @@ def want_fused(fused: bool | None, penalty: Penalty, convex: bool, entries: int)
     return seen > _CALLS_BEFORE
 
 
-def _iteration(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, u: Tensor, g: Tensor,
-               h: Tensor, lo: Tensor, hi: Tensor, done: Tensor, tol: float, scale: Tensor):
-    """One iteration of :func:`~.pooling_solvers._newton` as a pure function of its state."""
-    step_tol = tol * (u.abs() + scale)
+def decide(u: Tensor, g: Tensor, h: Tensor, lo: Tensor, hi: Tensor, active: Tensor,
+           tol_scale: Tensor, tol: float, lipschitz: Tensor | None = None
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """The first half of a safeguarded Newton iteration on ``g = Σ κφ′`` (``h = Σ κφ″``) for the
+    rows ``active``. A row is converged, taking the Newton step ``s = −g/h`` if it stays inside
+    the bracket ``[lo, hi]``, when ``|s|`` (or the bracket) is at most ``tol_u = tol_scale +
+    tol·|u|``, or when ``h`` is Lipschitz with constant ``L = lipschitz`` (per row) and
+    ``L s² ≤ tol_u h``, ``4 L |s| ≤ h``: then ``|g(u + s)| ≤ L s²/2`` (Taylor) and ``h ≥ h/2``
+    within ``2|s|`` of ``u``, so the root is within ``L s²/h ≤ tol_u`` of ``u + s`` (a pass saved
+    at quadratic convergence). Returns ``(u, active, trial)``: the next point to evaluate, the
+    Newton point or, outside the bracket, the bracket's midpoint (``u`` itself for the rows
+    that are done)."""
     newton = u - g / h
-    inside = (newton > lo) & (newton < hi)
-    converged = ~done & ((g == 0) | ((newton - u).abs() <= step_tol) | (hi - lo <= step_tol))
-    u = torch.where(converged & inside & (g != 0), newton, u)
-    done = done | converged
-    trial = torch.where(inside, newton, 0.5 * (lo + hi))
-    g_t, h_t = penalty.fused_sums(trial[:, None] - x, c, alpha)
-    lo = torch.where(~done & (g_t <= 0), trial, lo)
-    hi = torch.where(~done & (g_t >= 0), trial, hi)
-    accept = ~done & (g_t.abs() < g.abs())
+    inside = (newton > lo) & (newton < hi)  # False for NaN (h = 0)
+    tol_u = torch.add(tol_scale, u.abs(), alpha=tol)
+    step = (newton - u).abs()
+    small = (g == 0) | (step <= tol_u) | (hi - lo <= tol_u)
+    if lipschitz is not None:
+        bound = lipschitz * step
+        small = small | (inside & (bound * step <= tol_u * h) & (4 * bound <= h))
+    converged = active & small
+    u = torch.where(converged & inside, newton, u)
+    active = active & ~converged
+    trial = torch.where(active, torch.where(inside, newton, 0.5 * (lo + hi)), u)
+    return u, active, trial
+
+
+def evaluate(u: Tensor, g: Tensor, h: Tensor, lo: Tensor, hi: Tensor, trial: Tensor, g_t: Tensor,
+             h_t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The second half, given ``g_t, h_t`` at ``trial``: the bracket shrinks to the side of the
+    root, and the trial replaces ``u`` if it lowers ``|g|`` (a row that is done has
+    ``trial = u``: nothing changes)."""
+    lo = torch.where(g_t <= 0, trial, lo)
+    hi = torch.where(g_t >= 0, trial, hi)
+    accept = g_t.abs() < g.abs()
     return (torch.where(accept, trial, u), torch.where(accept, g_t, g),
-            torch.where(accept, h_t, h), lo, hi, done)
+            torch.where(accept, h_t, h), lo, hi)
+
+
+def _iteration(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, u: Tensor, g: Tensor,
+               h: Tensor, lo: Tensor, hi: Tensor, active: Tensor, trial: Tensor,
+               tol_scale: Tensor, tol: float, lipschitz: Tensor | None):
+    """:func:`evaluate` at ``trial`` then :func:`decide`, as one compiled graph."""
+    g_t, h_t = penalty.fused_sums(trial[:, None] - x, c, alpha)
+    u, g, h, lo, hi = evaluate(u, g, h, lo, hi, trial, g_t, h_t)
+    u, active, trial = decide(u, g, h, lo, hi, active, tol_scale, tol, lipschitz)
+    return u, g, h, lo, hi, active, trial
 
 
 def _fill(penalty: Penalty, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor):
@@ -95,9 +126,7 @@ def fused_iteration(penalty: Penalty) -> Callable | None:
         fn = _compiled.get(penalty.name)
         if fn is None and penalty.name not in _failed:
             fn = _compiled[penalty.name] = torch.compile(
-                lambda x, c, alpha, u, g, h, lo, hi, done, scale, tol: _iteration(
-                    penalty, x, c, alpha, u, g, h, lo, hi, done, tol, scale),
-                dynamic=True)
+                lambda *state: _iteration(penalty, *state), dynamic=True)
     return fn
 
 

@@ -40,6 +40,7 @@ reports rows that did not (:class:`~ddnlib.NonConvergenceWarning`).
 from __future__ import annotations
 
 from collections.abc import Callable
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -49,12 +50,14 @@ from torch import Tensor
 from ddnlib.errors import NonConvergenceWarning, report
 
 from .penalties import Penalty
-from .pooling_fused import fused_iteration, mark_failed
+from .pooling_fused import decide, evaluate, fused_iteration, mark_failed
 from .pooling_global import histogram_search
 
 __all__ = ["SolverSettings", "solve_rows"]
 
 _BLOCK = 1 << 16  # entries per block of rows (256 KiB in float32)
+_ONE_BLOCK = 1 << 19  # inputs up to this many entries are solved as one block
+_POOLED = 4  # workspaces kept for reuse (per dtype)
 _GLOBAL_BLOCK = 1 << 18  # the histogram search is overhead-bound at 2**16 (4x the ops)
 _FUSED_BLOCK = 1 << 20  # compiled passes are compute-bound: big blocks amortise each call
 _REFINED = 3  # local searches of the multi-start strategy
@@ -73,11 +76,11 @@ class SolverSettings:
 
 
 def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
-               on_block: Callable[[slice, Tensor, Tensor], None] | None = None) -> Tensor:
+               on_block: Callable[[slice, Tensor, Tensor, tuple], None] | None = None) -> Tensor:
     """``y (r,)`` minimising ``Σ_i φ(y_r − x_ri; c_r, α_r)`` for ``x (r, n)``, ``c, α (r,)``.
 
-    ``on_block(rows, x_block, y_block)`` is called after each block is solved, while the block is
-    still in cache. Rows that did not converge are reported.
+    ``on_block(rows, x_block, y_block, work)`` is called after each block is solved, while the
+    block is still in cache; ``work`` is two scratch buffers shaped like ``x_block``. Rows that did not converge are reported.
     """
     rows, n = x.shape
     if penalty.closed_form == "mean":
@@ -92,7 +95,12 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
         block_solver = _multistart
     y = x.new_empty(rows)
     failed = torch.zeros(rows, dtype=torch.bool, device=x.device)
+    # one pass for the finite check and the start of the convex solvers (the row means)
+    total = x.sum(1)
+    mean = total / n
     block = {_global: _GLOBAL_BLOCK, _newton_fused: _FUSED_BLOCK}.get(block_solver, _BLOCK)
+    if rows * n <= _ONE_BLOCK:
+        block = rows * n  # per-block overhead would dominate: one block
     step = max(1, block // max(n, 1))
     starts = list(range(0, rows, step))
     workers = max(1, min(torch.get_num_threads(), len(starts)))
@@ -102,16 +110,16 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run(share: list[int]) -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode):
-            work = (x.new_empty(min(rows, step) * n), x.new_empty(min(rows, step) * n))
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode), \
+                _workspace(x, min(rows, step) * n) as work:
             for start in share:
                 sl = slice(start, start + step)
                 xb = x[sl]
                 views = tuple(w[:xb.numel()].view(xb.shape) for w in work)
                 y[sl], failed[sl] = block_solver(penalty, xb, c[sl, None], alpha[sl, None],
-                                                 settings, views)
+                                                 settings, views, mean[sl])
                 if on_block is not None:
-                    on_block(sl, xb, y[sl])
+                    on_block(sl, xb, y[sl], views)
 
     shares = [starts[i::workers] for i in range(workers)]
     if workers == 1 or x.device.type != "cpu" or block_solver is _newton_fused:
@@ -120,7 +128,7 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
         with ThreadPoolExecutor(workers) as pool:
             for future in [pool.submit(run, share) for share in shares]:
                 future.result()
-    _check_finite(x, y)
+    _check_finite(x, y, total)
     bad = int(failed.sum())
     if bad:
         idx = failed.nonzero().flatten()[:8].tolist()
@@ -132,16 +140,49 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
 
 
 def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
-          work: tuple[Tensor, Tensor]):
-    return x.mean(1), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+          work: tuple[Tensor, Tensor], mean: Tensor):
+    return mean, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
 
-def _check_finite(x: Tensor, y: Tensor) -> None:
+class _workspace:
+    """Two scratch buffers of ``numel`` entries like ``x``, taken from a process-wide pool on the
+    CPU and given back on exit: a fresh buffer of a few MiB costs its page faults on every call
+    (more than the arithmetic of a small input), a reused one does not."""
+
+    _free: dict[torch.dtype, list[tuple[Tensor, Tensor]]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, x: Tensor, numel: int):
+        self.dtype, self.numel, self.device = x.dtype, numel, x.device
+        self.pooled = x.device.type == "cpu" and numel <= _ONE_BLOCK
+
+    def __enter__(self) -> tuple[Tensor, Tensor]:
+        self.work = None
+        if self.pooled:
+            with self._lock:
+                free = self._free.setdefault(self.dtype, [])
+                self.work = free.pop() if free else None
+        if self.work is None or self.work[0].numel() < self.numel:
+            with torch.inference_mode(False):  # an inference tensor could not be reused outside
+                size = max(self.numel, self.work[0].numel() if self.work else 0)
+                self.work = tuple(torch.empty(size, dtype=self.dtype, device=self.device)
+                                  for _ in range(2))
+        return self.work
+
+    def __exit__(self, *exc) -> None:
+        if self.pooled:
+            with self._lock:
+                free = self._free[self.dtype]
+                if len(free) < _POOLED:
+                    free.append(self.work)
+
+
+def _check_finite(x: Tensor, y: Tensor, total: Tensor) -> None:
     """A row with a non-finite entry of ``x`` (whatever its ``y``: the multi-start solvers can
-    return a finite one), or whose ``y`` overflowed (the mean of huge values), is rejected."""
+    return a finite one), or whose ``y`` overflowed (the mean of huge values), is rejected;
+    ``total`` is ``x.sum(1)``, finite unless an entry is not (or the sum overflows)."""
     bad = ~torch.isfinite(y)
-    total = x.sum(1)  # finite unless an entry is not (or the sum overflows): then look closer
-    if not bool(torch.isfinite(total).all()):
+    if not bool(torch.isfinite(total).all()):  # look closer
         bad = bad | ~torch.isfinite(x).all(1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
@@ -149,10 +190,11 @@ def _check_finite(x: Tensor, y: Tensor) -> None:
                          "result: expected finite values")
 
 
-def _median_start(x: Tensor) -> Tensor:
-    n = x.shape[1]
-    stride = max(1, n // 16)  # torch.median costs µs per row: 16 samples, about one more step
-    return x[:, ::stride].median(1).values
+def _start(mean: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """The row mean (from the finite check's sums: free), or the midpoint where it overflowed;
+    as good a start as the median of a sample on normal data with or without outliers, and
+    ``torch.median`` costs more than a Newton step."""
+    return torch.where(torch.isfinite(mean), mean, 0.5 * lo + 0.5 * hi).clamp_(lo, hi)
 
 
 def _scale(lo: Tensor, hi: Tensor, c: Tensor) -> Tensor:
@@ -160,13 +202,13 @@ def _scale(lo: Tensor, hi: Tensor, c: Tensor) -> Tensor:
 
 
 def _newton(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
-            work: tuple[Tensor, Tensor]):
+            work: tuple[Tensor, Tensor], mean: Tensor):
     lo, hi = x.amin(1), x.amax(1)
-    scale = _scale(lo, hi, c)
     z, scratch = work
-
-    # the fast sums may square z / c: only when no |z / c| reaches 1e18 (else overflow)
-    fast = bool(((hi - lo) < 1e18 * c.squeeze(1)).all())
+    cs = c.squeeze(1)
+    # the fast sums may square z / c and multiply by 1 / c: only when no |z / c| reaches 1e18
+    # (else overflow) and c is normal (1 / c finite)
+    fast = bool(((hi - lo < 1e18 * cs) & (cs >= torch.finfo(x.dtype).tiny)).all())
 
     def sums(u: Tensor) -> tuple[Tensor, Tensor]:
         zu = torch.sub(u[:, None], x, out=z)
@@ -175,52 +217,61 @@ def _newton(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: Sol
         d1, d2 = penalty.scaled_derivatives(zu, c, alpha)
         return d1.sum(-1), d2.sum(-1)
 
-    u = _median_start(x)
+    lip = _lipschitz(penalty, x, cs) if fast else None
+    u, g, h, lo, hi, active, trial, tol_scale = _prelude(sums, mean, lo, hi, cs, settings.tol,
+                                                         lip)
+    for _ in range(settings.max_iter):
+        if not bool(active.any()):
+            break
+        u, g, h, lo, hi = evaluate(u, g, h, lo, hi, trial, *sums(trial))
+        u, active, trial = decide(u, g, h, lo, hi, active, tol_scale, settings.tol, lip)
+    return u, active
+
+
+def _lipschitz(penalty: Penalty, x: Tensor, c: Tensor) -> Tensor | None:
+    """Per row, a Lipschitz constant of ``Σ κφ″`` in ``u`` (``n λ / c``), or ``None``."""
+    lam = penalty.curvature_lipschitz
+    return None if lam == float("inf") else (x.shape[1] * lam) / c
+
+
+def _prelude(sums, mean: Tensor, lo: Tensor, hi: Tensor, c: Tensor, tol: float,
+             lipschitz: Tensor | None):
+    """The Newton state at the start: ``g, h`` there, the bracket, the first decision."""
+    tol_scale = tol * torch.minimum(c, hi - lo)
+    u = _start(mean, lo, hi)
     g, h = sums(u)
     lo, hi = torch.where(g <= 0, u, lo), torch.where(g >= 0, u, hi)
-    done = torch.zeros_like(u, dtype=torch.bool)
-    for _ in range(settings.max_iter):
-        tol = settings.tol * (u.abs() + scale)
-        newton = u - g / h
-        inside = (newton > lo) & (newton < hi)  # False for NaN (h = 0)
-        converged = ~done & ((g == 0) | ((newton - u).abs() <= tol) | (hi - lo <= tol))
-        u = torch.where(converged & inside & (g != 0), newton, u)
-        done = done | converged
-        if bool(done.all()):
-            break
-        trial = torch.where(inside, newton, 0.5 * (lo + hi))
-        g_t, h_t = sums(trial)
-        lo = torch.where(~done & (g_t <= 0), trial, lo)
-        hi = torch.where(~done & (g_t >= 0), trial, hi)
-        accept = ~done & (g_t.abs() < g.abs())
-        u = torch.where(accept, trial, u)
-        g = torch.where(accept, g_t, g)
-        h = torch.where(accept, h_t, h)
-    return u, ~done
+    active = torch.ones_like(u, dtype=torch.bool)
+    u, active, trial = decide(u, g, h, lo, hi, active, tol_scale, tol, lipschitz)
+    return u, g, h, lo, hi, active, trial, tol_scale
 
 
 def _newton_fused(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
-                  settings: SolverSettings, work: tuple[Tensor, Tensor]):
+                  settings: SolverSettings, work: tuple[Tensor, Tensor], mean: Tensor):
     """:func:`_newton` with its iteration compiled (:mod:`~.pooling_fused`)."""
     iteration = fused_iteration(penalty)
     lo, hi = x.amin(1), x.amax(1)
-    if iteration is None or not bool(((hi - lo) < 1e18 * c.squeeze(1)).all()):
-        return _newton(penalty, x, c, alpha, settings, work)  # (the fused sums square z / c)
-    scale = _scale(lo, hi, c)
-    u = _median_start(x)
-    g, h = penalty.newton_sums(torch.sub(u[:, None], x, out=work[0]), c, alpha, work[1])
-    lo, hi = torch.where(g <= 0, u, lo), torch.where(g >= 0, u, hi)
-    done = torch.zeros_like(u, dtype=torch.bool)
+    cs = c.squeeze(1)
+    if iteration is None or not bool(((hi - lo < 1e18 * cs)
+                                      & (cs >= torch.finfo(x.dtype).tiny)).all()):
+        return _newton(penalty, x, c, alpha, settings, work, mean)  # (the fused sums square z / c)
+
+    def sums(u: Tensor) -> tuple[Tensor, Tensor]:
+        return penalty.newton_sums(torch.sub(u[:, None], x, out=work[0]), c, alpha, work[1])
+
+    lip = _lipschitz(penalty, x, cs)
+    state = _prelude(sums, mean, lo, hi, cs, settings.tol, lip)
+    u, g, h, lo, hi, active, trial, tol_scale = state
     try:
         for _ in range(settings.max_iter):
-            u, g, h, lo, hi, done = iteration(x, c, alpha, u, g, h, lo, hi, done, scale,
-                                              settings.tol)
-            if bool(done.all()):
+            if not bool(active.any()):
                 break
+            u, g, h, lo, hi, active, trial = iteration(x, c, alpha, u, g, h, lo, hi, active,
+                                                       trial, tol_scale, settings.tol, lip)
     except Exception as error:  # a compiler missing or failing: eager from here on
         mark_failed(penalty, error)
-        return _newton(penalty, x, c, alpha, settings, work)
-    return u, ~done
+        return _newton(penalty, x, c, alpha, settings, work, mean)
+    return u, active
 
 
 def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
@@ -247,19 +298,20 @@ def _candidates(x: Tensor, starts: int) -> Tensor:
 
 
 def _global(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
-            work: tuple[Tensor, Tensor]):
+            work: tuple[Tensor, Tensor], mean: Tensor):
     """Branch and bound on histograms (:func:`~.pooling_global.histogram_search`); the rows it
     does not settle go to :func:`_multistart`."""
     y, resolved = histogram_search(penalty, x, c, alpha, settings.tol, settings.max_iter)
     failed = torch.zeros_like(resolved)
     if not bool(resolved.all()):
         rows = (~resolved).nonzero().flatten()
-        y[rows], failed[rows] = _multistart(penalty, x[rows], c[rows], alpha[rows], settings, work)
+        y[rows], failed[rows] = _multistart(penalty, x[rows], c[rows], alpha[rows], settings,
+                                            work, mean[rows])
     return y, failed
 
 
 def _multistart(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
-                work: tuple[Tensor, Tensor]):
+                work: tuple[Tensor, Tensor], mean: Tensor):
     dtype = x.dtype  # objective comparisons in float64: float32 sums are too coarse to rank
     x, c, alpha = x.double(), c.double(), alpha.double()
     r, n = x.shape
@@ -324,7 +376,7 @@ def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: 
 
 
 def _truncated_quadratic(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
-                         settings: SolverSettings, work: tuple[Tensor, Tensor]):
+                         settings: SolverSettings, work: tuple[Tensor, Tensor], mean: Tensor):
     r, n = x.shape
     xs = x.sort(1).values
     ref = xs[:, n // 2: n // 2 + 1]
