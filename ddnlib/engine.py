@@ -65,7 +65,11 @@ def _kkt_system(node, xs: Sequence[Tensor], y: Tensor, ctx) -> tuple:
     kkt = problem.kkt(y, solution, options)
     if options.check_optimality:
         kkt.report_rank(options.strict, DEGENERACY * options.tol("optimality_tol", y.dtype))
-    op = kkt.operator(options.damping)
+    # the forward Newton's factor of H at its last iterate (one sub-tolerance step from y)
+    factor = solution.hessian_cholesky
+    reuse = (factor is not None and not kkt.constrained and not options.damping
+             and factor.shape == (problem.batch, problem.m, problem.m))
+    op = kkt.operator(options.damping, factor=factor.to(y.dtype) if reuse else None)
     return problem, kkt, op, chosen(options.solver, op)
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .contract import check_vjp_result
-from .solution import as_solution
+from .solution import Solution, as_solution
 from torch._C import _functorch
 from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
 
@@ -101,7 +101,14 @@ def _at(node, spec: _Spec, state: Sequence[Tensor], fn, *args, substitute=None, 
 
 
 def _solve(node, *xs):
-    return node.initial_guess(*xs) if xs[0].shape[0] == 0 else node.solve(*xs)
+    from .node import DeclarativeNode
+    from .solvers import default_solution
+
+    if xs[0].shape[0] == 0:
+        return node.initial_guess(*xs)
+    if type(node).solve is DeclarativeNode.solve:  # the default: with what it hands the backward
+        return default_solution(node, xs)
+    return node.solve(*xs)
 
 
 def _node_vjp(node, *xs, y, v, ctx):
@@ -155,7 +162,8 @@ class _Declarative(torch.autograd.Function):
                              f"batch dimension of size {xs[0].shape[0]}")
         if not y.is_floating_point():
             raise TypeError(f"{name}.solve returned dtype {y.dtype}: expected a floating dtype")
-        holder.ctx = solution.detach() if len(solution) else None
+        holder.ctx = (solution.detach() if len(solution) or solution.hessian_cholesky is not None
+                      else None)
         y = y.detach()
         if any(_shares_memory(y, x) for x in xs):
             y = y.clone()
@@ -335,6 +343,8 @@ def _rows(solve_ctx, keep: Tensor, b: int):
     """The per-sample entries (tensors with leading size ``b``) of ``solve_ctx`` at rows ``keep``."""
     if solve_ctx is None or bool(keep.all()):
         return solve_ctx
+    if isinstance(solve_ctx, Solution):
+        return solve_ctx.rows(keep)
     return {k: v[keep] if isinstance(v, Tensor) and v.dim() and v.shape[0] == b else v
             for k, v in solve_ctx.items()}
 

@@ -205,8 +205,7 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
     may_escape = ~model.convex
     for it in range(options.max_iter + 1):
         ev = model.evaluate(y, lam, z)
-        finite = (torch.isfinite(ev.gL).all(-1) & torch.isfinite(ev.A).all((-2, -1))
-                  & torch.isfinite(ev.f))
+        finite = _finite(ev.gL) & _finite(ev.A) & torch.isfinite(ev.f)
         rd, re, ri = ev.gL, ev.h, ev.g + s
         parts = _residuals(ev, y, rd, torch.cat([re, ri], 1), s * z)
         res = parts.amax(0)
@@ -618,10 +617,13 @@ class _Condensed:
         Ms = self.r.unsqueeze(-1) * M * self.r.unsqueeze(-2)
         # shifts tried in turn: none; the augmentation; then δ = 2 max(−ω_min, 0) + 10 eps (ω_min
         # the smallest eigenvalue of the augmented scaled matrix) and ten times that, repeatedly
-        self.L, info = torch.linalg.cholesky_ex(Ms + 10 * eps * eye)
+        shifted = Ms.clone()
+        shifted.diagonal(dim1=-2, dim2=-1).add_(10 * eps)
+        self.L, info = torch.linalg.cholesky_ex(shifted)
         self.rho = M.new_zeros(b)
         todo = info != 0
-        if todo.any():
+        self.augmented = bool(todo.any())  # some ρ > 0
+        if self.augmented:
             self.L = self.L.clone()
             Ahs = Ah * self.r.unsqueeze(-2)
             AtA = Ahs.transpose(-1, -2) @ Ahs
@@ -655,13 +657,13 @@ class _Condensed:
             self.MiAt = self._solve_m(Ah.transpose(-1, -2))
             S = Ah @ self.MiAt
             S = 0.5 * (S + S.transpose(-1, -2))
+            diag = S.diagonal(dim1=-2, dim2=-1)
             if inactive is not None:  # rows of Ah that are zero: W = 0 there
-                S = S + torch.diag_embed(inactive.to(S.dtype))
-            s_scale = 1 + S.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
-            S = S + (10 * eps * s_scale)[:, None, None] * torch.eye(
-                S.shape[-1], dtype=S.dtype, device=S.device)
+                diag += inactive.to(S.dtype)
+            diag += (10 * eps * (1 + diag.abs().amax(-1))).unsqueeze(-1)
             self.Ls, info = torch.linalg.cholesky_ex(S)
             self.S, self.s_singular = S, info != 0
+            self.any_singular = bool(self.s_singular.any())
 
     def _solve_m(self, B: Tensor) -> Tensor:
         """``(M + ρ J_hᵀJ_h + shifts)⁻¹ B`` for ``B (b, m, k)``."""
@@ -670,7 +672,7 @@ class _Condensed:
 
     def solve(self, rt: Tensor, re: Tensor) -> tuple[Tensor, Tensor]:
         """``(dy, dλ)`` with ``M dy + J_hᵀ dλ = −rt``, ``J_h dy = −re``; ``rt (b, m)``, ``re (b, p)``."""
-        if self.Ah.shape[1]:
+        if self.Ah.shape[1] and self.augmented:
             # (M + ρ J_hᵀJ_h) dy + J_hᵀ dλ = −rt − ρ J_hᵀ re is the same system (J_h dy = −re)
             rt = rt + self.rho.unsqueeze(-1) * (self.Ah.transpose(-1, -2) @ re.unsqueeze(-1))[..., 0]
         Mir = self._solve_m(rt.unsqueeze(-1))
@@ -678,8 +680,8 @@ class _Condensed:
             return -Mir[..., 0], re.new_zeros(re.shape)
         rhs = re.unsqueeze(-1) - self.Ah @ Mir
         dlam = torch.cholesky_solve(rhs, self.Ls)
-        bad = self.s_singular
-        if bad.any():
+        if self.any_singular:
+            bad = self.s_singular
             dlam = dlam.clone()
             S, r = self.S[bad], rhs[bad]
             finite = torch.isfinite(S).all((-2, -1)) & torch.isfinite(r).all((-2, -1))
@@ -692,6 +694,11 @@ class _Condensed:
         return dy[..., 0], dlam[..., 0]
 
 
+def _finite(t: Tensor) -> Tensor:
+    """Whether each sample of ``t (b, ...)`` is finite (a max reduction: NaN propagates)."""
+    return torch.isfinite(_amax(t.abs().flatten(1)))
+
+
 def _amax(t: Tensor) -> Tensor:
     """Row maximum of ``t (b, k)``, 0 for ``k = 0``."""
     return t.amax(-1) if t.shape[-1] else t.new_zeros(t.shape[0])
@@ -701,22 +708,23 @@ def _driver(t: Tensor) -> str | None:
     return "gelsd" if t.device.type == "cpu" else None
 
 
-def _direction(K: _Condensed, Ag: Tensor, s: Tensor, z: Tensor, rd: Tensor, re: Tensor,
-               ri: Tensor, rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dy, ds, dz, dλ)`` of the Newton system with complementarity residual ``rc (b, q)``."""
-    D = z / s
-    rt = rd + (Ag.transpose(-1, -2) @ (D * ri - rc / s).unsqueeze(-1))[..., 0]
+def _direction(K: _Condensed, Ag: Tensor, s: Tensor, z: Tensor, D: Tensor, rd: Tensor,
+               re: Tensor, ri: Tensor, rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dy, ds, dz, dλ)`` of the Newton system with complementarity residual ``rc (b, q)``
+    (``D = z / s``)."""
+    rcs = rc / s
+    rt = rd + (Ag.transpose(-1, -2) @ (D * ri - rcs).unsqueeze(-1))[..., 0]
     dy, dlam = K.solve(rt, re)
-    dz = D * ((Ag @ dy.unsqueeze(-1))[..., 0] + ri) - rc / s
+    dz = D * ((Ag @ dy.unsqueeze(-1))[..., 0] + ri) - rcs
     ds = -(rc + s * dz) / z
     return dy, ds, dz, dlam
 
 
 def _max_step(v: Tensor, dv: Tensor, tau: float) -> Tensor:
     """Largest ``α ∈ (0, 1]`` with ``v + α dv ≥ (1 − τ) v`` per sample."""
-    ratio = torch.where(dv < 0, -tau * v / dv.where(dv < 0, -torch.ones_like(dv)),
-                        torch.ones_like(v))
-    return ratio.amin(-1).clamp(max=1.0) if v.shape[-1] else v.new_ones(v.shape[0])
+    if not v.shape[-1]:
+        return v.new_ones(v.shape[0])
+    return (tau * torch.where(dv < 0, v / -dv, torch.inf).amin(-1)).clamp(max=1.0)
 
 
 def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: int, q: int):
@@ -725,26 +733,27 @@ def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: in
     y_in, s_in, z_in, lam_in, f = y, s, z, lam, ev.f
     # the Newton direction is computed in float64 whatever the input's precision: the barrier
     # term J_gᵀDJ_g makes the condensed matrix ill-conditioned near the solution
-    y, s, z, lam, nu, rd, re, ri = (t.double() for t in (y, s, z, lam, nu, rd, re, ri))
-    ev = ev.double()
+    if dtype != torch.float64:
+        y, s, z, lam, nu, rd, re, ri = (t.double() for t in (y, s, z, lam, nu, rd, re, ri))
+        ev = ev.double()
     Ah, Ag = ev.A[:, :p], ev.A[:, p:]
-    M = ev.W + Ag.transpose(-1, -2) @ ((z / s).unsqueeze(-1) * Ag)
-    finite = torch.isfinite(M).all((-2, -1))
-    M = torch.where(finite[:, None, None], M, torch.eye(m, dtype=M.dtype, device=M.device))
+    D = z / s
+    M = ev.W + Ag.transpose(-1, -2) @ (D.unsqueeze(-1) * Ag)
+    M = torch.where(_finite(M)[:, None, None], M, torch.eye(m, dtype=M.dtype, device=M.device))
     K = _Condensed(M, Ah)
     if q:
         mu = (s * z).mean(-1)
-        dy, ds, dz, dlam = _direction(K, Ag, s, z, rd, re, ri, s * z)
+        dy, ds, dz, dlam = _direction(K, Ag, s, z, D, rd, re, ri, s * z)
         a_p, a_d = _max_step(s, ds, 1.0), _max_step(z, dz, 1.0)
         mu_aff = ((s + a_p[:, None] * ds) * (z + a_d[:, None] * dz)).mean(-1)
         sigma = (mu_aff / mu.clamp_min(torch.finfo(mu.dtype).tiny)).clamp(0, 1) ** 3
         target = sigma * mu
         rc = s * z + ds * dz - target.unsqueeze(-1)
-        dy, ds, dz, dlam = _direction(K, Ag, s, z, rd, re, ri, rc)
+        dy, ds, dz, dlam = _direction(K, Ag, s, z, D, rd, re, ri, rc)
         a_p, a_d = _max_step(s, ds, _TAU), _max_step(z, dz, _TAU)
     else:
         target = y.new_zeros(y.shape[0])
-        dy, ds, dz, dlam = _direction(K, Ag, s, z, rd, re, ri, s * z)
+        dy, ds, dz, dlam = _direction(K, Ag, s, z, D, rd, re, ri, s * z)
         a_p = a_d = y.new_ones(y.shape[0])
     # ℓ1 barrier merit: ν ≥ 1.1 ‖(λ⁺, z⁺)‖∞ and large enough for descent (N&W eq. 18.36)
     c1 = re.abs().sum(-1) + ri.abs().sum(-1)
@@ -759,9 +768,10 @@ def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: in
     # ν is chosen afresh each iteration (a wild first multiplier estimate must not stay in it)
     nu = torch.maximum(1.1 * new_mult, needed)
     slope = slope_f - nu * c1
-    correct = _soc(Ah) if p else None
-    dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope = (
-        t.to(dtype) for t in (dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope))
+    correct = (lambda: _soc(Ah)) if p else None
+    if dtype != torch.float64:
+        dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope = (
+            t.to(dtype) for t in (dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope))
     y, s, z, lam = y_in, s_in, z_in, lam_in
     y_new, t = _line_search(model, f, y, s, dy, ds, a_p, target, nu, c1, slope, running,
                             correct)
@@ -799,7 +809,7 @@ def _soc(Ah: Tensor):
 def _line_search(model, f, y, s, dy, ds, a_max, target, nu, c1, slope, running, correct
                  ) -> tuple[Tensor, Tensor]:
     """Per-sample Armijo search on the merit: the full step ``a_max``, then (with equality
-    constraints) its second-order correction, then ``a_max 2^-k``. Returns the new ``y`` and the
+    constraints; ``correct()`` builds it) its second-order correction, then ``a_max 2^-k``. Returns the new ``y`` and the
     step length ``t`` taken for ``s`` and ``λ``. Where no step passes, the longest trial step at
     which the problem is finite is taken (non-monotone: the merit shortens steps, it never stalls
     a sample); ``t = 0`` where no finite trial point was found."""
@@ -820,7 +830,7 @@ def _line_search(model, f, y, s, dy, ds, a_max, target, nu, c1, slope, running, 
         accepted = running & passes(phi, t)
         y_new = y_full
         if correct is not None and bool((running & ~accepted).any()):
-            y_soc = y_full + correct(model.values(y_full)[1])
+            y_soc = y_full + correct()(model.values(y_full)[1])
             ok = running & ~accepted & passes(_merit(model, y_soc, s_full, target, nu), t)
             y_new = torch.where(ok.unsqueeze(-1), y_soc, y_new)
             accepted |= ok

@@ -208,12 +208,14 @@ class KKTPoint:
             self._null = NullSpace(self.A, self.active)
         return self._null
 
-    def operator(self, damping: float = 0.0, convexify: bool = False) -> KKTOperator:
-        """The KKT matrix ``[H + γI, Aᵀ; A, 0]`` (active rows) for a linear solver."""
-        op = KKTOperator(self.hvp, self.y.shape[1], self.A if self.constrained else None,
-                         self.active if self.constrained else None, self.hessian, damping,
-                         convexify, null_space=self.null_space if self.constrained else None)
-        return op
+    def operator(self, damping: float = 0.0, convexify: bool = False,
+                 factor: Tensor | None = None) -> KKTOperator:
+        """The KKT matrix ``[H + γI, Aᵀ; A, 0]`` (active rows) for a linear solver, with a
+        Cholesky ``factor`` of ``H + γI`` already at hand if given (see :class:`KKTOperator`)."""
+        return KKTOperator(self.hvp, self.y.shape[1], self.A if self.constrained else None,
+                           self.active if self.constrained else None, self.hessian, damping,
+                           convexify, null_space=self.null_space if self.constrained else None,
+                           factor=factor)
 
     def residual(self) -> tuple[Tensor, Tensor]:
         """Right-hand sides ``(−∇_y L, −c)`` of the Newton/KKT step, detached: ``(b, m), (b, r)``."""

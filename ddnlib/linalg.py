@@ -31,6 +31,7 @@ class SolveInfo:
     not_converged: Tensor | None = None
     residual: Tensor | None = None
     min_eig: Tensor | None = None  # smallest eigenvalue of the (reduced) Hessian where not_pd
+    factor: Tensor | None = None  # Cholesky factor of the matrix solved, where all were trusted
 
 
 def _eye_like(H: Tensor) -> Tensor:
@@ -81,7 +82,8 @@ def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Solve
 
     Cholesky where ``H`` is safely positive definite; minimum-norm least squares (SVD) where the
     factorisation fails (``info.not_pd``) or is weak (near-singular relative to ``max |H|``);
-    ``info.singular`` where ``H`` is rank deficient, i.e. ``X`` is not determined.
+    ``info.singular`` where ``H`` is rank deficient, i.e. ``X`` is not determined. Where every
+    sample factorised, ``info.factor`` is the Cholesky factor of ``H + γI``.
     """
     if damping:
         H = H + damping * _eye_like(H)
@@ -93,6 +95,8 @@ def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Solve
     X = torch.cholesky_solve(B, L)
     singular = torch.zeros_like(not_pd)
     fallback = not_pd | weak
+    if not bool(fallback.any()) and bool(finite.all()):
+        return X, SolveInfo(not_pd=not_pd, singular=singular, factor=L)
     if fallback.any():
         X = X.clone()
         Xf, sing = lstsq(H[fallback], B[fallback])

@@ -48,13 +48,18 @@ class KKTOperator:
         damping: ``γ ≥ 0`` added to ``H``.
         convexify: shift or truncate where the (reduced) Hessian is not positive definite.
         null_space: ``() -> NullSpace`` of the active rows of ``A`` (``None``: computed here).
+        factor: a Cholesky factor ``(b, m, m)`` of ``H + γI`` already at hand (the forward
+            solver's, :attr:`~ddnlib.Solution.hessian_cholesky`): :class:`Dense` solves an
+            unconstrained system with it and never forms ``H``.
     """
 
     def __init__(self, hvp: Callable[[Tensor], Tensor], m: int, A: Tensor | None = None,
                  active: Tensor | None = None, hessian: Callable[[], Tensor] | None = None,
                  damping: float = 0.0, convexify: bool = False,
-                 null_space: Callable[[], NullSpace] | None = None):
+                 null_space: Callable[[], NullSpace] | None = None,
+                 factor: Tensor | None = None):
         self._hvp, self.m, self.damping, self.convexify = hvp, m, float(damping), convexify
+        self.factor = factor
         self.A = A
         self.active = (active if active is not None or A is None
                        else torch.ones(A.shape[:2], dtype=torch.bool, device=A.device))
@@ -120,9 +125,14 @@ class Dense(LinearSolver):
     """Dense per-sample factorisation: Cholesky of ``H`` (or of the Schur complement
     ``A H⁻¹ Aᵀ``) where it is trustworthy; otherwise minimum-norm least squares (no constraints)
     or the null-space method (:func:`~ddnlib.linalg.solve_kkt`). No batched LU (wrong on CPU
-    with more than one thread at size ≳ 150 in torch 2.13)."""
+    with more than one thread at size ≳ 150 in torch 2.13). An operator's ``factor`` is used as
+    it is for an unconstrained system."""
 
     def solve(self, op, By, Bc, rtol=None):
+        if op.factor is not None and not op.constrained:
+            none = torch.zeros(By.shape[0], dtype=torch.bool, device=By.device)
+            return (torch.cholesky_solve(By, op.factor), By.new_zeros(By.shape[0], 0, By.shape[-1]),
+                    SolveInfo(not_pd=none, singular=none, factor=op.factor))
         H = op.hessian()
         U, W, info = _dense(H, op, By, Bc, op.damping)
         if op.convexify and info.not_pd.any():

@@ -44,6 +44,12 @@ class Solution(Mapping):
         extras: further per-call data for a custom ``vjp`` (read as ``ctx[key]``).
         stats: solver statistics (e.g. ``iterations``, ``converged (b,)``, ``residual (b,)``);
             informative only, never read by the engine.
+        hessian_cholesky: the lower Cholesky factor ``(b, m, m)`` of ``∇²_yy f`` that an
+            unconstrained solver formed at its last iterate, within one step below its tolerance
+            of ``y`` (the default Newton solver sets it), or ``None``. The generic backward of an
+            unconstrained problem with a dense linear solver and no damping solves with it
+            instead of forming and factorising the Hessian again; the difference from the
+            Hessian at ``y`` is of the size of that last step.
     """
 
     y: Tensor
@@ -51,6 +57,7 @@ class Solution(Mapping):
     ineq_multipliers: Tensor | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
     stats: Mapping[str, Any] = field(default_factory=dict)
+    hessian_cholesky: Tensor | None = None
 
     # -- the ctx mapping view -------------------------------------------------------------------
     def _entries(self) -> dict[str, Any]:
@@ -74,7 +81,8 @@ class Solution(Mapping):
 
         return replace(self, y=cut(self.y), eq_multipliers=cut(self.eq_multipliers),
                        ineq_multipliers=cut(self.ineq_multipliers),
-                       extras={k: cut(v) for k, v in self.extras.items()})
+                       extras={k: cut(v) for k, v in self.extras.items()},
+                       hessian_cholesky=cut(self.hessian_cholesky))
 
     def rows(self, keep: Tensor) -> "Solution":
         """The samples ``keep`` (a ``(b,)`` mask) of every per-sample tensor."""
@@ -86,7 +94,8 @@ class Solution(Mapping):
 
         return replace(self, y=take(self.y), eq_multipliers=take(self.eq_multipliers),
                        ineq_multipliers=take(self.ineq_multipliers),
-                       extras={k: take(v) for k, v in self.extras.items()})
+                       extras={k: take(v) for k, v in self.extras.items()},
+                       hessian_cholesky=take(self.hessian_cholesky))
 
 
 def as_solution(out: Any, where: str = "solve", extras_read: bool = True) -> Solution:

@@ -50,6 +50,7 @@ from .contract import check_initial_guess, check_start
 from . import interior_point
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
+from .linalg import SolveInfo
 from .linear_solvers import CG, Auto, Dense, chosen
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
@@ -61,10 +62,20 @@ _MAX_BACKTRACKS = 40
 
 
 def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
-    """Solve ``node`` at ``xs`` with the default solver for its kind of problem."""
+    """Solve ``node`` at ``xs`` with the default solver for its kind of problem: ``y`` without
+    constraints, a :class:`~ddnlib.Solution` with the multipliers otherwise."""
+    solution = default_solution(node, xs)
+    constrained = node.has_equality_constraints or node.has_inequality_constraints
+    return solution if constrained else solution.y
+
+
+def default_solution(node, xs: Sequence[Tensor]) -> Solution:
+    """:func:`default_solve` with everything the solver hands the backward pass (the autograd
+    bridge calls this for nodes that keep the default ``solve``): also the Hessian factor of
+    :func:`newton`."""
     y0 = check_initial_guess(node, xs, node.initial_guess(*xs))
     if y0.numel() == 0:  # an empty output per sample: nothing to solve
-        return y0
+        return Solution(y0)
     check_start(node, xs, y0)  # finite objective and constraints at y0 (ddnlib.contract)
     problem = Problem(node, xs, y0.shape)
     options = node.options
@@ -109,13 +120,13 @@ def slsqp_solve(node, *xs: Tensor) -> Solution:
 
 
 def _newton_step(kkt: KKTPoint, options, rhs_y: Tensor, rhs_c: Tensor, rtol: Tensor | None = None,
-                 curvature: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+                 curvature: bool = True) -> tuple[Tensor, Tensor, Tensor | None, SolveInfo]:
     """One convexified Newton/KKT step at ``kkt`` with the node's linear solver.
 
     Solves ``[H Aᵀ; A 0] [d; ν⁺] = [rhs_y; rhs_c]`` (``H`` shifted or CG truncated where the
     reduced Hessian is not positive definite). Returns ``d (b, m)``, ``ν⁺ (b, r)``, the curvature
-    ``dᵀHd (b,)`` of the unshifted ``H`` (``None`` unless ``curvature``) and the mask of samples
-    where it was not positive definite.
+    ``dᵀHd (b,)`` of the unshifted ``H`` (``None`` unless ``curvature``) and the solve's
+    :class:`~ddnlib.linalg.SolveInfo` (``not_pd``: the samples that were shifted or truncated).
     """
     op = kkt.operator(convexify=True)
     solver = chosen(options.solver, op)
@@ -126,15 +137,19 @@ def _newton_step(kkt: KKTPoint, options, rhs_y: Tensor, rhs_c: Tensor, rtol: Ten
         dHd = (d * kkt.hvp(d.unsqueeze(0))[0]).sum(-1)
     elif curvature:
         dHd = torch.einsum("bi,bij,bj->b", d, kkt.hessian(), d)
-    return d, W[..., 0], dHd, info.not_pd
+    return d, W[..., 0], dHd, info
 
 
-def newton(problem: Problem, y0: Tensor, options) -> Tensor:
-    """Batched damped Newton on ``min_y f(x, y)`` from ``y0 (b, *out)``; returns ``y (b, *out)``.
+def newton(problem: Problem, y0: Tensor, options) -> Solution:
+    """Batched damped Newton on ``min_y f(x, y)`` from ``y0 (b, *out)``: a
+    :class:`~ddnlib.Solution` with ``y (b, *out)``.
 
     The direction is the convexified Newton step of the node's linear solver (Levenberg shift
     for dense systems; truncated CG with the forcing term ``min(0.5, √‖∇f‖)``), or ``−∇f`` where
-    that is not a descent direction.
+    that is not a descent direction. When every sample converged and the last iteration's dense
+    Hessians all factorised without a shift, their Cholesky factor comes back as
+    ``hessian_cholesky`` (each at the sample's last iterate, at most the final step — below
+    ``solver_tol`` relative — from ``y``), for the backward pass to reuse.
     """
     b = problem.batch
     tol = options.tol("solver_tol", y0.dtype)
@@ -142,12 +157,14 @@ def newton(problem: Problem, y0: Tensor, options) -> Tensor:
     y = problem.flatten(y0.detach()).clone()
     running = torch.ones(b, dtype=torch.bool, device=y.device)
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
+    factor = None  # the last dense factorisation, kept only when every sample has converged
     for _ in range(options.max_iter):
         kkt = problem.kkt(y, options=options)
         g = kkt.grad_f.detach()
         gnorm = g.norm(dim=-1).clamp_min(torch.finfo(g.dtype).tiny)
         forcing = gnorm.clamp(max=0.25).sqrt().clamp(min=cg_tol).unsqueeze(0)
-        d = _newton_step(kkt, options, -g, g.new_zeros(b, 0), forcing, curvature=False)[0]
+        d, _, _, info = _newton_step(kkt, options, -g, g.new_zeros(b, 0), forcing,
+                                     curvature=False)
         d = d.detach()
         d = torch.where(((d * g).sum(-1) < 0).unsqueeze(-1), d, -g)
         f = kkt.f
@@ -158,6 +175,7 @@ def newton(problem: Problem, y0: Tensor, options) -> Tensor:
         y = torch.where(done.unsqueeze(-1), y + d, y)  # the last (tiny) step is applied too
         running &= ~done
         if not running.any():
+            factor = info.factor
             break
         t = _backtrack(problem, y, f, g, d, running)
         y = torch.where(running.unsqueeze(-1), y + t.unsqueeze(-1) * d, y)
@@ -167,7 +185,8 @@ def newton(problem: Problem, y0: Tensor, options) -> Tensor:
                f"{describe_samples(running)}; worst relative step "
                f"{step[running].max().item():.3g} > tol {tol:g}. Raise Options(max_iter=...) or "
                "supply solve().", options.strict)
-    return problem.unflatten(torch.where(finite.unsqueeze(-1), y, torch.nan))
+    y = problem.unflatten(torch.where(finite.unsqueeze(-1), y, torch.nan))
+    return Solution(y, hessian_cholesky=factor if bool(finite.all()) else None)
 
 
 def _backtrack(problem: Problem, y: Tensor, f: Tensor, g: Tensor, d: Tensor, running: Tensor
@@ -223,7 +242,8 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
         act = active.to(y.dtype)
         kkt = problem.kkt(y, options=options, multipliers=nu, active=active)
         f, gf, c = kkt.f, kkt.grad_f.detach(), kkt.c.detach() * act
-        d, nu_new, curvature, indefinite = _newton_step(kkt, options, -gf, -c)
+        d, nu_new, curvature, info = _newton_step(kkt, options, -gf, -c)
+        indefinite = info.not_pd
         d, nu_new, curvature = d.detach(), nu_new.detach(), curvature.detach()
         if nu is None:
             nu = kkt.nu

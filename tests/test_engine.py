@@ -291,3 +291,52 @@ def test_a_non_finite_sample_does_not_poison_the_others(bad, options):
     torch.testing.assert_close(got[0][[0, 2, 3]], ref[0])
     for g, r in zip(got[1:], ref[1:]):
         torch.testing.assert_close(g, r)
+
+
+# -- the forward Newton's Hessian factor, reused by the backward -------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_newton_hands_its_hessian_factor_to_the_backward(dtype):
+    from ddnlib.problem import Problem
+    from ddnlib.solvers import default_solution
+
+    node = PseudoHuberRegression(options=Options(linear_solver="dense")).to(dtype)
+    x = torch.randn(5, 6, dtype=dtype)
+    solution = default_solution(node, (x,))
+    assert isinstance(node.solve(x), torch.Tensor)  # the public solve still returns y
+    L = solution.hessian_cholesky
+    assert L is not None and L.dtype == dtype and L.shape == (5, 3, 3)
+    with torch.enable_grad():
+        H = Problem(node, (x,), solution.y.shape).kkt(solution.y, None, node.options).hessian()
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(L @ L.transpose(-1, -2), H, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("options", [Options(), Options(damping=1e-3), Options(linear_solver="cg")],
+                         ids=["dense", "damped", "cg"])
+def test_reused_factor_gives_the_gradient_of_the_hessian_at_y(options):
+    torch.manual_seed(0)
+    node = PseudoHuberRegression(options=options)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, 3, dtype=torch.float64)
+    y = node(x)
+    got = torch.autograd.grad(y, [x, *node.parameters()], v)
+    # the engine without the solver's factor: H formed and factorised at y
+    (gx,), gp = ddnlib.implicit_vjp(node, [x], y.detach(), v, None)
+    torch.testing.assert_close(got[0], gx, atol=1e-9, rtol=1e-9)
+    for g, (name, _) in zip(got[1:], node.named_parameters()):
+        torch.testing.assert_close(g, gp[name], atol=1e-9, rtol=1e-9)
+    if not options.damping:  # damping changes the gradient on purpose
+        assert gradcheck_node(PseudoHuberRegression(options=options), x)
+
+
+def test_no_factor_from_an_unconverged_or_non_finite_newton():
+    from ddnlib.solvers import default_solution
+
+    node = PseudoHuberRegression(options=Options(max_iter=1))
+    x = 10 * torch.randn(3, 6, dtype=torch.float64)
+    with pytest.warns(ddnlib.NonConvergenceWarning):
+        assert default_solution(node, (x,)).hessian_cholesky is None
+    x[1, 0] = float("nan")
+    assert default_solution(PseudoHuberRegression(), (x,)).hessian_cholesky is None
