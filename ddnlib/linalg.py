@@ -285,32 +285,35 @@ def cg(
     the smallest eigenvalue. ``matvec`` is applied only to the right-hand sides still running.
     """
     P = project if project is not None else (lambda t: t)
+    dot = torch.linalg.vecdot
     tiny = torch.finfo(rhs.dtype).tiny
     x = torch.zeros_like(rhs, memory_format=torch.contiguous_format)
     r = P(rhs).clone(memory_format=torch.contiguous_format)  # updated in place below
     p = r.clone()
-    rr = (r * r).sum(-1)
-    stop = tol**2 * (rhs * rhs).sum(-1).clamp_min(tiny)
+    rr = dot(r, r)
+    stop = tol**2 * dot(rhs, rhs).clamp_min(tiny)
     running = ~(rr <= stop)  # (k, b); a NaN system runs on and is reported unconverged
     not_pd = torch.zeros_like(running)
     flat = torch.zeros_like(running)
     rayleigh_max = torch.zeros_like(rr)
     rayleigh_min = torch.full_like(rr, float("inf"))
     flat_tol = rhs.shape[-1] * torch.finfo(rhs.dtype).eps  # curvature at the level of rounding
+    k = rhs.shape[0]
     for _ in range(max_iter):
-        live = running.any(-1)  # (k,): right-hand sides with a running system
-        n_live = int(live.sum())
-        if n_live == 0:
-            break
-        if n_live == live.numel():
+        live = running.any(-1) if k > 1 else None  # (k,): right-hand sides still running
+        if live is None or bool(live.all()):
+            if live is None and not bool(running.any()):
+                break
             Mp = P(matvec(p))
+        elif not bool(live.any()):
+            break
         else:
             Mp = torch.zeros_like(p)
             Mp[live] = P(matvec(p[live]))
-        curvature = (p * Mp).sum(-1)
+        curvature = dot(p, Mp)
         # a Rayleigh quotient of the (projected) operator; NaN (ignored by fmax / fmin) where
         # the system has stopped and Mp may not have been formed
-        quotient = (curvature / (p * p).sum(-1).clamp_min(tiny)).masked_fill(~running, torch.nan)
+        quotient = (curvature / dot(p, p).clamp_min(tiny)).masked_fill_(~running, torch.nan)
         rayleigh_max = torch.fmax(rayleigh_max, quotient.abs())
         rayleigh_min = torch.fmin(rayleigh_min, quotient)
         stuck = quotient <= flat_tol * rayleigh_max  # zero or negative curvature, running
@@ -319,15 +322,14 @@ def cg(
             flat |= zero
             not_pd |= stuck & ~zero
             running &= ~stuck
-        alpha = torch.where(running, rr / curvature, 0.0).unsqueeze(-1)
+        alpha = torch.where(running, rr / curvature, 0.0).unsqueeze_(-1)
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, Mp, value=-1.0)
-        rr_new = (r * r).sum(-1)  # unchanged where stopped (α = 0)
-        beta = torch.where(running, rr_new / rr, 0.0).unsqueeze(-1)
-        p = torch.addcmul(r, beta, p)
+        rr_new = dot(r, r)  # unchanged where stopped (α = 0)
+        p = torch.addcmul(r, torch.where(running, rr_new / rr, 0.0).unsqueeze_(-1), p)
         rr = rr_new
         running &= ~(rr <= stop)
-    residual = (rr / (rhs * rhs).sum(-1).clamp_min(tiny)).sqrt()
+    residual = (rr / dot(rhs, rhs).clamp_min(tiny)).sqrt()
     not_pd, flat = not_pd.any(0), flat.any(0)  # per sample, over the k right-hand sides
     return x, SolveInfo(not_pd=not_pd, singular=flat, not_converged=running.any(0) & ~flat,
                         residual=residual.amax(0), min_eig=rayleigh_min.amin(0))
