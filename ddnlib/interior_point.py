@@ -183,7 +183,10 @@ class _Outcome:
 
 
 def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
-    """The interior-point iteration on ``model`` from ``y (b, m)``; nothing reported."""
+    """The interior-point iteration on ``model`` from ``y (b, m)``; nothing reported.
+
+    Once half the samples in work have stopped, the iteration goes on with the others only (the
+    stopped ones are stored), so that stragglers do not cost a full batch per iteration."""
     b = y.shape[0]
     dtype, device = y.dtype, y.device
     f0, h0, g0 = model.values(y)
@@ -203,7 +206,18 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
     escapes = torch.zeros_like(iterations)
     polished = torch.zeros_like(running)
     may_escape = ~model.convex
+    whole, idx, stored = model, None, None  # idx: the samples in work, when not all
     for it in range(options.max_iter + 1):
+        if it and 2 * int(running.sum()) <= running.numel():
+            state = (y, s, z, lam, converged, iterations, residual, polished)
+            if idx is None:
+                idx, stored = torch.arange(b, device=device), [t.clone() for t in state]
+            for full, t in zip(stored, state):
+                full[idx] = t
+            keep = running.nonzero().flatten()
+            idx, model = idx[keep], model.select(keep)
+            y, s, z, lam, converged, iterations, residual, polished, nu, running, escapes, \
+                may_escape = (t[keep] for t in (*state, nu, running, escapes, may_escape))
         ev = model.evaluate(y, lam, z)
         finite = _finite(ev.gL) & _finite(ev.A) & torch.isfinite(ev.f)
         rd, re, ri = ev.gL, ev.h, ev.g + s
@@ -239,9 +253,13 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
         iterations += running.long()
         stepping = running if escaping is None else running & ~escaping
         y, s, z, lam, nu = _step(model, ev, y, s, z, lam, nu, rd, re, ri, stepping, p, q)
+    if idx is not None:
+        for full, t in zip(stored, (y, s, z, lam, converged, iterations, residual, polished)):
+            full[idx] = t
+        y, s, z, lam, converged, iterations, residual, polished = stored
     final = converged & ~polished
     if final.any():
-        ok, y_p, lam_p, mu_p, res_p = _polish(model, y, lam, z, s, final, tol)
+        ok, y_p, lam_p, mu_p, res_p = _polish(whole, y, lam, z, s, final, tol)
         keep = ok.unsqueeze(-1)
         y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam), (mu_p, z)))
         s = torch.where(keep, torch.zeros_like(s), s)
@@ -297,7 +315,7 @@ def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tenso
     A = ev.A[idx].double()
     Ah, Ag = A[:, :p], A[:, p:]
     W = ev.W[idx].double()
-    M = W + Ag.transpose(-1, -2) @ ((z[idx] / s[idx]).double().unsqueeze(-1) * Ag)
+    M = W + _gram(Ag, (z[idx] / s[idx]).double())
     if p:
         _, S, Vh = torch.linalg.svd(Ah, full_matrices=True)
         eps = torch.finfo(S.dtype).eps * max(Ah.shape[-2:])
@@ -320,7 +338,7 @@ def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tenso
     idx, Z, V, Ah, Ag = idx[negative], Z[negative], V[negative], Ah[negative], Ag[negative]
     d = (Z @ V[..., :1])[..., 0]
     d = torch.where(((ev.gf[idx].double() * d).sum(-1) > 0).unsqueeze(-1), -d, d)
-    ds = -(Ag @ d.unsqueeze(-1))[..., 0]
+    ds = -_mv(Ag, d)
     sub = model.select(idx)
     correct = _soc(Ah) if p else (lambda h: 0.0)
     yi, si, nui = y[idx], s[idx], nu[idx]
@@ -471,14 +489,14 @@ class _Model:
             H = batched_jacobian(gf, yv, create_graph=True)
             J = batched_jacobian(c, yv, create_graph=True)
             if not _depends(H, yv):
-                self.quad = (f.detach(), gf.detach(), _sym(H.detach()))
+                self.quad = (f.detach(), gf.detach(), _shared(_sym(H.detach())))
             C, constant = None, not _depends(J, yv)
             if not constant and b * k * m * m <= _MAX_CACHED:
                 C = batched_jacobian(J.reshape(b, k * m), yv, create_graph=True)
                 constant = not _depends(C, yv)
-                C = _sym(C.detach().reshape(b, k, m, m))
+                C = _shared(_sym(C.detach().reshape(b, k, m, m)))
             if constant:
-                self.lin = (c.detach(), J.detach(), C)
+                self.lin = (c.detach(), _shared(J.detach()), C)
         self.p = h.shape[1]
         if self.quad is not None and self.lin is not None and C is None:
             # no maximum or saddle to escape: ∇²f ⪰ −√eps (1 + max |H_ii|), the escape's threshold
@@ -494,16 +512,16 @@ class _Model:
         if self.y0 is not None:
             sub.y0 = self.y0[idx]
         if self.quad is not None:
-            sub.quad = tuple(t[idx] for t in self.quad)
+            sub.quad = tuple(_take(t, idx) for t in self.quad)
         if self.lin is not None:
-            sub.lin = tuple(None if t is None else t[idx] for t in self.lin)
+            sub.lin = tuple(None if t is None else _take(t, idx) for t in self.lin)
         return sub
 
     def _quadratic(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``f`` and ``∇f`` from the expansion."""
         f0, g0, H = self.quad
         d = y - self.y0
-        Hd = (H @ d.unsqueeze(-1))[..., 0]
+        Hd = _mv(H, d)
         return f0 + (d * (g0 + 0.5 * Hd)).sum(-1), g0 + Hd
 
     def _constraints(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -511,9 +529,9 @@ class _Model:
         c0, J0, C = self.lin
         d = y - self.y0
         if C is None:
-            return c0 + (J0 @ d.unsqueeze(-1))[..., 0], J0, None
-        Cd = torch.einsum("bkij,bj->bki", C, d)
-        return c0 + ((J0 + 0.5 * Cd) @ d.unsqueeze(-1))[..., 0], J0 + Cd, C
+            return c0 + _mv(J0, d), J0, None
+        Cd = _mv(C.flatten(1, 2), d).unflatten(1, C.shape[1:3])
+        return c0 + _mv(J0 + 0.5 * Cd, d), J0 + Cd, C
 
     def values(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``f (b,)``, ``h (b, p)``, ``g (b, q)`` at ``y``, without derivatives."""
@@ -568,7 +586,7 @@ class _Model:
             h, g = c[:, :self.p], c[:, self.p:]
             if second_order and C is not None:
                 W = W + torch.einsum("bk,bkij->bij", w, C)
-        Atw = (A.transpose(-1, -2) @ w.unsqueeze(-1))[..., 0]
+        Atw = _mtv(A, w)
         if auto_f and auto_c:
             gL, gf = gT, gT - Atw
         else:
@@ -597,6 +615,19 @@ def _depends(t: Tensor, y: Tensor) -> bool:
 
 def _sym(M: Tensor) -> Tensor:
     return 0.5 * (M + M.transpose(-1, -2))
+
+
+def _shared(t: Tensor) -> Tensor:
+    """``t (b, ...)`` as an expanded view of its first sample where every sample equals it."""
+    first = t[:1].expand_as(t)
+    return first if t.shape[0] > 1 and torch.equal(t, first) else t.contiguous()
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]``, still an expanded view where ``t`` is one."""
+    if t.stride(0) == 0 and t.shape[0]:
+        return t[:1].expand(idx.numel(), *t.shape[1:])
+    return t[idx]
 
 
 class _Condensed:
@@ -674,11 +705,11 @@ class _Condensed:
         """``(dy, dλ)`` with ``M dy + J_hᵀ dλ = −rt``, ``J_h dy = −re``; ``rt (b, m)``, ``re (b, p)``."""
         if self.Ah.shape[1] and self.augmented:
             # (M + ρ J_hᵀJ_h) dy + J_hᵀ dλ = −rt − ρ J_hᵀ re is the same system (J_h dy = −re)
-            rt = rt + self.rho.unsqueeze(-1) * (self.Ah.transpose(-1, -2) @ re.unsqueeze(-1))[..., 0]
+            rt = rt + self.rho.unsqueeze(-1) * _mtv(self.Ah, re)
         Mir = self._solve_m(rt.unsqueeze(-1))
         if not self.Ah.shape[1]:
             return -Mir[..., 0], re.new_zeros(re.shape)
-        rhs = re.unsqueeze(-1) - self.Ah @ Mir
+        rhs = (re - _mv(self.Ah, Mir[..., 0])).unsqueeze(-1)
         dlam = torch.cholesky_solve(rhs, self.Ls)
         if self.any_singular:
             bad = self.s_singular
@@ -690,8 +721,30 @@ class _Condensed:
             r = torch.where(finite[:, None, None], r, torch.zeros_like(r))
             sol = torch.linalg.lstsq(S, r, driver=_driver(rhs)).solution
             dlam[bad] = torch.where(finite[:, None, None], sol, torch.nan)  # a NaN sample stops
-        dy = -Mir - self.MiAt @ dlam
-        return dy[..., 0], dlam[..., 0]
+        dlam = dlam[..., 0]
+        return -Mir[..., 0] - _mv(self.MiAt, dlam), dlam
+
+
+def _mv(A: Tensor, v: Tensor) -> Tensor:
+    """``A v`` per sample, ``A (b, k, m)``, ``v (b, m)`` → ``(b, k)``; one matrix product where
+    ``A`` is the same matrix in every sample (an expanded view, stride 0)."""
+    if A.stride(0) == 0:
+        return v @ A[0].transpose(-1, -2)
+    return (A * v.unsqueeze(-2)).sum(-1)  # no bmm: slow for small matrices on CPU
+
+
+def _mtv(A: Tensor, w: Tensor) -> Tensor:
+    """``Aᵀ w`` per sample, ``A (b, k, m)``, ``w (b, k)`` → ``(b, m)`` (see :func:`_mv`)."""
+    if A.stride(0) == 0:
+        return w @ A[0]
+    return (A * w.unsqueeze(-1)).sum(-2)
+
+
+def _gram(A: Tensor, D: Tensor) -> Tensor:
+    """``Aᵀ diag(D) A`` per sample, ``A (b, k, m)``, ``D (b, k)`` → ``(b, m, m)``."""
+    if A.stride(0) == 0:
+        return (A[0].transpose(-1, -2) * D.unsqueeze(-2)) @ A[0]
+    return A.transpose(-1, -2) @ (D.unsqueeze(-1) * A)
 
 
 def _finite(t: Tensor) -> Tensor:
@@ -713,9 +766,9 @@ def _direction(K: _Condensed, Ag: Tensor, s: Tensor, z: Tensor, D: Tensor, rd: T
     """``(dy, ds, dz, dλ)`` of the Newton system with complementarity residual ``rc (b, q)``
     (``D = z / s``)."""
     rcs = rc / s
-    rt = rd + (Ag.transpose(-1, -2) @ (D * ri - rcs).unsqueeze(-1))[..., 0]
+    rt = rd + _mtv(Ag, D * ri - rcs)
     dy, dlam = K.solve(rt, re)
-    dz = D * ((Ag @ dy.unsqueeze(-1))[..., 0] + ri) - rcs
+    dz = D * (_mv(Ag, dy) + ri) - rcs
     ds = -(rc + s * dz) / z
     return dy, ds, dz, dlam
 
@@ -738,7 +791,7 @@ def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: in
         ev = ev.double()
     Ah, Ag = ev.A[:, :p], ev.A[:, p:]
     D = z / s
-    M = ev.W + Ag.transpose(-1, -2) @ (D.unsqueeze(-1) * Ag)
+    M = ev.W + _gram(Ag, D)
     M = torch.where(_finite(M)[:, None, None], M, torch.eye(m, dtype=M.dtype, device=M.device))
     K = _Condensed(M, Ah)
     if q:
@@ -758,7 +811,7 @@ def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: in
     # ℓ1 barrier merit: ν ≥ 1.1 ‖(λ⁺, z⁺)‖∞ and large enough for descent (N&W eq. 18.36)
     c1 = re.abs().sum(-1) + ri.abs().sum(-1)
     slope_f = (ev.gf * dy).sum(-1) - (target.unsqueeze(-1) * ds / s).sum(-1)
-    curvature = (dy * (M @ dy.unsqueeze(-1))[..., 0]).sum(-1).clamp_min(0)
+    curvature = (dy * _mv(M, dy)).sum(-1).clamp_min(0)
     # a violation at rounding level (linear constraints once met) must not inflate ν
     rounding = 64 * torch.finfo(dtype).eps * (c1.new_ones(()) + _amax(ev.A.abs().flatten(1))
                                               * y.abs().amax(-1)) * max(p + q, 1)
@@ -801,7 +854,7 @@ def _soc(Ah: Tensor):
 
     def correct(h: Tensor) -> Tensor:
         w = torch.cholesky_solve(h.double().unsqueeze(-1), L)
-        return -(Ah.transpose(-1, -2) @ w)[..., 0].to(h.dtype)
+        return -_mtv(Ah, w[..., 0]).to(h.dtype)
 
     return correct
 
