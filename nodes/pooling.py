@@ -13,7 +13,8 @@ Backward (closed form, :meth:`RobustPooling.vjp`): at a minimiser ``Σ_i φ′(y
     ∂y/∂x_i = w_i / H,    ∂y/∂c = Σ_i w_i (y − x_i) / (c H),    ∂y/∂α = −Σ_i ∂φ′/∂α / H.
 
 The forward pass stores ``w`` (one tensor like ``x``) and the per-row sums while each block of
-rows is in cache, so the backward is one multiply. Where ``H ≤ 0`` (a flat or degenerate
+rows is in cache, so the backward is one multiply; the fused path stores only the sums, and its
+backward recomputes ``w`` in one compiled pass. Where ``H ≤ 0`` (a flat or degenerate
 minimum, e.g. Huber with no point within ``c`` of ``y``) the gradient of that row is set to zero
 and a :class:`~ddnlib.SingularSystemWarning` is reported (``Options(damping=γ)`` uses ``H + γ``).
 Huber and the truncated quadratic are not differentiable when some ``|y − x_i| = c``; the
@@ -35,7 +36,7 @@ from ddnlib.errors import SingularSystemWarning, report
 from ddnlib.pickling import Picklable
 
 from .penalties import PENALTIES, Penalty, get_penalty
-from .pooling_fused import fused_fill, mark_failed, want_fused
+from .pooling_fused import compiled, mark_failed, want_fused
 from .pooling_solvers import SolverSettings, solve_rows
 
 __all__ = ["RobustPooling", "RobustGlobalPool1d", "RobustGlobalPool2d", "robust_global_pool"]
@@ -102,64 +103,78 @@ class RobustPooling(DeclarativeNode):
                                   options.strict, self.starts, fused)
         wanted = (x.requires_grad, c.requires_grad, alpha.requires_grad)
         x, c, alpha = x.detach(), c.detach(), alpha.detach()  # solve records no graph
-        ctx: dict[str, Tensor] = {}
+        ctx: dict[str, Any] = {}
         on_block = None
         if any(wanted):
-            ctx = self._allocate(x, *wanted)
             on_block = lambda rows, xb, yb, work: self._fill(  # noqa: E731
-                ctx, rows, xb, yb, c[rows], alpha[rows], fused, work)
+                ctx, wanted, x, rows, xb, yb, c[rows], alpha[rows], work)
         y = solve_rows(self.penalty, x, c, alpha, settings, on_block)
         return y, ctx
 
-    def _allocate(self, x: Tensor, need_x: bool, need_c: bool, need_alpha: bool) -> dict:
-        r = x.shape[0]
-        ctx = {"curvature": x.new_empty(r)}
-        if need_x:
-            ctx["weights"] = torch.empty_like(x)
-        if need_c:
-            ctx["moment"] = x.new_empty(r)
-        if need_alpha:
-            ctx["alpha_term"] = x.new_empty(r)
-        return ctx
-
-    def _fill(self, ctx: dict, rows: slice, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor,
-              fused: bool = False, work: tuple[Tensor, Tensor] | None = None) -> None:
-        """Backward quantities of ``rows``: ``w = φ″(y − x)``, ``H = Σ w``, ``Σ w z``, ``Σ ∂φ′/∂α``
-        (``fused``: compiled, :mod:`~ddnlib.nodes.pooling_fused`; ``work``: a scratch buffer
-        like ``x`` for ``z``)."""
+    def _fill(self, ctx: dict, wanted: tuple[bool, bool, bool], x_all: Tensor, rows: slice,
+              x: Tensor, y: Tensor, c: Tensor, alpha: Tensor,
+              work: tuple[Tensor, Tensor] | None) -> None:
+        """Backward quantities of ``rows``: ``w = κφ″(y − x)`` (κ: only ratios are used),
+        ``H = Σ w``, ``Σ w z``, ``Σ ∂φ′/∂α``, in ``ctx`` (allocated for ``x_all`` on the first
+        block). ``work`` (a scratch buffer like ``x`` for ``z``) is ``None`` on the fused path:
+        then the sums are compiled (:mod:`~ddnlib.nodes.pooling_fused`) and ``w`` is not stored
+        but recomputed by the backward (``ctx["recompute"]``)."""
+        need_x, need_c, need_alpha = wanted
+        if not ctx:
+            r = x_all.shape[0]
+            ctx["curvature"] = x_all.new_empty(r)
+            if need_x and work is not None:
+                ctx["weights"] = torch.empty_like(x_all)
+            ctx["recompute"] = need_x and work is None
+            if need_c:
+                ctx["moment"] = x_all.new_empty(r)
+            if need_alpha:
+                ctx["alpha_term"] = x_all.new_empty(r)
         c, alpha = c[:, None], alpha[:, None]
-        fill = fused_fill(self.penalty) if fused and "alpha_term" not in ctx else None
+        fill = compiled(self.penalty, "fill") if work is None and not need_alpha else None
         if fill is not None:
             try:
-                w, ctx["curvature"][rows], moment = fill(x, y, c, alpha)
+                ctx["curvature"][rows], moment = fill(x, y, c, alpha)
             except Exception as error:  # a compiler missing or failing: eager from here on
                 mark_failed(self.penalty, error)
             else:
-                if "weights" in ctx:
-                    ctx["weights"][rows] = w
-                if "moment" in ctx:
+                if need_c:
                     ctx["moment"][rows] = moment
                 return
         z = y[:, None] - x if work is None else torch.sub(y[:, None], x, out=work[0])
-        # κ φ″ (only ratios are used), written straight into the stored weights
+        # written straight into the stored weights
         w = self.penalty.scaled_curvature(z, c, alpha, ctx["weights"][rows] if "weights" in ctx
                                           else None)
         ctx["curvature"][rows] = w.sum(1)
-        if "alpha_term" in ctx:
+        if need_alpha:
             ctx["alpha_term"][rows] = self.penalty.alpha_derivative(z, c, alpha).sum(1)
-        if "moment" in ctx:
+        if need_c:
             ctx["moment"][rows] = z.mul_(w).sum(1)  # z is not needed after this
+
+    def _weights(self, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor, scale: Tensor) -> Tensor:
+        """``scale · κφ″(y − x)``, the gradient for ``x`` where the forward did not store ``w``
+        (compiled, or eagerly if compiling fails)."""
+        fn = compiled(self.penalty, "weights")
+        if fn is not None:
+            try:
+                return fn(x, y, c[:, None], alpha[:, None], scale)
+            except Exception as error:  # a compiler missing or failing: eager from here on
+                mark_failed(self.penalty, error)
+        w = self.penalty.scaled_curvature(y[:, None] - x, c[:, None], alpha[:, None])
+        return w.mul_(scale[:, None])
 
     def vjp(self, x: Tensor, c: Tensor, alpha: Tensor, *, y: Tensor, v: Tensor,
             ctx: Mapping[str, Any] | None = None
             ) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor]]:
         """Closed-form gradients for ``x``, ``c`` and ``α`` (see the module docstring)."""
         need = (x.requires_grad, c.requires_grad, alpha.requires_grad)
-        keys = ("weights", "moment", "alpha_term")
-        if not ctx or any(n and k not in ctx for n, k in zip(need, keys)):
-            ctx = self._allocate(x, *need)
+        ok = (not need[0] or "weights" in ctx or ctx.get("recompute")) if ctx else False
+        if not ok or any(n and k not in ctx for n, k in zip(need[1:], ("moment", "alpha_term"))):
+            ctx = {}
+            xd = x.detach()
             with torch.no_grad():
-                self._fill(ctx, slice(None), x.detach(), y.detach(), c.detach(), alpha.detach())
+                self._fill(ctx, need, xd, slice(None), xd, y.detach(), c.detach(),
+                           alpha.detach(), (torch.empty_like(xd),))
         curvature = ctx["curvature"]
         if self.options.damping:  # H + γ in the units of φ″: κ H + κ γ (κ = c² may overflow)
             kappa = self.penalty.curvature_scale(c.detach().double())
@@ -174,7 +189,10 @@ class RobustPooling(DeclarativeNode):
                    self.options.strict)
         scale = torch.where(singular, torch.zeros_like(curvature),
                             v.to(curvature.dtype) / torch.where(singular, 1.0, curvature))
-        gx = ctx["weights"] * scale[:, None] if need[0] else None
+        gx = None
+        if need[0]:
+            gx = (ctx["weights"] * scale[:, None] if "weights" in ctx else
+                  self._weights(x.detach(), y.detach(), c.detach(), alpha.detach(), scale))
         gc = None
         if need[1]:
             gc = scale * ctx["moment"] / c if self.penalty.uses_c else torch.zeros_like(c)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .penalties import Penalty
 
-__all__ = ["decide", "evaluate", "fused_fill", "fused_iteration", "mark_failed", "want_fused"]
+__all__ = ["compiled", "decide", "evaluate", "mark_failed", "want_fused"]
 
 _LARGE = 1 << 24  # entries of an input from which the automatic choice counts a call
 _CALLS_BEFORE = 3  # large calls seen before the automatic choice compiles
@@ -101,32 +101,45 @@ def _iteration(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, u: Tensor,
     return u, g, h, lo, hi, active, trial
 
 
+def _bounds(penalty: Penalty, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Σ x, min x, max x)`` per row in one pass (the finite check, the start, the bracket)."""
+    return x.sum(1), x.amin(1), x.amax(1)
+
+
+def _sums(penalty: Penalty, x: Tensor, u: Tensor, c: Tensor, alpha: Tensor):
+    """``(Σ κφ′, Σ κφ″)`` at ``u``."""
+    return penalty.fused_sums(u[:, None] - x, c, alpha)
+
+
 def _fill(penalty: Penalty, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor):
-    """``(w, Σ w, Σ w z)`` with ``w = κ φ″(z)``, ``z = y − x``: the backward quantities."""
+    """``(Σ w, Σ w z)`` with ``w = κ φ″(z)``, ``z = y − x``: what the backward needs besides
+    ``w`` itself, which :func:`_weights` recomputes (storing it would cost a fresh buffer like
+    ``x``: for large inputs its page faults alone cost more than the whole fused forward)."""
     z = y[:, None] - x
     w = penalty.scaled_curvature(z, c, alpha)
-    return w, w.sum(1), (w * z).sum(1)
+    return w.sum(1), (w * z).sum(1)
 
 
-def fused_fill(penalty: Penalty) -> Callable | None:
-    """The compiled :func:`_fill` for ``penalty``, or ``None`` if compiling failed before."""
-    key = penalty.name + ":fill"
+def _weights(penalty: Penalty, x: Tensor, y: Tensor, c: Tensor, alpha: Tensor, scale: Tensor):
+    """``scale · κφ″(y − x)``: the gradient for ``x`` (``scale = v / Σ w``)."""
+    return scale[:, None] * penalty.scaled_curvature(y[:, None] - x, c, alpha)
+
+
+_KINDS = {"bounds": _bounds, "sums": _sums, "iteration": _iteration, "fill": _fill,
+          "weights": _weights}
+
+
+def compiled(penalty: Penalty, kind: str) -> Callable | None:
+    """The compiled ``kind`` (``"bounds"``, ``"sums"``, ``"iteration"``, ``"fill"`` or
+    ``"weights"``) for ``penalty``, compiled on first use with dynamic shapes (one compile
+    serves every input shape); ``None`` if compiling failed before in this process."""
+    key = f"{penalty.name}:{kind}"
     with _lock:
         fn = _compiled.get(key)
         if fn is None and penalty.name not in _failed:
-            fn = _compiled[key] = torch.compile(
-                lambda x, y, c, alpha: _fill(penalty, x, y, c, alpha), dynamic=True)
-    return fn
-
-
-def fused_iteration(penalty: Penalty) -> Callable | None:
-    """The compiled iteration for ``penalty`` (compiled on first use), or ``None`` if compiling
-    failed (reported once)."""
-    with _lock:
-        fn = _compiled.get(penalty.name)
-        if fn is None and penalty.name not in _failed:
-            fn = _compiled[penalty.name] = torch.compile(
-                lambda *state: _iteration(penalty, *state), dynamic=True)
+            body = _KINDS[kind]
+            fn = _compiled[key] = torch.compile(lambda *args: body(penalty, *args),
+                                                dynamic=True)
     return fn
 
 
@@ -134,8 +147,8 @@ def mark_failed(penalty: Penalty, error: Exception) -> None:
     """Stop using the fused path for ``penalty`` in this process, saying why."""
     with _lock:
         _failed.add(penalty.name)
-        _compiled.pop(penalty.name, None)
-        _compiled.pop(penalty.name + ":fill", None)
+        for kind in _KINDS:
+            _compiled.pop(f"{penalty.name}:{kind}", None)
     warnings.warn(f"robust pooling ({penalty.name}): the fused (torch.compile) solver failed "
                   f"({type(error).__name__}: {str(error)[:200]}); using the eager solver",
                   RuntimeWarning, stacklevel=3)

@@ -1,17 +1,20 @@
 """Forward solvers of the one-dimensional pooling problems ``y_r = argmin_u Σ_i φ(u − x_ri)``.
 
-All rows are solved at once, in blocks of at most ``2**16`` entries (``2**18`` for the histogram
-search, whose many small operations are overhead-bound at ``2**16``): small enough to stay in the
-CPU's L2 cache (the iterations re-read cached data instead of streaming the whole input each pass)
-and large enough that the per-operation overhead of the vectorised iteration stays small (at
-``(32, 1024, 1024)`` pseudo-Huber, ``2**14``-entry blocks were 3x slower, overhead-bound); on the
-CPU the blocks are shared among ``torch.get_num_threads()`` Python threads (torch releases the GIL).
+All rows are solved at once, in blocks of rows: on one thread of at most ``2**19`` entries (2 MiB
+in float32, cached in L2/L3; the per-operation overhead of the vectorised iteration dominates
+smaller blocks: at ``(32, 1024, 1024)`` pseudo-Huber ``2**16``-entry blocks were 1.7x slower);
+with ``torch.get_num_threads() > 1`` on the CPU of ``2**16`` entries, shared among that many
+Python threads (torch releases the GIL; each operation on a block runs single-threaded); ``2**18``
+for the histogram search, whose many small operations are overhead-bound at ``2**16``. The two
+scratch buffers of a block come from a pool kept across calls (at most 4 per dtype, 2 blocks
+each): a fresh buffer of a few MiB costs its page faults on every call.
 
 * ``quadratic``: the mean.
 * Convex penalties (``pseudo_huber``, ``huber``, ``general`` with ``α ≥ 1``): safeguarded Newton on
-  ``g(u) = Σ φ′(u − x_i)`` (increasing), started from the median of at most 16 evenly spaced
-  entries of the row, inside the bracket ``[lo, hi]`` (initially ``[min x, max x]``, where
-  ``g(lo) ≤ 0 ≤ g(hi)``) that every evaluation of ``g`` shrinks. Newton steps are taken from the
+  ``g(u) = Σ φ′(u − x_i)`` (increasing), started from the row's mean (free: the finite check sums
+  the rows; on normal data with or without outliers no worse a start than a sample median, which
+  costs more than a Newton step), inside the bracket ``[lo, hi]`` (initially ``[min x, max x]``,
+  where ``g(lo) ≤ 0 ≤ g(hi)``) that every evaluation of ``g`` shrinks. Newton steps are taken from the
   point with the smallest ``|g|`` so far; a trial that does not lower ``|g|`` only shrinks the
   bracket, and a Newton step that leaves the bracket is replaced by bisection.
 * Non-convex penalties (``welsch``, ``general`` with ``α < 1``): branch and bound on per-row
@@ -25,7 +28,8 @@ CPU the blocks are shared among ``torch.get_num_threads()`` Python threads (torc
   and the best of the 3 is returned. The global minimum is found whenever its basin holds a
   candidate — always when every entry is a candidate and each basin holds a data point.
 * Convex penalties with ``fused``: the same Newton iteration compiled (:mod:`~.pooling_fused`),
-  in blocks of ``2**20`` entries on one thread.
+  on the whole input at once (row sums, minima and maxima in one compiled pass, one compiled pass
+  per iteration).
 * ``truncated_quadratic``: exact. A minimiser is the mean of its inliers, a window of the sorted
   row; every window ``{i : |x_i − u| ≤ c}`` arises for ``u`` at a breakpoint ``x_j ± c`` or a
   midpoint between consecutive breakpoints, and ``½ SSE(window) + ½ c² (n − |window|)`` bounds
@@ -33,14 +37,16 @@ CPU the blocks are shared among ``torch.get_num_threads()`` Python threads (torc
   re-evaluated exactly and the best mean is polished by two inlier-mean steps (which never
   increase the objective).
 
-Every solver stops a row when its step is at most ``tol · (|u| + min(c, max x − min x))`` and
-reports rows that did not (:class:`~ddnlib.NonConvergenceWarning`).
+Every solver stops a row when its step is at most ``tol · (|u| + min(c, max x − min x))`` (the
+convex Newton solver also when a Lipschitz bound on ``Σ φ″`` proves the error after the step below
+that, :func:`~.pooling_fused.decide`) and reports rows that did not
+(:class:`~ddnlib.NonConvergenceWarning`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -50,16 +56,17 @@ from torch import Tensor
 from ddnlib.errors import NonConvergenceWarning, report
 
 from .penalties import Penalty
-from .pooling_fused import decide, evaluate, fused_iteration, mark_failed
+from .pooling_fused import compiled, decide, evaluate, mark_failed
 from .pooling_global import histogram_search
 
 __all__ = ["SolverSettings", "solve_rows"]
 
-_BLOCK = 1 << 16  # entries per block of rows (256 KiB in float32)
-_ONE_BLOCK = 1 << 19  # inputs up to this many entries are solved as one block
+_BLOCK = 1 << 16  # entries per block of rows shared among threads (256 KiB in float32)
+_SERIAL_BLOCK = 1 << 19  # on one thread: per-block overhead dominates smaller blocks
 _POOLED = 4  # workspaces kept for reuse (per dtype)
+_FREE: dict[torch.dtype, list[tuple[Tensor, Tensor]]] = {}
+_POOL_LOCK = threading.Lock()
 _GLOBAL_BLOCK = 1 << 18  # the histogram search is overhead-bound at 2**16 (4x the ops)
-_FUSED_BLOCK = 1 << 20  # compiled passes are compute-bound: big blocks amortise each call
 _REFINED = 3  # local searches of the multi-start strategy
 _WINDOWS = 4  # truncated-quadratic windows re-evaluated exactly
 
@@ -80,7 +87,9 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     """``y (r,)`` minimising ``Σ_i φ(y_r − x_ri; c_r, α_r)`` for ``x (r, n)``, ``c, α (r,)``.
 
     ``on_block(rows, x_block, y_block, work)`` is called after each block is solved, while the
-    block is still in cache; ``work`` is two scratch buffers shaped like ``x_block``. Rows that did not converge are reported.
+    block is still in cache; ``work`` is two scratch buffers shaped like ``x_block`` (``None``
+    on the fused path, which solves the input as one block). Rows that did not converge are
+    reported.
     """
     rows, n = x.shape
     if penalty.closed_form == "mean":
@@ -88,7 +97,15 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     elif penalty.closed_form == "sorted_window":
         block_solver = _truncated_quadratic
     elif penalty.convex(alpha):
-        block_solver = _newton_fused if settings.fused else _newton
+        if settings.fused:
+            fused = _solve_fused(penalty, x, c, alpha, settings)
+            if fused is not None:
+                y, failed, total = fused
+                if on_block is not None:
+                    on_block(slice(None), x, y, None)
+                _finish(penalty, x, y, total, failed, settings)
+                return y
+        block_solver = _newton
     elif penalty.radial:
         block_solver = _global
     else:
@@ -98,9 +115,8 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     # one pass for the finite check and the start of the convex solvers (the row means)
     total = x.sum(1)
     mean = total / n
-    block = {_global: _GLOBAL_BLOCK, _newton_fused: _FUSED_BLOCK}.get(block_solver, _BLOCK)
-    if rows * n <= _ONE_BLOCK:
-        block = rows * n  # per-block overhead would dominate: one block
+    serial = torch.get_num_threads() == 1 or x.device.type != "cpu"
+    block = _GLOBAL_BLOCK if block_solver is _global else _SERIAL_BLOCK if serial else _BLOCK
     step = max(1, block // max(n, 1))
     starts = list(range(0, rows, step))
     workers = max(1, min(torch.get_num_threads(), len(starts)))
@@ -122,12 +138,20 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
                     on_block(sl, xb, y[sl], views)
 
     shares = [starts[i::workers] for i in range(workers)]
-    if workers == 1 or x.device.type != "cpu" or block_solver is _newton_fused:
+    if workers == 1 or x.device.type != "cpu":
         run(starts)
     else:  # blocks are small enough that each op runs single-threaded: one block per thread
         with ThreadPoolExecutor(workers) as pool:
             for future in [pool.submit(run, share) for share in shares]:
                 future.result()
+    _finish(penalty, x, y, total, failed, settings)
+    return y
+
+
+def _finish(penalty: Penalty, x: Tensor, y: Tensor, total: Tensor, failed: Tensor,
+            settings: SolverSettings) -> None:
+    """Reject non-finite rows; report the rows that did not converge."""
+    rows = x.shape[0]
     _check_finite(x, y, total)
     bad = int(failed.sum())
     if bad:
@@ -136,7 +160,6 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
                f"robust pooling ({penalty.name}) did not converge in {settings.max_iter} "
                f"iterations for {bad} of {rows} rows (first rows {idx}); raise "
                "Options(max_iter=...) or check the scale of c against the data.", settings.strict)
-    return y
 
 
 def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
@@ -149,18 +172,15 @@ class _workspace:
     CPU and given back on exit: a fresh buffer of a few MiB costs its page faults on every call
     (more than the arithmetic of a small input), a reused one does not."""
 
-    _free: dict[torch.dtype, list[tuple[Tensor, Tensor]]] = {}
-    _lock = threading.Lock()
-
     def __init__(self, x: Tensor, numel: int):
         self.dtype, self.numel, self.device = x.dtype, numel, x.device
-        self.pooled = x.device.type == "cpu" and numel <= _ONE_BLOCK
+        self.pooled = x.device.type == "cpu" and numel <= _SERIAL_BLOCK
 
     def __enter__(self) -> tuple[Tensor, Tensor]:
         self.work = None
         if self.pooled:
-            with self._lock:
-                free = self._free.setdefault(self.dtype, [])
+            with _POOL_LOCK:
+                free = _FREE.setdefault(self.dtype, [])
                 self.work = free.pop() if free else None
         if self.work is None or self.work[0].numel() < self.numel:
             with torch.inference_mode(False):  # an inference tensor could not be reused outside
@@ -171,8 +191,8 @@ class _workspace:
 
     def __exit__(self, *exc) -> None:
         if self.pooled:
-            with self._lock:
-                free = self._free[self.dtype]
+            with _POOL_LOCK:
+                free = _FREE[self.dtype]
                 if len(free) < _POOLED:
                     free.append(self.work)
 
@@ -246,32 +266,33 @@ def _prelude(sums, mean: Tensor, lo: Tensor, hi: Tensor, c: Tensor, tol: float,
     return u, g, h, lo, hi, active, trial, tol_scale
 
 
-def _newton_fused(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
-                  settings: SolverSettings, work: tuple[Tensor, Tensor], mean: Tensor):
-    """:func:`_newton` with its iteration compiled (:mod:`~.pooling_fused`)."""
-    iteration = fused_iteration(penalty)
-    lo, hi = x.amin(1), x.amax(1)
-    cs = c.squeeze(1)
-    if iteration is None or not bool(((hi - lo < 1e18 * cs)
-                                      & (cs >= torch.finfo(x.dtype).tiny)).all()):
-        return _newton(penalty, x, c, alpha, settings, work, mean)  # (the fused sums square z / c)
-
-    def sums(u: Tensor) -> tuple[Tensor, Tensor]:
-        return penalty.newton_sums(torch.sub(u[:, None], x, out=work[0]), c, alpha, work[1])
-
-    lip = _lipschitz(penalty, x, cs)
-    state = _prelude(sums, mean, lo, hi, cs, settings.tol, lip)
-    u, g, h, lo, hi, active, trial, tol_scale = state
+def _solve_fused(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
+                 settings: SolverSettings) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`_newton` on the whole input with its passes compiled (:mod:`~.pooling_fused`):
+    ``(y, failed, Σ x)``, or ``None`` where the eager solver must run instead (compiling failed,
+    or the fast sums' conditions do not hold)."""
+    n = x.shape[1]
+    fns = [compiled(penalty, kind) for kind in ("bounds", "sums", "iteration")]
+    if any(fn is None for fn in fns):
+        return None
+    bounds, sums, iteration = fns
+    c2, a2 = c[:, None], alpha[:, None]
     try:
+        total, lo, hi = bounds(x)
+        if not bool(((hi - lo < 1e18 * c) & (c >= torch.finfo(x.dtype).tiny)).all()):
+            return None  # (the fused sums square z / c and multiply by 1 / c)
+        lip = _lipschitz(penalty, x, c)
+        state = _prelude(lambda u: sums(x, u, c2, a2), total / n, lo, hi, c, settings.tol, lip)
+        u, g, h, lo, hi, active, trial, tol_scale = state
         for _ in range(settings.max_iter):
             if not bool(active.any()):
                 break
-            u, g, h, lo, hi, active, trial = iteration(x, c, alpha, u, g, h, lo, hi, active,
+            u, g, h, lo, hi, active, trial = iteration(x, c2, a2, u, g, h, lo, hi, active,
                                                        trial, tol_scale, settings.tol, lip)
     except Exception as error:  # a compiler missing or failing: eager from here on
         mark_failed(penalty, error)
-        return _newton(penalty, x, c, alpha, settings, work, mean)
-    return u, active
+        return None
+    return u, active, total
 
 
 def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor) -> Tensor:

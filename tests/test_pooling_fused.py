@@ -53,7 +53,8 @@ def test_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(pooling_fused, "_compiled", {"huber": broken})
+    monkeypatch.setattr(pooling_fused, "_compiled",
+                        {f"huber:{kind}": broken for kind in pooling_fused._KINDS})
     monkeypatch.setattr(pooling_fused, "_failed", set())
     x = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(1))
     with pytest.warns(RuntimeWarning, match="no compiler here"):
