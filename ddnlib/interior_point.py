@@ -427,7 +427,7 @@ def _active_step(model: _Model, y: Tensor, lam: Tensor, z: Tensor, active: Tenso
     act = torch.cat([torch.ones_like(lam, dtype=torch.bool), active], 1)
     A = ev.A * act.unsqueeze(-1).double()
     c = torch.cat([ev.h, ev.g], 1) * act.double()
-    K = _Condensed(ev.W, A, inactive=~act)
+    K = _Condensed(ev.W, A, inactive=~act, factor=model.hessian_factor())
     dy, dnu = K.solve(ev.gL, c)
     y_new = y + dy.to(y.dtype)
     nu_new = (torch.cat([lam, mu], 1).double() + dnu).to(y.dtype) * act
@@ -469,6 +469,8 @@ class _Model:
         self.p = 0
         self.convex = torch.zeros(problem.batch, dtype=torch.bool,
                                   device=None if y0 is None else y0.device)
+        self.all_convex = False
+        self._factor: tuple[Tensor, Tensor] | None = None  # see hessian_factor
         if y0 is not None:
             self._detect(y0)
 
@@ -504,11 +506,15 @@ class _Model:
             t = torch.finfo(y0.dtype).eps ** 0.5 * (1 + H.diagonal(dim1=-2, dim2=-1).abs().amax(-1))
             eye = torch.eye(m, dtype=H.dtype, device=H.device)
             self.convex = torch.linalg.cholesky_ex(H + t[:, None, None] * eye).info == 0
+            self.all_convex = bool(self.convex.all())
 
     def select(self, idx: Tensor) -> _Model:
         """The model of the samples ``idx``."""
         sub = _Model(_select(self.problem, idx), None)
         sub.p, sub.convex = self.p, self.convex[idx]
+        sub.all_convex = self.all_convex or bool(sub.convex.all())
+        if self._factor:
+            sub._factor = tuple(_take(t, idx) for t in self._factor)
         if self.y0 is not None:
             sub.y0 = self.y0[idx]
         if self.quad is not None:
@@ -516,6 +522,22 @@ class _Model:
         if self.lin is not None:
             sub.lin = tuple(None if t is None else _take(t, idx) for t in self.lin)
         return sub
+
+    def hessian_factor(self) -> tuple[Tensor, Tensor] | None:
+        """The scaled Cholesky factor ``(T⁻¹, L)`` (float64) of ``W = ∇²f`` where ``W`` is the
+        same at every ``y`` and for every multiplier (quadratic objective, affine constraints)
+        and positive definite in every sample, for :class:`_Condensed`; else None. Computed
+        once (for one sample where ``∇²f`` is shared)."""
+        if self._factor is None:
+            self._factor = False
+            if self.quad is not None and self.lin is not None and self.lin[2] is None:
+                H = self.quad[2].double()
+                shared = H.stride(0) == 0
+                r, L, info, _ = _scaled_cholesky(H[:1] if shared else H)
+                if bool((info == 0).all()):
+                    self._factor = ((r.expand(H.shape[:2]), L.expand(H.shape)) if shared
+                                    else (r, L))
+        return self._factor or None
 
     def _quadratic(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``f`` and ``∇f`` from the expansion."""
@@ -639,22 +661,19 @@ class _Condensed:
     safeguard, the inertia correction ``δ``, the augmentation ``ρ J_hᵀJ_h``) is relative to it.
     """
 
-    def __init__(self, M: Tensor, Ah: Tensor, inactive: Tensor | None = None):
+    def __init__(self, M: Tensor, Ah: Tensor, inactive: Tensor | None = None,
+                 factor: tuple[Tensor, Tensor] | None = None):
         b, m, _ = M.shape
-        eye = torch.eye(m, dtype=M.dtype, device=M.device)
         eps = torch.finfo(M.dtype).eps
-        diag = M.diagonal(dim1=-2, dim2=-1).abs()
-        self.r = diag.clamp_min(1.0).rsqrt()  # T⁻¹
-        Ms = self.r.unsqueeze(-1) * M * self.r.unsqueeze(-2)
-        # shifts tried in turn: none; the augmentation; then δ = 2 max(−ω_min, 0) + 10 eps (ω_min
-        # the smallest eigenvalue of the augmented scaled matrix) and ten times that, repeatedly
-        shifted = Ms.clone()
-        shifted.diagonal(dim1=-2, dim2=-1).add_(10 * eps)
-        self.L, info = torch.linalg.cholesky_ex(shifted)
         self.rho = M.new_zeros(b)
-        todo = info != 0
-        self.augmented = bool(todo.any())  # some ρ > 0
+        if factor is not None:  # (T⁻¹, L) of M from :meth:`_Model.hessian_factor`
+            (self.r, self.L), self.augmented = factor, False
+        else:
+            self.r, self.L, info, Ms = _scaled_cholesky(M)
+            todo = info != 0
+            self.augmented = bool(todo.any())  # some ρ > 0
         if self.augmented:
+            eye = torch.eye(m, dtype=M.dtype, device=M.device)
             self.L = self.L.clone()
             Ahs = Ah * self.r.unsqueeze(-2)
             AtA = Ahs.transpose(-1, -2) @ Ahs
@@ -663,17 +682,17 @@ class _Condensed:
             ladder = (([(1.0, None)] if Ah.shape[1] else [])
                       + [(rho_last, 10.0**k) for k in range(17)])
             omega = None
-            for rho_k, factor in ladder:
+            for rho_k, shift in ladder:
                 idx = todo.nonzero().flatten()
                 rho = rho_unit[idx] * rho_k
                 Mk = Ms[idx] + rho[:, None, None] * AtA[idx]
-                if factor is None:
+                if shift is None:
                     delta = Mk.new_full((idx.numel(),), 10 * eps)
                 else:
                     if omega is None:
                         omega = torch.full_like(rho_unit, 1.0)
                         omega[idx] = _smallest_eigenvalue(Mk)
-                    delta = factor * (2 * (-omega[idx]).clamp_min(0) + 10 * eps)
+                    delta = shift * (2 * (-omega[idx]).clamp_min(0) + 10 * eps)
                 Mk = Mk + delta[:, None, None] * eye
                 L, info = torch.linalg.cholesky_ex(Mk)
                 ok = info == 0
@@ -698,8 +717,8 @@ class _Condensed:
 
     def _solve_m(self, B: Tensor) -> Tensor:
         """``(M + ρ J_hᵀJ_h + shifts)⁻¹ B`` for ``B (b, m, k)``."""
-        r = self.r.unsqueeze(-1)
-        return r * torch.cholesky_solve(r * B, self.L)
+        r, L = self.r.unsqueeze(-1), self.L
+        return r * torch.cholesky_solve(r * B, L[:1] if L.stride(0) == 0 else L)
 
     def solve(self, rt: Tensor, re: Tensor) -> tuple[Tensor, Tensor]:
         """``(dy, dλ)`` with ``M dy + J_hᵀ dλ = −rt``, ``J_h dy = −re``; ``rt (b, m)``, ``re (b, p)``."""
@@ -723,6 +742,17 @@ class _Condensed:
             dlam[bad] = torch.where(finite[:, None, None], sol, torch.nan)  # a NaN sample stops
         dlam = dlam[..., 0]
         return -Mir[..., 0] - _mv(self.MiAt, dlam), dlam
+
+
+def _scaled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``T⁻¹ = diag max(|M_ii|, 1)^-½``, the Cholesky factor of ``M̂ + 10 eps I`` (``M̂ = T⁻¹ M
+    T⁻¹``), its ``info`` and ``M̂``, for ``M (b, m, m)``."""
+    r = M.diagonal(dim1=-2, dim2=-1).abs().clamp_min(1.0).rsqrt()
+    Ms = r.unsqueeze(-1) * M * r.unsqueeze(-2)
+    shifted = Ms.clone()
+    shifted.diagonal(dim1=-2, dim2=-1).add_(10 * torch.finfo(M.dtype).eps)
+    L, info = torch.linalg.cholesky_ex(shifted)
+    return r, L, info, Ms
 
 
 def _mv(A: Tensor, v: Tensor) -> Tensor:
@@ -781,7 +811,8 @@ def _max_step(v: Tensor, dv: Tensor, tau: float) -> Tensor:
 
 
 def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: int, q: int):
-    """One predictor–corrector iteration with line search; frozen where not ``running``."""
+    """One predictor–corrector iteration with line search (without, where every sample is
+    convex); frozen where not ``running``."""
     m, dtype = y.shape[1], y.dtype
     y_in, s_in, z_in, lam_in, f = y, s, z, lam, ev.f
     # the Newton direction is computed in float64 whatever the input's precision: the barrier
@@ -808,32 +839,44 @@ def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: in
         target = y.new_zeros(y.shape[0])
         dy, ds, dz, dlam = _direction(K, Ag, s, z, D, rd, re, ri, s * z)
         a_p = a_d = y.new_ones(y.shape[0])
-    # ℓ1 barrier merit: ν ≥ 1.1 ‖(λ⁺, z⁺)‖∞ and large enough for descent (N&W eq. 18.36)
-    c1 = re.abs().sum(-1) + ri.abs().sum(-1)
-    slope_f = (ev.gf * dy).sum(-1) - (target.unsqueeze(-1) * ds / s).sum(-1)
-    curvature = (dy * _mv(M, dy)).sum(-1).clamp_min(0)
-    # a violation at rounding level (linear constraints once met) must not inflate ν
-    rounding = 64 * torch.finfo(dtype).eps * (c1.new_ones(()) + _amax(ev.A.abs().flatten(1))
-                                              * y.abs().amax(-1)) * max(p + q, 1)
-    needed = torch.where(c1 > rounding, (slope_f + 0.5 * curvature) / (0.5 * c1).clamp_min(
-        torch.finfo(y.dtype).tiny), torch.zeros_like(c1))
-    new_mult = _amax(torch.cat([lam + dlam, z + dz], 1).abs())
-    # ν is chosen afresh each iteration (a wild first multiplier estimate must not stay in it)
-    nu = torch.maximum(1.1 * new_mult, needed)
-    slope = slope_f - nu * c1
-    correct = (lambda: _soc(Ah)) if p else None
+    if not model.all_convex:
+        nu, c1, slope = _penalty(ev, y, s, z, lam, re, ri, dy, ds, dz, dlam, M, target, p, q)
     if dtype != torch.float64:
-        dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope = (
-            t.to(dtype) for t in (dy, ds, dz, dlam, a_p, a_d, target, nu, c1, slope))
+        dy, ds, dz, dlam, a_p, a_d, target, nu = (
+            t.to(dtype) for t in (dy, ds, dz, dlam, a_p, a_d, target, nu))
     y, s, z, lam = y_in, s_in, z_in, lam_in
-    y_new, t = _line_search(model, f, y, s, dy, ds, a_p, target, nu, c1, slope, running,
-                            correct)
+    if model.all_convex:
+        # a convex QP needs no merit function: the fraction-to-boundary step (N&W Alg. 16.4)
+        y_new, t = y + a_p[:, None] * dy, a_p
+    else:
+        correct = (lambda: _soc(Ah)) if p else None
+        y_new, t = _line_search(model, f, y, s, dy, ds, a_p, target, nu, c1.to(dtype),
+                                slope.to(dtype), running, correct)
     keep = running.unsqueeze(-1)
     y = torch.where(keep, y_new, y)
     s = torch.where(keep, s + t[:, None] * ds, s)
     lam = torch.where(keep, lam + t[:, None] * dlam, lam)
     z = torch.where(keep & (t > 0)[:, None], z + a_d[:, None] * dz, z)
     return y, s, z, lam, nu
+
+
+def _penalty(ev: _Eval, y, s, z, lam, re, ri, dy, ds, dz, dlam, M, target, p: int, q: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """The penalty ``ν`` of the ℓ1 barrier merit, the constraint violation ``‖h‖₁ + ‖g + s‖₁``
+    and the merit's directional derivative along the step of :func:`_step`."""
+    # ν ≥ 1.1 ‖(λ⁺, z⁺)‖∞ and large enough for descent (N&W eq. 18.36)
+    c1 = re.abs().sum(-1) + ri.abs().sum(-1)
+    slope_f = (ev.gf * dy).sum(-1) - (target.unsqueeze(-1) * ds / s).sum(-1)
+    curvature = (dy * _mv(M, dy)).sum(-1).clamp_min(0)
+    # a violation at rounding level (linear constraints once met) must not inflate ν
+    rounding = 64 * torch.finfo(y.dtype).eps * (c1.new_ones(()) + _amax(ev.A.abs().flatten(1))
+                                                * y.abs().amax(-1)) * max(p + q, 1)
+    needed = torch.where(c1 > rounding, (slope_f + 0.5 * curvature) / (0.5 * c1).clamp_min(
+        torch.finfo(y.dtype).tiny), torch.zeros_like(c1))
+    new_mult = _amax(torch.cat([lam + dlam, z + dz], 1).abs())
+    # ν is chosen afresh each iteration (a wild first multiplier estimate must not stay in it)
+    nu = torch.maximum(1.1 * new_mult, needed)
+    return nu, c1, slope_f - nu * c1
 
 
 def _merit(model: _Model, y: Tensor, s: Tensor, target: Tensor, nu: Tensor) -> Tensor:
