@@ -156,13 +156,17 @@ def solve_kkt(
     HiBy = torch.cholesky_solve(By, L)
     S = A @ HiAt + inactive_diag
     Ls, s_not_pd, s_weak = _cholesky(S)
-    W = torch.cholesky_solve(A @ HiBy - Bc, Ls)
+    AHiBy = A @ HiBy
+    W = torch.cholesky_solve(AHiBy - Bc, Ls)
     U = HiBy - HiAt @ W
     # a Schur solve can be inaccurate where S mixes scales (huge curvature along directions the
-    # constraints pin): check the residual of the constraint rows, A U = Bc, relative to its terms
+    # constraints pin): check the residual of the constraint rows, A U = Bc, relative to the terms
+    # that make it up (A U = A H⁻¹By − A H⁻¹Aᵀ W: at a vertex U = 0 and both terms cancel)
     rtol = torch.finfo(H.dtype).eps ** 0.5
     r_c = (A @ U - Bc).abs().amax((-2, -1))
-    inexact = ~(r_c <= rtol * (s_h * U.abs().amax((-2, -1)) + Bc.abs().amax((-2, -1))))
+    terms = (s_h * U.abs().amax((-2, -1)) + Bc.abs().amax((-2, -1))
+             + AHiBy.abs().amax((-2, -1)))
+    inexact = ~(r_c <= rtol * terms)
     fallback = h_not_pd | h_weak | s_not_pd | s_weak | inexact | forced
     not_pd = torch.zeros_like(h_not_pd)
     singular = torch.zeros_like(h_not_pd)

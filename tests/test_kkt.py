@@ -158,3 +158,26 @@ def test_kkt_point_holds_the_lagrangian_pieces():
     torch.testing.assert_close(kkt.lagrangian_grad, torch.zeros_like(y), atol=1e-10, rtol=0)
     measures = kkt.optimality(torch.zeros_like(y), 1e-6)
     assert measures.optimal.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_schur_solve_at_a_vertex_needs_no_fallback(dtype, monkeypatch):
+    """m active rows fix U = 0: the Schur residual cancels to rounding of the terms that make it
+    up, which must not be mistaken for an inaccurate solve (the null-space fallback is exact but
+    costs an SVD per sample)."""
+    import ddnlib.linalg as linalg
+
+    def fallback(*args):
+        raise AssertionError("null-space fallback taken at a vertex")
+
+    monkeypatch.setattr(linalg, "_null_space_solve", fallback)
+    b, m = 6, 5
+    H = torch.eye(m, dtype=dtype).expand(b, m, m) * 3
+    A = torch.cat([-torch.eye(m - 1, m, dtype=dtype), torch.ones(1, m, dtype=dtype)]).expand(b, m, m)
+    active = torch.ones(b, m, dtype=torch.bool)
+    By = torch.randn(b, m, 2, dtype=dtype)
+    U, W, info = linalg.solve_kkt(H, A, active, By, torch.zeros(b, m, 2, dtype=dtype))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert U.abs().max() <= tol * By.abs().max()
+    torch.testing.assert_close(A.transpose(-1, -2) @ W, By - H @ U, atol=tol * 10, rtol=0)
+    assert not (info.not_pd | info.singular).any()
