@@ -354,3 +354,140 @@ def test_peaked_optimal_transport_with_redundant_marginals():
     result = interior_point.interior_point(Problem(node, (C, a, b), y0.shape), y0, node.options)
     assert bool(result.converged.all())
     torch.testing.assert_close(result.y, P.flatten(1), atol=1e-10, rtol=0)
+
+
+# -- structure: quadratic / affine parts detected by autograd, expanded once, result certified --
+
+
+class Cubic(DeclarativeNode):
+    """argmin Σ (y − x)⁴/4 + ½‖y‖² s.t. Σ y ≤ 1 (``power``: the objective's exponent)."""
+
+    def __init__(self, power: int = 4):
+        super().__init__()
+        self.power = power
+
+    def objective(self, x, y):
+        return ((y - x) ** self.power).sum(-1) / self.power + 0.5 * (y * y).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y.sum(-1, keepdim=True) - 1
+
+
+class ExpBudget(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. Σ exp(y) ≤ 2, y₀ ≥ −1 (a quadratic objective, a nonlinear row)."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return torch.stack([y.exp().sum(-1) - 2, -1 - y[:, 0]], -1)
+
+
+class NormBall(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. ‖y‖ ≤ 1 (the norm: not quadratic)."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y.norm(dim=-1, keepdim=True) - 1
+
+
+class AbsBox(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. |y₀| ≤ 1: ``abs`` has a zero second derivative and no graph to
+    ``y``, so autograd shows the row as affine with the slope of the start's sign."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y[:, :1].abs() - 1
+
+
+def _model(node, x, y0=None):
+    y0 = (node.initial_guess(x) if y0 is None else y0).reshape(x.shape[0], -1)
+    return interior_point._Model(Problem(node, (x,), y0.shape), y0)
+
+
+_STRUCTURE = {  # node, quadratic objective, kind of constraints
+    "qp": (QP(), True, "affine"),  # learnable L (requires grad): Q depends on it, not on y
+    "simplex": (Simplex(), True, "affine"),  # (y − x) ** 2: its Hessian holds (y − x) ** 0
+    "box": (Box(6), True, "affine"),
+    "sphere": (Sphere(), True, "quadratic"),
+    "eigenvector": (TopEigenvector(), True, "quadratic"),
+    "quartic": (Cubic(4), False, "affine"),
+    "cubic": (Cubic(3), False, "affine"),
+    "log": (LogBarrier(), False, "affine"),
+    "exp": (ExpBudget(), True, "nonlinear"),
+    "norm": (NormBall(), True, "nonlinear"),
+}
+
+
+@pytest.mark.parametrize("name,dtype", [(name, dtype) for name in _STRUCTURE
+                                        for dtype in (torch.float64, torch.float32)
+                                        if name != "qp" or dtype == torch.float64])  # f64 QP
+def test_structure_is_detected_only_where_it_is_there(name, dtype):
+    node, quadratic, constraints = _STRUCTURE[name]
+    gen = torch.Generator().manual_seed(11)
+    if isinstance(node, TopEigenvector):
+        B = torch.randn(4, 5, 5, generator=gen, dtype=F64)
+        x = (B @ B.transpose(-1, -2)).to(dtype)
+    else:
+        x = (0.3 * torch.rand(4, 6, generator=gen, dtype=F64) + 0.1).to(dtype)
+    model = _model(node, x)
+    assert (model.quad is not None) == quadratic
+    assert (model.lin is not None) == (constraints != "nonlinear")
+    assert (model.lin is not None and model.lin[2] is not None) == (constraints == "quadratic")
+    for part in (model.quad or ()) + tuple(t for t in (model.lin or ()) if t is not None):
+        assert part.dtype == dtype and not part.requires_grad
+    # convex: a quadratic objective with a positive semi-definite Hessian, affine constraints
+    convex = isinstance(node, (QP, Simplex, Box))
+    assert bool(model.convex.all()) == convex and model.all_convex == convex
+
+
+@pytest.mark.parametrize("case,dtype,tol", [
+    (case, dtype, tol) for case in ("qp", "simplex", "sphere", "eigenvector", "exp", "box")
+    for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 2e-3))
+    if case != "qp" or dtype == torch.float64])  # the QP node holds float64 parameters
+def test_expanded_and_autodiff_paths_agree(case, dtype, tol):
+    gen = torch.Generator().manual_seed(12)
+    if case == "eigenvector":
+        node = TopEigenvector()
+        B = torch.randn(16, 6, 6, generator=gen, dtype=F64)
+        x = B @ B.transpose(-1, -2) / 6
+    else:
+        node = {"qp": QP(), "simplex": Simplex(), "sphere": Sphere(), "exp": ExpBudget(),
+                "box": Box(6)}[case]
+        x = 2 * torch.randn(16, 6, generator=gen, dtype=F64)
+    x = x.to(dtype)
+    y0 = node.initial_guess(x)
+    problem = Problem(node, (x,), y0.shape)
+    fast = interior_point.interior_point(problem, y0, node.options)
+    plain = interior_point.interior_point(problem, y0, node.options, exploit_structure=False)
+    assert bool(fast.converged.all()) and bool(plain.converged.all())
+    assert fast.y.dtype == dtype
+    if case == "eigenvector":  # the sign of an eigenvector is the start's
+        torch.testing.assert_close(fast.y.abs(), plain.y.abs(), atol=tol, rtol=0)
+    else:
+        torch.testing.assert_close(fast.y, plain.y, atol=tol, rtol=0)
+    for a, b in ((fast.eq_multipliers, plain.eq_multipliers),
+                 (fast.ineq_multipliers, plain.ineq_multipliers)):
+        torch.testing.assert_close(a, b, atol=tol * (1 + b.abs().amax().item() if b.numel() else 1), rtol=0)
+    assert bool((fast.residual <= node.options.tol("solver_tol", dtype)).all())
+
+
+def test_a_branch_that_looks_affine_is_caught_by_the_certification():
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(8, 4, generator=gen, dtype=F64)
+    x[:, 0] = -3.0  # the answer has y₀ = −1: the row's slope there is −1, not the start's +1
+    y0 = torch.zeros_like(x)
+    y0[:, 0] = 0.5
+    node = AbsBox()
+    model = _model(node, x, y0)
+    assert model.lin is not None  # autograd is fooled ...
+    result = _run(node, x, y0)    # ... the answer is not
+    assert bool(result.converged.all())
+    expected = x.clone()
+    expected[:, 0] = -1.0
+    torch.testing.assert_close(result.y, expected, atol=1e-9, rtol=0)
+    assert _kkt(node, x, result) < 1e-8
