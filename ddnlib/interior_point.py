@@ -21,42 +21,53 @@ solved by batched Cholesky of ``M = W + J_gᵀ D J_g`` and of the Schur compleme
 ``M`` does not factorise (a non-convex problem, or ``W`` positive definite only on the null space
 of ``J_h``) the solver adds the augmented-Lagrangian term ``ρ J_hᵀJ_h`` (which leaves the solution
 unchanged) and then ``δ T²`` with ``δ = 10^k`` (the inertia correction of N&W §19.3), all after the
-symmetric diagonal scaling ``M = T M̂ T``, ``T² = diag max(|M_ii|, 1)``, that keeps every shift relative to
-its row. A point that passes the stopping test but has negative curvature on the constraints
-(``Zᵀ M Z``, ``Z`` spanning ``null(J_h)``, not positive semi-definite: a maximum or saddle) is left
-along the most negative eigenvector, so the solver does not stop at maxima (samples whose problem
-is convex — quadratic objective with a positive semi-definite Hessian, affine constraints — skip
-this test). No batched LU is used (it is unreliable on multi-threaded CPU builds of torch at sizes
-≳ 150).
+symmetric diagonal scaling ``M = T M̂ T``, ``T² = diag max(|M_ii|, 1)``, that keeps every shift
+relative to its row. A point that passes the stopping test but has negative curvature on the
+constraints (``Zᵀ M Z``, ``Z`` spanning ``null(J_h)``, not positive semi-definite: a maximum or
+saddle) is left along the most negative eigenvector, so the solver does not stop at maxima
+(convex samples, below, skip this test). No batched LU is used (it is unreliable on
+multi-threaded CPU builds of torch at sizes ≳ 150).
 
 Globalisation: fraction-to-boundary ``τ = 0.995`` on ``s`` and ``z`` (separate primal and dual
 step lengths) and an Armijo backtracking line search on the primal step with the ℓ1 barrier merit
 ``φ(y, s) = f − σμ Σ log s + ν (‖h‖₁ + ‖g + s‖₁)`` (N&W §19.4), ``ν`` raised so that the step is a
-descent direction. Starting points need not be feasible: ``s₀ = −g(y₀)`` on rows with
-``−g ≥ 10⁻³ κ``, ``max(−g, κ)`` on the others, ``κ = 0.1 max(1, ‖g(y₀)‖∞)``; ``z₀ = 1``, ``λ₀ = 0``.
-A domain that is not among the constraints (``log y`` needs ``y > 0``) is only defended by the
-line search, which shortens steps that leave it: state such domains as inequality constraints,
-so that the slacks keep the iterates inside.
+descent direction. Where every sample in work is convex the line search is left out, as in
+primal–dual methods for convex QPs (N&W Algorithm 16.4). Starting points need not be feasible:
+``s₀ = −g(y₀)`` on rows with ``−g ≥ 10⁻³ κ``, ``max(−g, κ)`` on the others, ``κ = 0.1 max(1,
+‖g(y₀)‖∞)``; ``z₀ = 1``, ``λ₀ = 0``. A domain that is not among the constraints (``log y`` needs
+``y > 0``) is only defended by the line search, which shortens steps that leave it: state such
+domains as inequality constraints, so that the slacks keep the iterates inside.
 
-Derivatives come from torch autodiff on the batch sum (the problem is separable): ``∇_y L`` with its
-graph, then one vectorised backward pass (``is_grads_batched``) over the ``m + p + q`` rows of
+Near the end (feasibility and complementarity residuals below ``tol^¼``) the active set is guessed
+(``z > s``) and one Newton step on the KKT system with those rows held as equalities is tried
+(exact for a QP); where it gives no KKT point the guess is corrected once as in a primal–dual
+active-set method (rows with a negative multiplier leave it, violated rows join it) and the step
+is tried again. A sample whose step passes the stopping test (at ``s = 0``) is done. Once half the
+samples in work have stopped, the iteration continues on the others only.
+
+Derivatives come from torch autodiff on the batch sum (the problem is separable): ``∇_y L`` with
+its graph, then one vectorised backward pass (``is_grads_batched``) over the ``m + p + q`` rows of
 ``[∇_y L; h; g]`` gives every per-sample Hessian ``W`` and both constraint Jacobians. So one
-iteration costs one forward evaluation, one gradient and one batched second-order pass, plus one
-forward evaluation per backtracking step.
+iteration costs one forward evaluation, one gradient and one batched second-order pass, one
+forward evaluation per backtracking step, and ``O(m³ + (p + q) m²)`` of batched linear algebra per
+sample (two Cholesky factorisations, the predictor's and the corrector's solves).
 
 Structure (``exploit_structure``, on by default). At ``y₀`` the solver builds ``∇²f`` and the
 constraint Jacobian ``J = ∂[h; g]/∂y`` with their graphs and asks autograd whether they depend on
-``y`` at all. Where ``∇²f`` does not, ``f`` is quadratic and is replaced by its exact expansion
-``f(y₀) + ∇f(y₀)ᵀd + ½ dᵀ∇²f d`` (``d = y − y₀``); where ``J`` does not, the constraints are affine,
-``c(y) = c(y₀) + J d``; where ``J`` does but the per-row Hessians ``∇²c_k`` do not (and the batch
-of them, ``b (p + q) m²`` numbers, is at most ``2²²``), they are quadratic, ``c_k(y) = c_k(y₀) +
-J_k d + ½ dᵀ∇²c_k d``. The parts so detected are never evaluated again: for a QP every iteration is
-batched linear algebra (``O(m³ + (p + q) m²)`` per sample, no autodiff), and the other parts keep the
-autodiff pass above. Autograd sees through smooth code only: a branch (``abs``, ``where``,
-``clamp``) makes a piecewise function look affine or quadratic near ``y₀``. So the result is
-certified: at the returned point the stopping test is recomputed from the user's functions by
-autodiff (first order: one gradient and one pass over the ``p + q`` constraint rows), and a
-sample that fails it is solved again from ``y₀`` without the expansions.
+``y`` at all (a path through a power with exponent 0 does not count: torch differentiates
+``u ** 2`` twice into ``2 u ** 0``). Where ``∇²f`` does not, ``f`` is quadratic and is replaced by
+its exact expansion ``f(y₀) + ∇f(y₀)ᵀd + ½ dᵀ∇²f d`` (``d = y − y₀``); where ``J`` does not, the
+constraints are affine, ``c(y) = c(y₀) + J d``; where ``J`` does but the per-row Hessians
+``∇²c_k`` do not (and the batch of them, ``b (p + q) m²`` numbers, is at most ``2²²``), they are
+quadratic, ``c_k(y) = c_k(y₀) + J_k d + ½ dᵀ∇²c_k d``. The parts so detected are never evaluated
+again (for a QP an iteration is batched linear algebra only); the others keep the autodiff pass
+above. A matrix equal in every sample (a shared ``Q``, ``G``, ``A``) is kept once, so that products
+with it are one matrix product. A sample whose ``∇²f`` is positive semi-definite (to ``√eps``) and
+whose constraints are affine is convex. Autograd sees through smooth code only: a branch
+(``abs``, ``where``, ``clamp``) makes a piecewise function look affine or quadratic near ``y₀``.
+So the result is certified: at the returned point the stopping test is recomputed from the user's
+functions by autodiff (first order: one gradient and one pass over the ``p + q`` constraint rows),
+and a sample that fails it is solved again from ``y₀`` without the expansions.
 
 A sample stops when, with ``tol = Options.solver_tol``,
 
@@ -65,8 +76,8 @@ A sample stops when, with ``tol = Options.solver_tol``,
 (each residual relative to the size of the terms it balances). Samples that do not stop within
 ``Options.max_iter`` iterations are reported (:class:`~ddnlib.NonConvergenceWarning`, an error in
 strict mode) with their residuals. The inequality multipliers handed back are ``z`` where
-``z > s`` (the constraint is active) and 0 elsewhere, so the backward needs no least-squares
-recovery of multipliers.
+``z > s`` (the constraint is active) and 0 elsewhere (the multipliers of the active-set step where
+that ended the sample), so the backward needs no least-squares recovery of multipliers.
 """
 
 from __future__ import annotations
