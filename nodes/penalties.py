@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .pooling_scratch import scratch as scratch_buffers
+
 __all__ = ["Penalty", "PENALTIES", "get_penalty"]
 
 
@@ -72,6 +74,10 @@ class Penalty:
         """``φ(z) / λ(c)`` with ``λ(c) > 0`` constant along a row (``c²`` for the penalties that
         scale like ``c²``): compares objectives of one row without overflowing ``c·c``."""
         return self.value(z, c, alpha)
+
+    def ranked_sum(self, z: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
+        """``Σ ranked(z)`` over the last dimension; may overwrite ``z`` (in-place overrides)."""
+        return self.ranked(z, c, alpha).sum(-1)
 
     def curvature_scale(self, c: Tensor) -> Tensor:
         """``κ(c)``, the per-row factor of :meth:`scaled_derivatives` (``1`` by default)."""
@@ -183,6 +189,9 @@ class _Welsch(Penalty):
     def value(self, z, c, alpha):
         return -torch.expm1(-0.5 * (z / c) ** 2)
 
+    def ranked_sum(self, z, c, alpha):
+        return z.div_(c).square_().mul_(-0.5).expm1_().sum(-1).neg_()
+
     def curvature_scale(self, c):
         return c * c
 
@@ -249,6 +258,25 @@ class _General(Penalty):
         _, log1p_q = self._log1p_q(z, c, alpha)
         alpha_safe = torch.where(alpha == 0, 1e-30, alpha)
         return self._a(alpha) / alpha_safe * torch.expm1((0.5 * alpha_safe) * log1p_q)
+
+    def ranked_sum(self, z, c, alpha):  # a/α is constant along a row: out of the sum
+        a = self._a(alpha)
+        alpha_safe = torch.where(alpha == 0, 1e-30, alpha)
+        e = z.div_(c).square_().div_(a).log1p_().mul_(0.5 * alpha_safe).expm1_()
+        return (a / alpha_safe).squeeze(-1) * e.sum(-1)
+
+    def newton_sums(self, z, c, alpha, scratch):
+        """With ``L = log1p(s/a)``: ``c²φ′ = z e^{(α/2−1)L}`` and, as ``1 − (2−α) s/(a + s)
+        = (α − 1) + (2 − α) e^{−L}``, ``Σ c²φ″ = (α − 1) Σ e^{(α/2−1)L} + (2 − α) Σ
+        e^{(α/2−2)L}``: two exponentials of one logarithm, in place."""
+        a = self._a(alpha)
+        with scratch_buffers(z.numel(), z.dtype, z.device, 1) as (power,):
+            log1p_q = torch.div(z, c, out=scratch).square_().div_(a).log1p_()
+            power = torch.mul(log1p_q, 0.5 * alpha - 1, out=power.view(z.shape)).exp_()
+            g = z.mul_(power).sum(-1)
+            inner = log1p_q.mul_(0.5 * alpha - 2).exp_()
+            h = (alpha - 1).squeeze(-1) * power.sum(-1) + (2 - alpha).squeeze(-1) * inner.sum(-1)
+        return g, h
 
     def curvature_scale(self, c):
         return c * c

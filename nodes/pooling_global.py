@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .penalties import Penalty
+from .pooling_scratch import scratch
 
 __all__ = ["histogram_search"]
 
@@ -46,26 +47,35 @@ _PROBLEMS = 8  # open ranges per row
 
 
 def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
-    """``F(u_r) / λ`` per row (the row-ranked objective)."""
-    return penalty.ranked(u[:, None] - x, c, alpha).sum(1)
+    """``F(u_r) / λ`` per row (the row-ranked objective), in place in a scratch buffer."""
+    with scratch(x.numel(), x.dtype, x.device, 1) as (z,):
+        return penalty.ranked_sum(torch.sub(u[:, None], x, out=z.view(x.shape)), c, alpha)
 
 
 def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
             h: Tensor) -> tuple[Tensor, Tensor]:
     """``(L (r, B), u (r,))``: the lower bounds of ``F`` over the bins ``[a + k h, a + (k+1) h]``
     and a candidate, the mean of the entries in the three bins around the smallest bound."""
-    r = x.shape[0]
-    t = ((x - a[:, None]) / h[:, None]).floor_().clamp_(-1, _BINS).add_(1)
-    index = (t.to(torch.int64) + (torch.arange(r, device=x.device) * (_BINS + 2))[:, None]
-             ).flatten()
-    counts = torch.bincount(index, minlength=r * (_BINS + 2)).view(r, _BINS + 2).to(x.dtype)
+    r, n = x.shape
+    with scratch(r * n, x.dtype, x.device, 2) as (f, t), \
+            scratch(r * n, torch.int64, x.device, 1) as (index,):
+        # bin j + 1 of x (0 and B + 1: the outside bins), numbered from row · (B + 2); in place
+        f = torch.sub(x, a[:, None], out=f.view(r, n))
+        t = torch.mul(f, h.reciprocal()[:, None], out=t.view(r, n)).floor_().clamp_(-1, _BINS)
+        index = index.view(r, n).copy_(t).add_(
+            torch.arange(1, r * (_BINS + 2), _BINS + 2, device=x.device)[:, None]).view(-1)
+        counts = torch.bincount(index, minlength=r * (_BINS + 2))
+        # the candidate's sums in x's dtype: it is only a candidate (F is evaluated there)
+        sums = torch.bincount(index, weights=f.view(-1), minlength=r * (_BINS + 2))
+    counts = counts.view(r, _BINS + 2).to(x.dtype)
+    sums = sums.view(r, _BINS + 2).to(x.dtype)
     gaps = (torch.arange(_BINS + 2, device=x.device, dtype=x.dtype) - 1).clamp_min(0) * h[:, None]
     psi = penalty.ranked(gaps, c, alpha)  # (r, B + 2): f(gap_m / c), gap_m = max(0, m − 1) h
-    # L_k = Σ_j count_j ψ_|j−k|: windows of the mirrored ψ (a strided view, no gather)
-    windows = torch.cat([psi.flip(1)[:, :-1], psi], 1).unfold(1, _BINS + 2, 1)
-    bound = (windows * counts[:, None, :]).sum(2).flip(1)[:, 1:-1]  # batched bmm is slower
-    sums = torch.bincount(index, weights=(x - a[:, None]).flatten().to(torch.float64),
-                          minlength=r * (_BINS + 2)).view(r, _BINS + 2).to(x.dtype)
+    # L_k = Σ_j count_j ψ_|j−k|: the counts correlated with the mirrored ψ of their row (a
+    # grouped convolution: 2x faster than a product of windows, 20x than a batched bmm)
+    kernel = torch.cat([psi.flip(1)[:, :-1], psi], 1)[:, None, :]  # (r, 1, 2B + 3)
+    padded = torch.nn.functional.pad(counts, (_BINS + 1, _BINS + 1))[None]  # (1, r, 3B + 4)
+    bound = torch.nn.functional.conv1d(padded, kernel, groups=r)[0, :, 1:-1]
     k = bound.argmin(1, keepdim=True) + 1  # in the padded numbering
     near = torch.cat([k - 1, k, k + 1], 1)
     mean = sums.gather(1, near).sum(1) / counts.gather(1, near).sum(1).clamp_min(1)
@@ -89,7 +99,7 @@ def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
-          work: tuple[Tensor, Tensor] | None = None):
+          work: tuple[Tensor, ...] | None = None):
     """``(Σ κφ′, Σ κφ″)`` at ``u``; with ``work`` (two buffers like ``x``) the in-place sums."""
     if work is None:
         d1, d2 = penalty.scaled_derivatives(u[:, None] - x, c, alpha)
@@ -104,8 +114,16 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
     ends do not bracket keep ``u``): Newton where ``F″ > 0`` and the step stays inside, else
     bisection on the sign of ``F′``. Returns ``(y, converged)``."""
     # newton_sums may square z / c: in place only where no |z / c| reaches 1e18
-    work = ((torch.empty_like(x), torch.empty_like(x))
-            if bool(((x_hi - x_lo) < 1e18 * c.squeeze(1)).all()) else None)
+    with scratch(x.numel(), x.dtype, x.device, 2) as work:
+        work = tuple(w.view(x.shape) for w in work)
+        fast = bool(((x_hi - x_lo) < 1e18 * c.squeeze(1)).all())
+        return _refine_in(penalty, x, c, alpha, lo, hi, u, x_lo, x_hi, tol, max_iter,
+                          work if fast else None)
+
+
+def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
+               u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int,
+               work: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
     sums = lambda u: _sums(penalty, u, x, c, alpha, work)  # noqa: E731
     g_lo, _ = sums(lo)
     g_hi, _ = sums(hi)
@@ -224,7 +242,8 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             rows, fa, fh = p_row[i], p_a[i], p_h[i]
             run_lo = fa + (first[i, q] - 1).clamp_min(0) * fh
             run_hi = fa + (last[i, q] + 2).clamp_max(_BINS) * fh
-            xs, cq, aq = x[rows], c[rows], alpha[rows]
+            every = rows.numel() == r and bool((rows == torch.arange(r, device=dev)).all())
+            xs, cq, aq = (x, c, alpha) if every else (x[rows], c[rows], alpha[rows])
             start = best_u[rows]
             start = torch.where((start > run_lo) & (start < run_hi), start, 0.5 * (run_lo + run_hi))
             u, ok = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows], hi[rows], tol,

@@ -5,9 +5,9 @@ in float32, cached in L2/L3; the per-operation overhead of the vectorised iterat
 smaller blocks: at ``(32, 1024, 1024)`` pseudo-Huber ``2**16``-entry blocks were 1.7x slower);
 with ``torch.get_num_threads() > 1`` on the CPU of ``2**16`` entries, shared among that many
 Python threads (torch releases the GIL; each operation on a block runs single-threaded); ``2**18``
-for the histogram search, whose many small operations are overhead-bound at ``2**16``. The two
-scratch buffers of a block come from a pool kept across calls (at most 4 per dtype, 2 blocks
-each): a fresh buffer of a few MiB costs its page faults on every call.
+for the histogram search, whose many small operations are overhead-bound at ``2**16``. The
+scratch buffers of a block come from :mod:`~.pooling_scratch` (kept across calls: a fresh buffer
+of a MiB or more costs its page faults on every call).
 
 * ``quadratic``: the mean.
 * Convex penalties (``pseudo_huber``, ``huber``, ``general`` with ``α ≥ 1``): safeguarded Newton on
@@ -45,7 +45,6 @@ that, :func:`~.pooling_fused.decide`) and reports rows that did not
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,15 +57,13 @@ from ddnlib.errors import NonConvergenceWarning, report
 from .penalties import Penalty
 from .pooling_fused import compiled, decide, evaluate, mark_failed
 from .pooling_global import histogram_search
+from .pooling_scratch import scratch
 
 __all__ = ["SolverSettings", "solve_rows"]
 
 _BLOCK = 1 << 16  # entries per block of rows shared among threads (256 KiB in float32)
 _SERIAL_BLOCK = 1 << 19  # on one thread: per-block overhead dominates smaller blocks
-_POOLED = 4  # workspaces kept for reuse (per dtype)
-_FREE: dict[torch.dtype, list[tuple[Tensor, Tensor]]] = {}
-_POOL_LOCK = threading.Lock()
-_GLOBAL_BLOCK = 1 << 18  # the histogram search is overhead-bound at 2**16 (4x the ops)
+_GLOBAL_BLOCK = 1 << 19  # the histogram search is overhead-bound below (many small operations)
 _REFINED = 3  # local searches of the multi-start strategy
 _WINDOWS = 4  # truncated-quadratic windows re-evaluated exactly
 
@@ -127,7 +124,7 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
 
     def run(share: list[int]) -> None:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode), \
-                _workspace(x, min(rows, step) * n) as work:
+                scratch(min(rows, step) * n, x.dtype, x.device) as work:
             for start in share:
                 sl = slice(start, start + step)
                 xb = x[sl]
@@ -165,36 +162,6 @@ def _finish(penalty: Penalty, x: Tensor, y: Tensor, total: Tensor, failed: Tenso
 def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
           work: tuple[Tensor, Tensor], mean: Tensor):
     return mean, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-
-
-class _workspace:
-    """Two scratch buffers of ``numel`` entries like ``x``, taken from a process-wide pool on the
-    CPU and given back on exit: a fresh buffer of a few MiB costs its page faults on every call
-    (more than the arithmetic of a small input), a reused one does not."""
-
-    def __init__(self, x: Tensor, numel: int):
-        self.dtype, self.numel, self.device = x.dtype, numel, x.device
-        self.pooled = x.device.type == "cpu" and numel <= _SERIAL_BLOCK
-
-    def __enter__(self) -> tuple[Tensor, Tensor]:
-        self.work = None
-        if self.pooled:
-            with _POOL_LOCK:
-                free = _FREE.setdefault(self.dtype, [])
-                self.work = free.pop() if free else None
-        if self.work is None or self.work[0].numel() < self.numel:
-            with torch.inference_mode(False):  # an inference tensor could not be reused outside
-                size = max(self.numel, self.work[0].numel() if self.work else 0)
-                self.work = tuple(torch.empty(size, dtype=self.dtype, device=self.device)
-                                  for _ in range(2))
-        return self.work
-
-    def __exit__(self, *exc) -> None:
-        if self.pooled:
-            with _POOL_LOCK:
-                free = _FREE[self.dtype]
-                if len(free) < _POOLED:
-                    free.append(self.work)
 
 
 def _check_finite(x: Tensor, y: Tensor, total: Tensor) -> None:
