@@ -157,7 +157,7 @@ class KKTPoint:
     Attributes (``r = p + q`` constraint rows; tensors with a graph are marked):
         y: the point ``(b, m)``, a leaf requiring grad.
         f: the objective ``(b,)``.
-        grad_f: ``∇_y f (b, m)`` (graph).
+        grad_f: ``∇_y f (b, m)`` (with its graph only for an unconstrained problem).
         c: ``[h; g] (b, r)`` (graph).
         A: ``∂c/∂y (b, r, m)``.
         p, q: the numbers of equality and inequality rows.
@@ -318,22 +318,23 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             mu = multipliers_tensor(solution.ineq_multipliers, b, q, yf.dtype, "'mu'", where)
         A_graph = batched_jacobian(c, yf, create_graph=True)  # its graph serves report_rank
         A = A_graph.detach()
-        if not q and active is None and (multipliers is not None or lam is not None):
-            # equalities with known multipliers: ∇_y L in one backward pass, ∇_y f from it
-            nu = (multipliers if multipliers is not None else lam).detach()
-            lagrangian_grad = grad(f.sum() + (c * nu).sum(), [yf], create_graph=True)[0]
-            grad_f = lagrangian_grad.detach() - (A.transpose(-1, -2) @ nu.unsqueeze(-1))[..., 0]
-            active = torch.ones_like(c, dtype=torch.bool)
-            none = torch.zeros(b, 0, dtype=torch.bool, device=yf.device)
-            return KKTPoint(yf, f.detach(), grad_f, c, A, p, active, nu, None, lagrangian_grad,
-                            none, A_graph)
-        grad_f = grad(f.sum(), [yf], create_graph=True)[0]
+        if multipliers is None and (lam is not None or not p) and (mu is not None or not q):
+            multipliers = torch.cat([lam if p else h.new_zeros(b, 0),
+                                     mu if q else g.new_zeros(b, 0)], dim=1)
+        if multipliers is not None:
+            # known multipliers: ∇_y L in one backward pass, ∇_y f from it
+            known = multipliers.detach()
+            full = grad(f.sum() + (c * known).sum(), [yf], create_graph=True)[0]
+            grad_f = full.detach() - (A.transpose(-1, -2) @ known.unsqueeze(-1))[..., 0]
+        else:
+            grad_f_graph = grad(f.sum(), [yf], create_graph=True)[0]
+            grad_f = grad_f_graph.detach()
         f = f.detach()
         tight = _tight(g.detach(), A[:, p:], yf.detach(), active_tol)
         if active is None and not q:
             active = torch.ones_like(c, dtype=torch.bool)
         elif active is None:
-            active, ambiguous = active_set(grad_f.detach(), f, A, p, g.detach(), tight, mu,
+            active, ambiguous = active_set(grad_f, f, A, p, g.detach(), tight, mu,
                                            yf.detach(), active_tol)
             if ambiguous.any():
                 report(OptimalityWarning,
@@ -342,11 +343,13 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
                        "the solution map is not differentiable; the gradient returned is the "
                        "one with these constraints held active (one one-sided derivative).",
                        options.strict)
-        if multipliers is None and (lam is not None or not p) and (mu is not None or not q):
-            multipliers = torch.cat([lam if p else h.new_zeros(b, 0),
-                                     mu if q else g.new_zeros(b, 0)], dim=1)
         if multipliers is None:
-            multipliers = least_squares_multipliers(grad_f.detach(), A, active)
-        nu = (multipliers * active.to(multipliers.dtype)).detach()
-        lagrangian_grad = grad_f + grad((c * nu).sum(), [yf], create_graph=True)[0]
+            nu = least_squares_multipliers(grad_f, A, active) * active.to(grad_f.dtype)
+            lagrangian_grad = grad_f_graph + grad((c * nu).sum(), [yf], create_graph=True)[0]
+        else:
+            nu = known * active.to(known.dtype)
+            dropped = known - nu  # multipliers of rows the active set leaves out
+            lagrangian_grad = full
+            if bool((dropped != 0).any()):
+                lagrangian_grad = full - (A_graph.transpose(-1, -2) @ dropped.unsqueeze(-1))[..., 0]
     return KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, tight, A_graph)

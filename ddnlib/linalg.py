@@ -89,20 +89,24 @@ def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Solve
         H = H + damping * _eye_like(H)
     # a sample with a non-finite H or B (a NaN input) gets a NaN solution and is kept away from
     # LAPACK, which rejects the whole batch on non-finite values
-    finite = torch.isfinite(H).all((-2, -1)) & torch.isfinite(B).all((-2, -1))
-    H = torch.where(finite[:, None, None], H, _eye_like(H))
+    if bool(torch.isfinite(H.sum() + B.sum())):
+        finite = None
+    else:
+        finite = torch.isfinite(H).all((-2, -1)) & torch.isfinite(B).all((-2, -1))
+        H = torch.where(finite[:, None, None], H, _eye_like(H))
     L, not_pd, weak = _cholesky(H)
     X = torch.cholesky_solve(B, L)
     singular = torch.zeros_like(not_pd)
     fallback = not_pd | weak
-    if not bool(fallback.any()) and bool(finite.all()):
+    if not bool(fallback.any()) and finite is None:
         return X, SolveInfo(not_pd=not_pd, singular=singular, factor=L)
     if fallback.any():
         X = X.clone()
         Xf, sing = lstsq(H[fallback], B[fallback])
         X[fallback] = Xf
         singular[fallback] = sing
-    X = torch.where(finite[:, None, None], X, float("nan"))
+    if finite is not None:
+        X = torch.where(finite[:, None, None], X, float("nan"))
     return X, SolveInfo(not_pd=not_pd, singular=singular)
 
 
@@ -126,22 +130,28 @@ def solve_kkt(
     """
     if damping:
         H = H + damping * _eye_like(H)
-    # Curvature along a coordinate that an active bound pins (a row of A with one non-zero) never
-    # enters the solution: an infinite entry there (y^1.5 or y log y at y = 0) is set to zero and
-    # the null-space route, which never reads it, is taken.
-    pinned = pinned_coordinates(A, active)
-    blind = pinned.unsqueeze(-1) | pinned.unsqueeze(-2)
-    sanitised = blind & ~torch.isfinite(H)
-    H = torch.where(sanitised, torch.zeros_like(H), H)
-    forced = sanitised.any((-2, -1))
-    # a non-finite sample (a NaN input) gets a NaN solution and is kept away from LAPACK
-    finite = (torch.isfinite(H).all((-2, -1)) & torch.isfinite(A).all((-2, -1))
-              & torch.isfinite(By).all((-2, -1)) & torch.isfinite(Bc).all((-2, -1)))
-    H = torch.where(finite[:, None, None], H, _eye_like(H))
-    act = active.to(A.dtype) * finite[:, None].to(A.dtype)
-    A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
-    By = torch.where(finite[:, None, None], By, 0.0)
-    Bc = torch.where(finite[:, None, None], Bc, 0.0) * act.unsqueeze(-1)
+    everything_finite = bool(torch.isfinite(H.sum() + A.sum() + By.sum() + Bc.sum()))
+    if everything_finite:  # the common case: one reduction, no masks
+        forced = finite = None
+        act = active.to(A.dtype)
+        A, Bc = A * act.unsqueeze(-1), Bc * act.unsqueeze(-1)
+    else:
+        # Curvature along a coordinate that an active bound pins (a row of A with one non-zero)
+        # never enters the solution: an infinite entry there (y^1.5 or y log y at y = 0) is set
+        # to zero and the null-space route, which never reads it, is taken.
+        pinned = pinned_coordinates(A, active)
+        blind = pinned.unsqueeze(-1) | pinned.unsqueeze(-2)
+        sanitised = blind & ~torch.isfinite(H)
+        H = torch.where(sanitised, torch.zeros_like(H), H)
+        forced = sanitised.any((-2, -1))
+        # a non-finite sample (a NaN input) gets a NaN solution and is kept away from LAPACK
+        finite = (torch.isfinite(H).all((-2, -1)) & torch.isfinite(A).all((-2, -1))
+                  & torch.isfinite(By).all((-2, -1)) & torch.isfinite(Bc).all((-2, -1)))
+        H = torch.where(finite[:, None, None], H, _eye_like(H))
+        act = active.to(A.dtype) * finite[:, None].to(A.dtype)
+        A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
+        By = torch.where(finite[:, None, None], By, 0.0)
+        Bc = torch.where(finite[:, None, None], Bc, 0.0) * act.unsqueeze(-1)
     # equilibrate: row j of A (and of Bc) scaled by d_j = s_H / ‖a_j‖, so W = d · W_scaled
     tiny = torch.finfo(H.dtype).tiny
     s_h = H.abs().amax((-2, -1))
@@ -167,7 +177,9 @@ def solve_kkt(
     terms = (s_h * U.abs().amax((-2, -1)) + Bc.abs().amax((-2, -1))
              + AHiBy.abs().amax((-2, -1)))
     inexact = ~(r_c <= rtol * terms)
-    fallback = h_not_pd | h_weak | s_not_pd | s_weak | inexact | forced
+    fallback = h_not_pd | h_weak | s_not_pd | s_weak | inexact
+    if forced is not None:
+        fallback |= forced
     not_pd = torch.zeros_like(h_not_pd)
     singular = torch.zeros_like(h_not_pd)
     min_eig = None
@@ -180,8 +192,9 @@ def solve_kkt(
         min_eig = torch.full_like(h_not_pd, float("inf"), dtype=H.dtype)
         min_eig[fallback] = eig
     W = W * d.unsqueeze(-1)
-    U = torch.where(finite[:, None, None], U, float("nan"))
-    W = torch.where(finite[:, None, None], W, float("nan"))
+    if finite is not None:
+        U = torch.where(finite[:, None, None], U, float("nan"))
+        W = torch.where(finite[:, None, None], W, float("nan"))
     return U, W, SolveInfo(not_pd=not_pd, singular=singular, min_eig=min_eig)
 
 
