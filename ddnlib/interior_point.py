@@ -230,7 +230,7 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
             y, s, z, lam, converged, iterations, residual, polished, nu, running, escapes, \
                 may_escape = (t[keep] for t in (*state, nu, running, escapes, may_escape))
         ev = model.evaluate(y, lam, z)
-        finite = _finite(ev.gL) & _finite(ev.A) & torch.isfinite(ev.f)
+        finite = _finite(ev.gL) & torch.isfinite(ev.f) & torch.isfinite(ev.a_max)
         rd, re, ri = ev.gL, ev.h, ev.g + s
         parts = _residuals(ev, y, rd, torch.cat([re, ri], 1), s * z)
         res = parts.amax(0)
@@ -303,7 +303,7 @@ def _select(problem: Problem, idx: Tensor) -> Problem:
 def _residuals(ev: _Eval, y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor) -> Tensor:
     """The three relative residuals ``(3, b)`` of the stopping test: stationarity, feasibility,
     complementarity (see the module docstring)."""
-    scale_p = 1 + _amax(ev.A.abs().flatten(1)) * y.abs().amax(-1)
+    scale_p = 1 + ev.a_max * y.abs().amax(-1)
     return torch.stack([rd.abs().amax(-1) / (1 + ev.gf.abs().amax(-1)),
                         _amax(feas.abs()) / scale_p, _amax(comp.abs()) / (1 + ev.f.abs())])
 
@@ -461,10 +461,11 @@ class _Eval:
     gf: Tensor   # (b, m)   ∇_y f
     W: Tensor    # (b, m, m) ∇²_yy L, or (b, 0, m) for a first-order evaluation
     A: Tensor    # (b, p + q, m): [J_h; J_g]
+    a_max: Tensor  # (b,) max |A_ij| (NaN where A is not finite)
 
     def double(self) -> _Eval:
         return _Eval(*(t.double() for t in (self.f, self.h, self.g, self.gL, self.gf, self.W,
-                                             self.A)))
+                                             self.A, self.a_max)))
 
 
 class _Model:
@@ -482,6 +483,7 @@ class _Model:
                                   device=None if y0 is None else y0.device)
         self.all_convex = False
         self._factor: tuple[Tensor, Tensor] | None = None  # see hessian_factor
+        self._a_max: Tensor | None = None  # max |J| per sample, for constant J
         if y0 is not None:
             self._detect(y0)
 
@@ -526,6 +528,8 @@ class _Model:
         sub.all_convex = self.all_convex or bool(sub.convex.all())
         if self._factor:
             sub._factor = tuple(_take(t, idx) for t in self._factor)
+        if self._a_max is not None:
+            sub._a_max = _take(self._a_max, idx)
         if self.y0 is not None:
             sub.y0 = self.y0[idx]
         if self.quad is not None:
@@ -625,7 +629,13 @@ class _Model:
         else:
             gf = gT if auto_f else gf
             gL = gf + Atw
-        return _Eval(f, h, g, gL, gf, W, A)
+        if not auto_c and C is None:  # constant A
+            if self._a_max is None:
+                self._a_max = _abs_max(A)
+            a_max = self._a_max
+        else:
+            a_max = _abs_max(A)
+        return _Eval(f, h, g, gL, gf, W, A, a_max)
 
 
 def _depends(t: Tensor, y: Tensor) -> bool:
@@ -788,6 +798,15 @@ def _gram(A: Tensor, D: Tensor) -> Tensor:
     return A.transpose(-1, -2) @ (D.unsqueeze(-1) * A)
 
 
+def _abs_max(A: Tensor) -> Tensor:
+    """``max |A_ij|`` per sample of ``A (b, k, m)`` (0 for ``k = 0``; NaN propagates)."""
+    if not A.shape[1]:
+        return A.new_zeros(A.shape[0])
+    if A.stride(0) == 0:
+        return A[0].abs().amax().expand(A.shape[0])
+    return A.abs().amax((-2, -1))
+
+
 def _finite(t: Tensor) -> Tensor:
     """Whether each sample of ``t (b, ...)`` is finite (a max reduction: NaN propagates)."""
     return torch.isfinite(_amax(t.abs().flatten(1)))
@@ -821,6 +840,13 @@ def _max_step(v: Tensor, dv: Tensor, tau: float) -> Tensor:
     return (tau * torch.where(dv < 0, v / -dv, torch.inf).amin(-1)).clamp(max=1.0)
 
 
+def _max_steps(s: Tensor, ds: Tensor, z: Tensor, dz: Tensor, tau: float
+               ) -> tuple[Tensor, Tensor]:
+    """:func:`_max_step` for ``s`` and for ``z`` (``q > 0`` rows), in one pass."""
+    a = _max_step(torch.stack([s, z]), torch.stack([ds, dz]), tau)
+    return a[0], a[1]
+
+
 def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: int, q: int):
     """One predictor–corrector iteration with line search (without, where every sample is
     convex); frozen where not ``running``."""
@@ -839,13 +865,13 @@ def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: in
     if q:
         mu = (s * z).mean(-1)
         dy, ds, dz, dlam = _direction(K, Ag, s, z, D, rd, re, ri, s * z)
-        a_p, a_d = _max_step(s, ds, 1.0), _max_step(z, dz, 1.0)
+        a_p, a_d = _max_steps(s, ds, z, dz, 1.0)
         mu_aff = ((s + a_p[:, None] * ds) * (z + a_d[:, None] * dz)).mean(-1)
         sigma = (mu_aff / mu.clamp_min(torch.finfo(mu.dtype).tiny)).clamp(0, 1) ** 3
         target = sigma * mu
         rc = s * z + ds * dz - target.unsqueeze(-1)
         dy, ds, dz, dlam = _direction(K, Ag, s, z, D, rd, re, ri, rc)
-        a_p, a_d = _max_step(s, ds, _TAU), _max_step(z, dz, _TAU)
+        a_p, a_d = _max_steps(s, ds, z, dz, _TAU)
     else:
         target = y.new_zeros(y.shape[0])
         dy, ds, dz, dlam = _direction(K, Ag, s, z, D, rd, re, ri, s * z)
@@ -880,7 +906,7 @@ def _penalty(ev: _Eval, y, s, z, lam, re, ri, dy, ds, dz, dlam, M, target, p: in
     slope_f = (ev.gf * dy).sum(-1) - (target.unsqueeze(-1) * ds / s).sum(-1)
     curvature = (dy * _mv(M, dy)).sum(-1).clamp_min(0)
     # a violation at rounding level (linear constraints once met) must not inflate ν
-    rounding = 64 * torch.finfo(y.dtype).eps * (c1.new_ones(()) + _amax(ev.A.abs().flatten(1))
+    rounding = 64 * torch.finfo(y.dtype).eps * (c1.new_ones(()) + ev.a_max
                                                 * y.abs().amax(-1)) * max(p + q, 1)
     needed = torch.where(c1 > rounding, (slope_f + 0.5 * curvature) / (0.5 * c1).clamp_min(
         torch.finfo(y.dtype).tiny), torch.zeros_like(c1))
