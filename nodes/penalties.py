@@ -305,8 +305,8 @@ PENALTIES: dict[str, Penalty] = {
     p.name: p
     for p in (
         _Quadratic("quadratic", uses_c=False, closed_form="mean"),
-        # |φ‴| = 3|t| (1 + t²)^{−5/2} / c ≤ 3 · ½ · (5/4)^{−5/2} / c ≈ 0.8587 / c (at t = ½)
-        _PseudoHuber("pseudo_huber", curvature_lipschitz=0.8588),
+        # |φ‴| = 3|t| (1 + t²)^{−5/2} / c ≤ 3 · ½ · (5/4)^{−5/2} / c = 0.85865… / c (at t = ½)
+        _PseudoHuber("pseudo_huber", curvature_lipschitz=0.8587),
         _Huber("huber"),
         _Welsch("welsch", convex_from=float("inf"), radial=True),
         _TruncatedQuadratic("truncated_quadratic", convex_from=float("inf"),

@@ -109,10 +109,11 @@ def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
 
 def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
             u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int
-            ) -> tuple[Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor]:
     """A root of ``F′`` in ``[lo, hi]`` from ``u``, where ``F′(lo) ≤ 0 ≤ F′(hi)`` (rows where the
     ends do not bracket keep ``u``): Newton where ``F″ > 0`` and the step stays inside, else
-    bisection on the sign of ``F′``. Returns ``(y, converged)``."""
+    bisection on the sign of ``F′``. Returns ``(y, converged, moved)``: ``moved`` where an end
+    had to move out (the run's own minima, if any, were not searched)."""
     # newton_sums may square z / c: in place only where no |z / c| reaches 1e18
     with scratch(x.numel(), x.dtype, x.device, 2) as work:
         work = tuple(w.view(x.shape) for w in work)
@@ -123,10 +124,11 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
 
 def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
                u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int,
-               work: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+               work: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
     sums = lambda u: _sums(penalty, u, x, c, alpha, work)  # noqa: E731
     g_lo, _ = sums(lo)
     g_hi, _ = sums(hi)
+    moved = (g_lo > 0) | (g_hi < 0)
     # an end where F still descends outwards moves out (width doubling, then the data's range,
     # where F′(min x) ≤ 0 ≤ F′(max x) always holds) until the ends bracket a minimum
     width = hi - lo
@@ -164,7 +166,7 @@ def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor
     g, h = sums(u)
     newton = u - g / h
     u = torch.where((h > 0) & (newton >= lo) & (newton <= hi), newton, u)
-    return u, done & bracketed
+    return u, done & bracketed, moved
 
 
 def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol: float,
@@ -246,15 +248,18 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             xs, cq, aq = (x, c, alpha) if every else (x[rows], c[rows], alpha[rows])
             start = best_u[rows]
             start = torch.where((start > run_lo) & (start < run_hi), start, 0.5 * (run_lo + run_hi))
-            u, ok = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows], hi[rows], tol,
-                            max_iter)
+            u, ok, moved = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows],
+                                   hi[rows], tol, max_iter)
             f = _objective(penalty, u, xs, cq, aq)
-            failed.append((rows[~ok], lower[i, q][~ok]))  # judged against the final best
+            # a run whose ends did not bracket a minimum (or had to move out: F rises at an
+            # end into the run, whose own minima were then not searched) is not settled
+            unsettled = ~ok | moved
+            failed.append((rows[unsettled], lower[i, q][unsettled]))  # judged against the best
             f = torch.where(ok, f, float("inf"))
             best_f.scatter_reduce_(0, rows, f, "amin")
             hit = (f == best_f[rows]).nonzero().flatten()
             best_u[rows[hit]] = u[hit]
-    for rows, lower in failed:  # a run whose ends did not bracket a minimum, if it matters
+    for rows, lower in failed:  # a run not settled by its refinement, if it matters
         resolved[rows[lower <= best_f[rows]]] = False
     for p_row, *_, lower in finals:  # a run beyond the refined ones that might be better
         if lower.shape[1] > _RUNS:
