@@ -412,6 +412,7 @@ def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples
     y_out, lam_out, mu_out = y.clone(), lam.clone(), z.clone()
     res_out = torch.full_like(y[:, 0], float("inf"))
     idx = samples.nonzero().flatten()
+    model.hessian_factor()  # once, for every subset
     sub = model.select(idx) if idx.numel() < samples.numel() else model
     y, lam, z, active = y[idx], lam[idx], z[idx], (z > s)[idx]
     for attempt in range(_POLISH_TRIES):
@@ -438,7 +439,14 @@ def _active_step(model: _Model, y: Tensor, lam: Tensor, z: Tensor, active: Tenso
     act = torch.cat([torch.ones_like(lam, dtype=torch.bool), active], 1)
     A = ev.A * act.unsqueeze(-1).double()
     c = torch.cat([ev.h, ev.g], 1) * act.double()
-    K = _Condensed(ev.W, A, inactive=~act, factor=model.hessian_factor())
+    known = model.hessian_factor()
+    if known is None:
+        K = _Condensed(ev.W, A, inactive=~act)
+    else:  # W⁻¹ Aᵀ and A W⁻¹ Aᵀ of the rows held: the constant ones, masked
+        r, L, WiJt, JWiJt = known
+        K = _Condensed(ev.W, A, inactive=~act, factor=(r, L),
+                       schur=(WiJt * act.unsqueeze(-2), JWiJt * (act.unsqueeze(-1)
+                                                                  & act.unsqueeze(-2))))
     dy, dnu = K.solve(ev.gL, c)
     y_new = y + dy.to(y.dtype)
     nu_new = (torch.cat([lam, mu], 1).double() + dnu).to(y.dtype) * act
@@ -538,20 +546,25 @@ class _Model:
             sub.lin = tuple(None if t is None else _take(t, idx) for t in self.lin)
         return sub
 
-    def hessian_factor(self) -> tuple[Tensor, Tensor] | None:
-        """The scaled Cholesky factor ``(T⁻¹, L)`` (float64) of ``W = ∇²f`` where ``W`` is the
-        same at every ``y`` and for every multiplier (quadratic objective, affine constraints)
-        and positive definite in every sample, for :class:`_Condensed`; else None. Computed
-        once (for one sample where ``∇²f`` is shared)."""
+    def hessian_factor(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Where ``W = ∇²f`` is the same at every ``y`` and for every multiplier (quadratic
+        objective, affine constraints) and positive definite in every sample: its scaled Cholesky
+        factor ``(T⁻¹, L)`` and, with ``J`` the constant constraint Jacobian, ``W⁻¹ Jᵀ`` and
+        ``J W⁻¹ Jᵀ`` (float64), for :class:`_Condensed`; else None. Computed once (for one sample
+        where ``∇²f`` and ``J`` are shared)."""
         if self._factor is None:
             self._factor = False
             if self.quad is not None and self.lin is not None and self.lin[2] is None:
-                H = self.quad[2].double()
-                shared = H.stride(0) == 0
-                r, L, info, _ = _scaled_cholesky(H[:1] if shared else H)
+                H, J = self.quad[2].double(), self.lin[1].double()
+                shared = H.stride(0) == 0 and J.stride(0) == 0
+                one = (lambda t: t[:1]) if shared else (lambda t: t.contiguous())
+                r, L, info, _ = _scaled_cholesky(one(H))
                 if bool((info == 0).all()):
-                    self._factor = ((r.expand(H.shape[:2]), L.expand(H.shape)) if shared
-                                    else (r, L))
+                    Jt = one(J).transpose(-1, -2)
+                    WiJt = r.unsqueeze(-1) * torch.cholesky_solve(r.unsqueeze(-1) * Jt, L)
+                    parts = (r, L, WiJt, one(J) @ WiJt)
+                    self._factor = (tuple(t.expand(H.shape[0], *t.shape[1:]) for t in parts)
+                                    if shared else parts)
         return self._factor or None
 
     def _quadratic(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -683,11 +696,12 @@ class _Condensed:
     """
 
     def __init__(self, M: Tensor, Ah: Tensor, inactive: Tensor | None = None,
-                 factor: tuple[Tensor, Tensor] | None = None):
+                 factor: tuple[Tensor, Tensor] | None = None,
+                 schur: tuple[Tensor, Tensor] | None = None):
         b, m, _ = M.shape
         eps = torch.finfo(M.dtype).eps
         self.rho = M.new_zeros(b)
-        if factor is not None:  # (T⁻¹, L) of M from :meth:`_Model.hessian_factor`
+        if factor is not None:  # (T⁻¹, L) of M, from :meth:`_Model.hessian_factor`
             (self.r, self.L), self.augmented = factor, False
         else:
             self.r, self.L, info, Ms = _scaled_cholesky(M)
@@ -725,8 +739,11 @@ class _Condensed:
             self.L[todo] = eye
         self.Ah = Ah
         if Ah.shape[1]:
-            self.MiAt = self._solve_m(Ah.transpose(-1, -2))
-            S = Ah @ self.MiAt
+            if schur is None:
+                self.MiAt = self._solve_m(Ah.transpose(-1, -2))
+                S = Ah @ self.MiAt
+            else:  # (M⁻¹ Ahᵀ, Ah M⁻¹ Ahᵀ) known
+                self.MiAt, S = schur
             S = 0.5 * (S + S.transpose(-1, -2))
             diag = S.diagonal(dim1=-2, dim2=-1)
             if inactive is not None:  # rows of Ah that are zero: W = 0 there
