@@ -67,7 +67,8 @@ whose constraints are affine is convex. Autograd sees through smooth code only: 
 (``abs``, ``where``, ``clamp``) makes a piecewise function look affine or quadratic near ``y₀``.
 So the result is certified: at the returned point the stopping test is recomputed from the user's
 functions by autodiff (first order: one gradient and one pass over the ``p + q`` constraint rows),
-and a sample that fails it is solved again from ``y₀`` without the expansions.
+and a converged sample that fails it, or one that did not converge where the expansions and
+autodiff disagree at its last point, is solved again from ``y₀`` without the expansions.
 
 A sample stops when, with ``tol = Options.solver_tol``,
 
@@ -165,9 +166,10 @@ def interior_point(problem: Problem, y0: Tensor, options: Options, *,
     out = _solve(model, y0, options, tol)
     if model.expanded:
         # the expansions are checked where they were used: the stopping test from autodiff
-        redo = out.converged & ~_certified(_Model(problem, None), out, tol)
+        redo = ~_certified(model, out, tol)
         if redo.any():
             idx = redo.nonzero().flatten()
+            out.y, out.lam, out.mu = out.y.clone(), out.lam.clone(), out.mu.clone()
             sub = _select(problem, idx)
             again = _solve(_Model(sub, None), y0[idx], options, tol)
             for name in ("y", "lam", "mu", "converged", "iterations", "residual"):
@@ -279,18 +281,26 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
     return _Outcome(y, lam, mu, s, z, polished, converged, iterations, residual)
 
 
-def _certified(truth: _Model, out: _Outcome, tol: float) -> Tensor:
-    """Where the stopping test that ended each sample (polished: at ``s = 0`` with ``μ``; else the
-    interior test) passes with the user's functions differentiated by autodiff; also stores that
-    residual in ``out.residual``."""
-    ev = truth.evaluate(out.y, out.lam, out.z, second_order=False)
+def _certified(model: _Model, out: _Outcome, tol: float) -> Tensor:
+    """Which samples of ``out`` (solved on the expansions of ``model``) stand up to the user's
+    functions differentiated by autodiff: a converged sample where the stopping test that ended
+    it (polished: at ``s = 0`` with ``μ``; else the interior test) passes (that residual is stored
+    in ``out.residual``), a sample that did not converge where ``∇L`` and the constraint values
+    agree with the expansions' to the same tolerances (so that solving it again would not help)."""
+    ev = _Model(model.problem, None).evaluate(out.y, out.lam, out.z, second_order=False)
     pol = out.polished.unsqueeze(-1)
     feas = torch.where(pol, ev.g.clamp_min(0), ev.g + out.s)
     comp = torch.where(pol, out.z * ev.g, out.s * out.z)
-    res = _residuals(ev, out.y, ev.gL, torch.cat([ev.h, feas], 1), comp).amax(0)
-    ok = torch.isfinite(res) & (res <= tol)
+    parts = _residuals(ev, out.y, ev.gL, torch.cat([ev.h, feas], 1), comp)
+    res = parts.amax(0)
     out.residual = torch.where(out.converged, res, out.residual)
-    return ok
+    ok = torch.isfinite(res) & (res <= tol)
+    if bool(out.converged.all()):
+        return ok
+    em = model.evaluate(out.y, out.lam, out.z, second_order=False)
+    gap = _residuals(ev, out.y, ev.gL - em.gL, torch.cat([ev.h - em.h, ev.g - em.g], 1),
+                     ev.f.new_zeros(ev.f.shape[0], 0))[:2].amax(0)
+    return torch.where(out.converged, ok, torch.isfinite(gap) & (gap <= tol))
 
 
 def _select(problem: Problem, idx: Tensor) -> Problem:

@@ -491,3 +491,17 @@ def test_a_branch_that_looks_affine_is_caught_by_the_certification():
     expected[:, 0] = -1.0
     torch.testing.assert_close(result.y, expected, atol=1e-9, rtol=0)
     assert _kkt(node, x, result) < 1e-8
+
+
+def test_unconverged_samples_are_solved_again_only_where_the_expansion_was_wrong():
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(6, 4, generator=gen, dtype=F64)
+    x[:, 0] = -3.0
+    y0 = torch.zeros_like(x)
+    y0[:, 0] = 0.5
+    for node, wrong in ((AbsBox(), True), (Simplex(), False)):
+        model = _model(node, x, y0)
+        out = interior_point._solve(model, y0, Options(max_iter=1), 1e-10)
+        assert not bool(out.converged.any())
+        trusted = interior_point._certified(model, out, 1e-10)
+        assert bool((trusted != wrong).all())
