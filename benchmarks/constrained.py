@@ -2,10 +2,12 @@
 
 * OptNet-style QP, ``b = 64, n = 20``, 10 inequalities, 2 equalities:
   ``argmin ½ yᵀQy + xᵀy`` s.t. ``G y ≤ h``, ``A y = 0`` — ddnlib's batched interior point
-  (:mod:`ddnlib.interior_point`, the default for such nodes) and the opt-in per-sample SLSQP vs
-  qpth (batched primal–dual interior point) and cvxpylayers. Forward and backward (input
-  gradient) timed apart.
-* Simplex projection, ``b = 128, n = 16``: the same solvers vs the sort-based closed form.
+  (:mod:`ddnlib.interior_point`, the default for such nodes; it finds the problem a QP and
+  iterates on its expansion), the same with ``exploit_structure=False`` (autodiff of the user's
+  functions every iteration) and the opt-in per-sample SLSQP vs qpth (batched primal–dual
+  interior point) and cvxpylayers. Forward and backward (input gradient) timed apart.
+* Simplex projection, ``b = 128, n = 16``: the interior point (both ways) and qpth vs the
+  sort-based closed form.
 * Sphere ``‖y‖ = r`` as an equality, ``b = 64, n ∈ {16, 256}``: the default (the interior point at
   ``n = 16``; the matrix-free SQP at ``n = 256``, beyond ``dense_max``; there the dense interior
   point forced takes ~30 s and is not timed) vs ``r x/‖x‖``; the generic backward vs autograd
@@ -39,7 +41,7 @@ class OptNetQP(DeclarativeNode):
     """``argmin ½ yᵀQy + xᵀy`` s.t. ``G y ≤ h``, ``A y = 0`` (``y = 0`` strictly feasible)."""
 
     def __init__(self, n: int = 20, q: int = 10, p: int = 2, seed: int = 0,
-                 ipm: bool = True, options: Options | None = None):
+                 ipm: bool = True, options: Options | None = None, structure: bool = True):
         super().__init__(options)
         gen = torch.Generator().manual_seed(seed)
         L = torch.randn(n, n, generator=gen, dtype=F64) / n**0.5
@@ -47,7 +49,7 @@ class OptNetQP(DeclarativeNode):
         self.register_buffer("G", torch.randn(q, n, generator=gen, dtype=F64))
         self.register_buffer("h", torch.rand(q, generator=gen, dtype=F64) + 0.1)
         self.register_buffer("A", torch.randn(p, n, generator=gen, dtype=F64))
-        self.ipm = ipm
+        self.ipm, self.structure = ipm, structure
 
     def objective(self, x, y):
         return 0.5 * ((y @ self.Q) * y).sum(-1) + (x * y).sum(-1)
@@ -62,15 +64,17 @@ class OptNetQP(DeclarativeNode):
         return torch.zeros_like(x)
 
     def solve(self, x):
-        return interior_point.solve(self, x) if self.ipm else slsqp_solve(self, x)
+        if not self.ipm:
+            return slsqp_solve(self, x)
+        return interior_point.solve(self, x, exploit_structure=self.structure)
 
 
 class Simplex(DeclarativeNode):
     """``argmin ½‖y − x‖²`` s.t. ``1ᵀy = 1``, ``y ≥ 0``."""
 
-    def __init__(self, ipm: bool = True):
+    def __init__(self, ipm: bool = True, structure: bool = True):
         super().__init__()
-        self.ipm = ipm
+        self.ipm, self.structure = ipm, structure
 
     def objective(self, x, y):
         return 0.5 * ((y - x) ** 2).sum(-1)
@@ -82,7 +86,9 @@ class Simplex(DeclarativeNode):
         return -y
 
     def solve(self, x):
-        return interior_point.solve(self, x) if self.ipm else super().solve(x)
+        if not self.ipm:
+            return super().solve(x)
+        return interior_point.solve(self, x, exploit_structure=self.structure)
 
 
 class Sphere(DeclarativeNode):
@@ -196,6 +202,8 @@ def _qp(report: Report, settings: Settings) -> None:
     if layer is not None:
         solvers["cvxpylayers"] = layer
     if not settings.quick:
+        solvers["ddnlib interior point, autodiff every iteration"] = OptNetQP(
+            n, q, p, structure=False).requires_grad_(False)
         solvers["ddnlib opt-in SLSQP"] = OptNetQP(n, q, p, ipm=False).requires_grad_(False)
     setting = f"OptNet QP b={b} n={n} q={q} p={p}"
     times = _forward_backward(report, settings, setting, x, v, solvers,
@@ -209,6 +217,8 @@ def _simplex(report: Report, settings: Settings) -> None:
     x = 2 * torch.randn(b, n, generator=gen, dtype=F64)
     v = torch.randn(b, n, generator=gen, dtype=F64)
     solvers = {"sort closed form": sort_simplex, "ddnlib interior point": Simplex()}
+    if not settings.quick:
+        solvers["ddnlib interior point, autodiff every iteration"] = Simplex(structure=False)
     QPFunction = _qpth()
     if QPFunction is not None:
         eye = torch.eye(n, dtype=F64)

@@ -128,8 +128,8 @@ class IPMResult:
                                "residual": self.residual})
 
 
-def solve(node, *xs: Tensor, y0: Tensor | None = None, options: Options | None = None
-          ) -> Solution:
+def solve(node, *xs: Tensor, y0: Tensor | None = None, options: Options | None = None,
+          exploit_structure: bool = True) -> Solution:
     """Solve ``node`` at ``xs`` by :func:`interior_point`, as a node's ``solve`` would.
 
     Starts from ``y0`` (default ``node.initial_guess(*xs)``) with ``options`` (default
@@ -137,7 +137,8 @@ def solve(node, *xs: Tensor, y0: Tensor | None = None, options: Options | None =
     *xs)``; the default solver does the same for inequality-constrained nodes.
     """
     y0 = node.initial_guess(*xs) if y0 is None else y0
-    return interior_point(Problem(node, xs, y0.shape), y0, options or node.options).solution()
+    return interior_point(Problem(node, xs, y0.shape), y0, options or node.options,
+                          exploit_structure=exploit_structure).solution()
 
 
 def interior_point(problem: Problem, y0: Tensor, options: Options, *,
