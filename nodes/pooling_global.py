@@ -145,6 +145,7 @@ def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor
     g, h = sums(u)
     scale = torch.minimum(c.squeeze(1), hi - lo)
     done = ~bracketed
+    stepped = torch.zeros_like(done)  # converged by a Newton step (accurate to rounding)
     for _ in range(max_iter):
         step_tol = tol * (u.abs() + scale)
         newton = u - g / h
@@ -152,6 +153,7 @@ def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor
         converged = ~done & ((g == 0) | (inside & ((newton - u).abs() <= step_tol))
                              | (hi - lo <= step_tol))
         u = torch.where(converged & inside, newton, u)
+        stepped = stepped | (converged & inside)
         done = done | converged
         if bool(done.all()):
             break
@@ -163,9 +165,11 @@ def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor
         g, h = torch.where(done, g, g_t), torch.where(done, h, h_t)
     # a bracket that closed below the tolerance leaves u up to tol from the root: one more
     # Newton step (kept inside the final bracket) makes the answer accurate to rounding
-    g, h = sums(u)
-    newton = u - g / h
-    u = torch.where((h > 0) & (newton >= lo) & (newton <= hi), newton, u)
+    closed = done & bracketed & ~stepped
+    if bool(closed.any()):
+        g, h = sums(u)
+        newton = u - g / h
+        u = torch.where(closed & (h > 0) & (newton >= lo) & (newton <= hi), newton, u)
     return u, done & bracketed, moved
 
 
