@@ -39,11 +39,15 @@ primal–dual methods for convex QPs (N&W Algorithm 16.4). Starting points need 
 domains as inequality constraints, so that the slacks keep the iterates inside.
 
 Near the end (feasibility and complementarity residuals below ``tol^¼``) the active set is guessed
-(``z > s``) and one Newton step on the KKT system with those rows held as equalities is tried
-(exact for a QP); where it gives no KKT point the guess is corrected once as in a primal–dual
-active-set method (rows with a negative multiplier leave it, violated rows join it) and the step
-is tried again. A sample whose step passes the stopping test (at ``s = 0``) is done. Once half the
-samples in work have stopped, the iteration continues on the others only.
+(``z > s``) and one Newton step on the KKT system with those rows held as equalities is tried;
+where it gives no KKT point the guess is corrected once as in a primal–dual active-set method
+(rows with a negative multiplier leave it, violated rows join it; Hintermüller, Ito & Kunisch,
+SIAM J. Optim. 13, 2002) and the step tried again. Where the KKT conditions are linear (a QP:
+quadratic objective, affine constraints, below) that step is exact, so it is tried from the first
+iteration (residuals below 1) with up to three corrections: most samples end there, and the
+interior iteration is the fallback of the active-set one. A sample whose step passes the stopping
+test (at ``s = 0``) is done. Once half the samples in work have stopped, the iteration continues
+on the others only.
 
 Derivatives come from torch autodiff on the batch sum (the problem is separable): ``∇_y L`` with
 its graph, then one vectorised backward pass (``is_grads_batched``) over the ``m + p + q`` rows of
@@ -98,8 +102,6 @@ __all__ = ["IPMResult", "interior_point", "solve"]
 _TAU = 0.995
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 30
-_POLISH_TRIES = 2
-_POLISH_EXP = 0.25
 _MAX_CACHED = 2**22  # most numbers b (p + q) m² kept for constant constraint Hessians
 
 
@@ -221,6 +223,10 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
     polished = torch.zeros_like(running)
     may_escape = ~model.convex
     whole, idx, stored = model, None, None  # idx: the samples in work, when not all
+    # where the KKT conditions are linear (a QP) the active-set step is exact: it is tried from
+    # residuals of order one and its guess corrected up to three times (a primal–dual active-set
+    # method); elsewhere near the end only, corrected once
+    near_at, tries = (1.0, 4) if model.linear_kkt else (tol**0.25, 2)
     for it in range(options.max_iter + 1):
         if it and 2 * int(running.sum()) <= running.numel():
             state = (y, s, z, lam, converged, iterations, residual, polished)
@@ -250,9 +256,9 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
         # near the end the active set is known: one Newton step on it (exact for a QP) ends the
         # sample if it gives a KKT point; the interior iteration is ill-conditioned from there on
         if q:
-            near = running & ~done & (parts[1:].amax(0) <= tol**_POLISH_EXP)
+            near = running & ~done & (parts[1:].amax(0) <= near_at)
             if near.any():
-                ok, y_p, lam_p, mu_p, res_p = _polish(model, y, lam, z, s, near, tol)
+                ok, y_p, lam_p, mu_p, res_p = _polish(model, y, lam, z, s, near, tol, tries)
                 keep = ok.unsqueeze(-1)
                 y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam),
                                                                     (mu_p, z)))
@@ -273,7 +279,7 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
         y, s, z, lam, converged, iterations, residual, polished = stored
     final = converged & ~polished
     if final.any():
-        ok, y_p, lam_p, mu_p, res_p = _polish(whole, y, lam, z, s, final, tol)
+        ok, y_p, lam_p, mu_p, res_p = _polish(whole, y, lam, z, s, final, tol, tries)
         keep = ok.unsqueeze(-1)
         y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam), (mu_p, z)))
         s = torch.where(keep, torch.zeros_like(s), s)
@@ -407,14 +413,15 @@ def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor,
 
 
 def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples: Tensor,
-            tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            tol: float, tries: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Newton steps on the KKT system with a guess of the active inequalities held as
     equalities, for ``samples (b,)``.
 
     The interior point approaches the active constraints at ``g ≈ −s``, ``s ≈ μ/z``; a step with
     the rows ``z > s`` active puts them at ``g = 0`` (exact for a QP). Where that is no KKT point,
-    the guess is corrected once as in a primal–dual active-set method (rows with a negative
-    multiplier leave it, violated rows join it) and the step is taken again from the same point.
+    the guess is corrected as in a primal–dual active-set method (rows with a negative multiplier
+    leave it, violated rows join it) and the step is taken again from the same point, ``tries``
+    steps in all.
     Returns the mask of samples where a step gives a KKT point (stopping test passed with ``s =
     0``: inactive constraints satisfied, active multipliers non-negative, stationarity), the new
     ``y``, ``λ``, ``μ`` and the residual there (the input state and ``inf`` elsewhere).
@@ -426,14 +433,14 @@ def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples
     model.hessian_factor()  # once, for every subset
     sub = model.select(idx) if idx.numel() < samples.numel() else model
     y, lam, z, active = y[idx], lam[idx], z[idx], (z > s)[idx]
-    for attempt in range(_POLISH_TRIES):
+    for attempt in range(tries):
         good, y_new, lam_new, mu_new, res, g = _active_step(sub, y, lam, z, active, tol)
         where = idx[good]
         y_out[where], lam_out[where], mu_out[where] = y_new[good], lam_new[good], mu_new[good]
         res_out[where], ok[where] = res[good], True
         guess = (active & (mu_new > 0)) | (g > 0)
         again = (~good & (guess != active).any(-1)).nonzero().flatten()
-        if attempt + 1 == _POLISH_TRIES or again.numel() == 0:
+        if attempt + 1 == tries or again.numel() == 0:
             break
         idx, sub = idx[again], sub.select(again)
         y, lam, z, active = y[again], lam[again], z[again], guess[again]
@@ -509,6 +516,11 @@ class _Model:
     @property
     def expanded(self) -> bool:
         return self.quad is not None or self.lin is not None
+
+    @property
+    def linear_kkt(self) -> bool:
+        """Quadratic objective and affine constraints: the KKT conditions are linear in ``y``."""
+        return self.quad is not None and self.lin is not None and self.lin[2] is None
 
     def _detect(self, y0: Tensor) -> None:
         problem = self.problem
