@@ -211,10 +211,11 @@ class _Welsch(Penalty):
         return s.neg_().add_(1).mul_(e)
 
     def newton_sums(self, z, c, alpha, scratch):
-        s = torch.div(z, c, out=scratch).square_().clamp_max_(_S_MAX)
-        e = torch.mul(s, -0.5).exp_()
-        g = z.mul_(e).sum(-1)
-        h = e.mul_(s.neg_().add_(1)).sum(-1)
+        with scratch_buffers(z.numel(), z.dtype, z.device, 1) as (e,):
+            s = torch.div(z, c, out=scratch).square_().clamp_max_(_S_MAX)
+            e = torch.mul(s, -0.5, out=e.view(z.shape)).exp_()
+            g = z.mul_(e).sum(-1)
+            h = e.mul_(s.neg_().add_(1)).sum(-1)
         return g, h
 
 

@@ -44,6 +44,7 @@ _FINE = 0.25  # bin width / c at which the runs are refined
 _LEVELS = 10
 _RUNS = 3
 _PROBLEMS = 8  # open ranges per row
+_NEWTON_FIRST = 3  # plain Newton steps tried in a run before its ends are evaluated
 
 
 def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
@@ -57,13 +58,16 @@ def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
     """``(L (r, B), u (r,))``: the lower bounds of ``F`` over the bins ``[a + k h, a + (k+1) h]``
     and a candidate, the mean of the entries in the three bins around the smallest bound."""
     r, n = x.shape
+    # int32 bin numbers where they fit (half the memory traffic of int64 for bincount)
+    itype = torch.int32 if r * (_BINS + 2) < 2**31 else torch.int64
     with scratch(r * n, x.dtype, x.device, 2) as (f, t), \
-            scratch(r * n, torch.int64, x.device, 1) as (index,):
+            scratch(r * n, itype, x.device, 1) as (index,):
         # bin j + 1 of x (0 and B + 1: the outside bins), numbered from row · (B + 2); in place
         f = torch.sub(x, a[:, None], out=f.view(r, n))
         t = torch.mul(f, h.reciprocal()[:, None], out=t.view(r, n)).floor_().clamp_(-1, _BINS)
         index = index.view(r, n).copy_(t).add_(
-            torch.arange(1, r * (_BINS + 2), _BINS + 2, device=x.device)[:, None]).view(-1)
+            torch.arange(1, r * (_BINS + 2), _BINS + 2, device=x.device, dtype=itype)[:, None]
+        ).view(-1)
         counts = torch.bincount(index, minlength=r * (_BINS + 2))
         # the candidate's sums in x's dtype: it is only a candidate (F is evaluated there)
         sums = torch.bincount(index, weights=f.view(-1), minlength=r * (_BINS + 2))
@@ -110,16 +114,38 @@ def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
 def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
             u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int
             ) -> tuple[Tensor, Tensor, Tensor]:
-    """A root of ``F′`` in ``[lo, hi]`` from ``u``, where ``F′(lo) ≤ 0 ≤ F′(hi)`` (rows where the
-    ends do not bracket keep ``u``): Newton where ``F″ > 0`` and the step stays inside, else
-    bisection on the sign of ``F′``. Returns ``(y, converged, moved)``: ``moved`` where an end
+    """A root of ``F′`` in ``[lo, hi]`` from ``u``: plain Newton if it converges inside for
+    every row (:func:`_newton_inside`); otherwise from the ends, where ``F′(lo) ≤ 0 ≤ F′(hi)``
+    (rows where the ends do not bracket keep ``u``): Newton where ``F″ > 0`` and the step stays
+    inside, else bisection on the sign of ``F′``. Returns ``(y, converged, moved)``: ``moved`` where an end
     had to move out (the run's own minima, if any, were not searched)."""
     # newton_sums may square z / c: in place only where no |z / c| reaches 1e18
     with scratch(x.numel(), x.dtype, x.device, 2) as work:
         work = tuple(w.view(x.shape) for w in work)
         fast = bool(((x_hi - x_lo) < 1e18 * c.squeeze(1)).all())
-        return _refine_in(penalty, x, c, alpha, lo, hi, u, x_lo, x_hi, tol, max_iter,
-                          work if fast else None)
+        work = work if fast else None
+        found = _newton_inside(penalty, x, c, alpha, lo, hi, u, tol, work)
+        if found is not None:
+            return found, torch.ones_like(u, dtype=torch.bool), torch.zeros_like(u, dtype=torch.bool)
+        return _refine_in(penalty, x, c, alpha, lo, hi, u, x_lo, x_hi, tol, max_iter, work)
+
+
+def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor,
+                   hi: Tensor, u: Tensor, tol: float, work: tuple[Tensor, Tensor] | None,
+                   steps: int = _NEWTON_FIRST) -> Tensor | None:
+    """Plain Newton from ``u``: the local minimum it converges to if, for every row, within
+    ``steps`` steps each with ``F″ > 0`` and inside ``[lo, hi]`` (a minimum of the run, as the
+    bracketed search would give, without evaluating the ends); ``None`` otherwise."""
+    scale = torch.minimum(c.squeeze(1), hi - lo)
+    for _ in range(steps):
+        g, h = _sums(penalty, u, x, c, alpha, work)
+        newton = u - g / h
+        if not bool(((h > 0) & (newton >= lo) & (newton <= hi)).all()):
+            return None
+        if bool(((newton - u).abs() <= tol * (u.abs() + scale)).all()):
+            return newton
+        u = newton
+    return None
 
 
 def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
@@ -207,12 +233,14 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         ub = best_f[row]
         slack = (1e-6 + n * torch.finfo(x.dtype).eps) * ub.abs()
         survive = bound <= (ub + slack)[:, None]
-        first, last, lower = _runs(survive, bound)
         # bins below c / 4, or a range of a few ulps (c far below the spacing of equal entries)
         fine = (h <= _FINE * cp.squeeze(1)) | (b - a <= 64 * torch.finfo(x.dtype).eps * a.abs())
         if bool(fine.any()):
             i = fine.nonzero().flatten()
-            finals.append((row[i], a[i], h[i], first[i], last[i], lower[i]))
+            finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i])))
+            if i.numel() == row.numel():  # every problem refined: none left open
+                row = row[:0]
+                break
         lo_k = torch.where(survive, nb, _BINS).amin(1)
         hi_k = torch.where(survive, nb, -1).amax(1)
         new_a, new_b = a + lo_k * h, a + (hi_k + 1) * h
@@ -222,7 +250,8 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         # a range that does not halve splits into quarters, each cut to its surviving bins:
         # separated clusters part, and bins too coarse to prune become four times finer
         quarter = _BINS // 4
-        for q in range(4):
+        splits = bool(split.any())
+        for q in range(4 if splits else 0):
             part = survive & (nb >= q * quarter) & (nb < (q + 1) * quarter)
             take = split & part.any(1)
             q_lo = torch.where(part, nb, _BINS).amin(1)[take]
@@ -231,6 +260,8 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             children_a.append(a[take] + q_lo * h[take])
             children_b.append(a[take] + (q_hi + 1) * h[take])
         row, a, b = torch.cat(children_rows), torch.cat(children_a), torch.cat(children_b)
+        if not splits:
+            continue
         crowded = torch.bincount(row, minlength=r) > _PROBLEMS  # too many open ranges: give up
         if bool(crowded.any()):
             resolved[crowded] = False
