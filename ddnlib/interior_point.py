@@ -44,8 +44,8 @@ where it gives no KKT point the guess is corrected once as in a primal–dual ac
 (rows with a negative multiplier leave it, violated rows join it; Hintermüller, Ito & Kunisch,
 SIAM J. Optim. 13, 2002) and the step tried again. Where the KKT conditions are linear (a QP:
 quadratic objective, affine constraints, below) that step is exact, so it is tried from the first
-iteration (residuals below 1) with up to three corrections: most samples end there, and the
-interior iteration is the fallback of the active-set one. A sample whose step passes the stopping
+iteration (residuals below 1), a sample's first try with up to five corrections: most samples end
+there, and the interior iteration is the fallback of the active-set one. A sample whose step passes the stopping
 test (at ``s = 0``) is done. Once half the samples in work have stopped, the iteration continues
 on the others only.
 
@@ -224,9 +224,10 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
     may_escape = ~model.convex
     whole, idx, stored = model, None, None  # idx: the samples in work, when not all
     # where the KKT conditions are linear (a QP) the active-set step is exact: it is tried from
-    # residuals of order one and its guess corrected up to three times (a primal–dual active-set
-    # method); elsewhere near the end only, corrected once
-    near_at, tries = (1.0, 4) if model.linear_kkt else (tol**0.25, 2)
+    # residuals of order one, a sample's first try with up to five corrections of its guess (a
+    # primal–dual active-set method), later ones (and elsewhere, near the end only) with one
+    near_at, first_tries = (1.0, 6) if model.linear_kkt else (tol**0.25, 2)
+    tries = torch.full((b,), first_tries, dtype=torch.long, device=device)
     for it in range(options.max_iter + 1):
         if it and 2 * int(running.sum()) <= running.numel():
             state = (y, s, z, lam, converged, iterations, residual, polished)
@@ -237,7 +238,8 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
             keep = running.nonzero().flatten()
             idx, model = idx[keep], model.select(keep)
             y, s, z, lam, converged, iterations, residual, polished, nu, running, escapes, \
-                may_escape = (t[keep] for t in (*state, nu, running, escapes, may_escape))
+                may_escape, tries = (t[keep] for t in (*state, nu, running, escapes, may_escape,
+                                                       tries))
         ev = model.evaluate(y, lam, z)
         finite = _finite(ev.gL) & torch.isfinite(ev.f) & torch.isfinite(ev.a_max)
         rd, re, ri = ev.gL, ev.h, ev.g + s
@@ -259,6 +261,7 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
             near = running & ~done & (parts[1:].amax(0) <= near_at)
             if near.any():
                 ok, y_p, lam_p, mu_p, res_p = _polish(model, y, lam, z, s, near, tol, tries)
+                tries = torch.where(near, 2, tries)
                 keep = ok.unsqueeze(-1)
                 y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam),
                                                                     (mu_p, z)))
@@ -279,7 +282,8 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
         y, s, z, lam, converged, iterations, residual, polished = stored
     final = converged & ~polished
     if final.any():
-        ok, y_p, lam_p, mu_p, res_p = _polish(whole, y, lam, z, s, final, tol, tries)
+        ok, y_p, lam_p, mu_p, res_p = _polish(whole, y, lam, z, s, final, tol,
+                                              torch.full_like(iterations, 2))
         keep = ok.unsqueeze(-1)
         y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam), (mu_p, z)))
         s = torch.where(keep, torch.zeros_like(s), s)
@@ -413,15 +417,15 @@ def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor,
 
 
 def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples: Tensor,
-            tol: float, tries: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            tol: float, tries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Newton steps on the KKT system with a guess of the active inequalities held as
     equalities, for ``samples (b,)``.
 
     The interior point approaches the active constraints at ``g ≈ −s``, ``s ≈ μ/z``; a step with
     the rows ``z > s`` active puts them at ``g = 0`` (exact for a QP). Where that is no KKT point,
     the guess is corrected as in a primal–dual active-set method (rows with a negative multiplier
-    leave it, violated rows join it) and the step is taken again from the same point, ``tries``
-    steps in all.
+    leave it, violated rows join it) and the step is taken again from the same point, ``tries
+    (b,)`` steps in all.
     Returns the mask of samples where a step gives a KKT point (stopping test passed with ``s =
     0``: inactive constraints satisfied, active multipliers non-negative, stationarity), the new
     ``y``, ``λ``, ``μ`` and the residual there (the input state and ``inf`` elsewhere).
@@ -432,18 +436,18 @@ def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples
     idx = samples.nonzero().flatten()
     model.hessian_factor()  # once, for every subset
     sub = model.select(idx) if idx.numel() < samples.numel() else model
-    y, lam, z, active = y[idx], lam[idx], z[idx], (z > s)[idx]
-    for attempt in range(tries):
+    y, lam, z, active, tries = y[idx], lam[idx], z[idx], (z > s)[idx], tries[idx]
+    for attempt in range(int(tries.max()) if idx.numel() else 0):
         good, y_new, lam_new, mu_new, res, g = _active_step(sub, y, lam, z, active, tol)
         where = idx[good]
         y_out[where], lam_out[where], mu_out[where] = y_new[good], lam_new[good], mu_new[good]
         res_out[where], ok[where] = res[good], True
         guess = (active & (mu_new > 0)) | (g > 0)
-        again = (~good & (guess != active).any(-1)).nonzero().flatten()
-        if attempt + 1 == tries or again.numel() == 0:
+        again = (~good & (guess != active).any(-1) & (tries > attempt + 1)).nonzero().flatten()
+        if again.numel() == 0:
             break
         idx, sub = idx[again], sub.select(again)
-        y, lam, z, active = y[again], lam[again], z[again], guess[again]
+        y, lam, z, active, tries = y[again], lam[again], z[again], guess[again], tries[again]
     return ok, y_out, lam_out, mu_out, res_out
 
 
