@@ -45,16 +45,17 @@ where it gives no KKT point the guess is corrected once as in a primal–dual ac
 SIAM J. Optim. 13, 2002) and the step tried again. Where the KKT conditions are linear (a QP:
 quadratic objective, affine constraints, below) that step is exact, so it is tried from the first
 iteration (residuals below 1), a sample's first try with up to five corrections: most samples end
-there, and the interior iteration is the fallback of the active-set one. A sample whose step passes the stopping
-test (at ``s = 0``) is done. Once half the samples in work have stopped, the iteration continues
-on the others only.
+there, and the interior iteration is the fallback of the active-set one. A sample whose step
+passes the stopping test (at ``s = 0``) is done. Once half the samples in work have stopped, the
+iteration continues on the others only.
 
 Derivatives come from torch autodiff on the batch sum (the problem is separable): ``∇_y L`` with
 its graph, then one vectorised backward pass (``is_grads_batched``) over the ``m + p + q`` rows of
 ``[∇_y L; h; g]`` gives every per-sample Hessian ``W`` and both constraint Jacobians. So one
 iteration costs one forward evaluation, one gradient and one batched second-order pass, one
 forward evaluation per backtracking step, and ``O(m³ + (p + q) m²)`` of batched linear algebra per
-sample (two Cholesky factorisations, the predictor's and the corrector's solves).
+sample (two Cholesky factorisations, the predictor's and the corrector's solves), plus each
+active-set try: an evaluation and the factorisation of its condensed system.
 
 Structure (``exploit_structure``, on by default). At ``y₀`` the solver builds ``∇²f`` and the
 constraint Jacobian ``J = ∂[h; g]/∂y`` with their graphs and asks autograd whether they depend on
