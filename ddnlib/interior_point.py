@@ -256,16 +256,16 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
             s = torch.where(escaping.unsqueeze(-1), s_esc, s)
             escapes += escaping.long()
             done &= ~escaping
-        # near the end the active set is known: one Newton step on it (exact for a QP) ends the
-        # sample if it gives a KKT point; the interior iteration is ill-conditioned from there on
+        # the active-set step (module docstring) ends the samples where it gives a KKT point; the
+        # interior iteration is ill-conditioned near the end
         if q:
             near = running & ~done & (parts[1:].amax(0) <= near_at)
             if near.any():
                 ok, y_p, lam_p, mu_p, res_p = _polish(model, y, lam, z, s, near, tol, tries)
                 tries = torch.where(near, 2, tries)
                 keep = ok.unsqueeze(-1)
-                y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam),
-                                                                    (mu_p, z)))
+                y, lam, z = (torch.where(keep, new, old) for new, old in ((y_p, y), (lam_p, lam),
+                                                                            (mu_p, z)))
                 s = torch.where(keep, torch.zeros_like(s), s)
                 residual = torch.where(ok, res_p, residual)
                 polished |= ok
@@ -286,7 +286,8 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
         ok, y_p, lam_p, mu_p, res_p = _polish(whole, y, lam, z, s, final, tol,
                                               torch.full_like(iterations, 2))
         keep = ok.unsqueeze(-1)
-        y, lam, z = (torch.where(keep, a, b) for a, b in ((y_p, y), (lam_p, lam), (mu_p, z)))
+        y, lam, z = (torch.where(keep, new, old)
+                     for new, old in ((y_p, y), (lam_p, lam), (mu_p, z)))
         s = torch.where(keep, torch.zeros_like(s), s)
         polished |= ok
     mu = torch.where(polished.unsqueeze(-1) | (z > s), z, torch.zeros_like(z))
