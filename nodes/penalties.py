@@ -194,8 +194,8 @@ class _Welsch(Penalty):
     def value(self, z, c, alpha):
         return -torch.expm1(-0.5 * (z / c) ** 2)
 
-    def ranked_sum(self, z, c, alpha):
-        return z.div_(c).square_().mul_(-0.5).expm1_().sum(-1).neg_()
+    def ranked_sum(self, z, c, alpha):  # expm1(−s/2) = −1 beyond s_max: exact, and fast
+        return z.div_(c).square_().clamp_max_(_s_max(z.dtype)).mul_(-0.5).expm1_().sum(-1).neg_()
 
     def curvature_scale(self, c):
         return c * c
@@ -285,15 +285,15 @@ class _General(Penalty):
         return (a / alpha_safe).squeeze(-1) * e.sum(-1)
 
     def newton_sums(self, z, c, alpha, scratch):
-        """With ``L = log1p(s/a)``: ``c²φ′ = z e^{(α/2−1)L}`` and, as ``1 − (2−α) s/(a + s)
-        = (α − 1) + (2 − α) e^{−L}``, ``Σ c²φ″ = (α − 1) Σ e^{(α/2−1)L} + (2 − α) Σ
-        e^{(α/2−2)L}``: two exponentials of one logarithm, in place."""
+        """With ``q = 1 + s/a`` and ``P = q^{α/2−1}``: ``c²φ′ = z P`` and, as ``1 − (2−α) s/(a + s)
+        = (α − 1) + (2 − α)/q``, ``Σ c²φ″ = (α − 1) Σ P + (2 − α) Σ P/q``: one logarithm, one
+        exponential and one division per entry, in place."""
         a = self._a(alpha)
         with scratch_buffers(z.numel(), z.dtype, z.device, 1) as (power,):
-            log1p_q = torch.div(z, c, out=scratch).square_().div_(a).log1p_()
-            power = torch.mul(log1p_q, 0.5 * alpha - 1, out=power.view(z.shape)).exp_()
+            q = torch.div(z, c, out=scratch).square_().div_(a).add_(1)
+            power = torch.log(q, out=power.view(z.shape)).mul_(0.5 * alpha - 1).exp_()
             g = z.mul_(power).sum(-1)
-            inner = log1p_q.mul_(0.5 * alpha - 2).exp_()
+            inner = torch.div(power, q, out=q)
             h = (alpha - 1).squeeze(-1) * power.sum(-1) + (2 - alpha).squeeze(-1) * inner.sum(-1)
         return g, h
 

@@ -56,7 +56,7 @@ def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor)
 def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
             h: Tensor) -> tuple[Tensor, Tensor]:
     """``(L (r, B), u (r,))``: the lower bounds of ``F`` over the bins ``[a + k h, a + (k+1) h]``
-    and a candidate, the mean of the entries in the three bins around the smallest bound."""
+    and a candidate near the entries of the three bins around the smallest bound."""
     r, n = x.shape
     # int32 bin numbers where they fit (half the memory traffic of int64 for bincount)
     itype = torch.int32 if r * (_BINS + 2) < 2**31 else torch.int64
@@ -69,10 +69,7 @@ def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
             torch.arange(1, r * (_BINS + 2), _BINS + 2, device=x.device, dtype=itype)[:, None]
         ).view(-1)
         counts = torch.bincount(index, minlength=r * (_BINS + 2))
-        # the candidate's sums in x's dtype: it is only a candidate (F is evaluated there)
-        sums = torch.bincount(index, weights=f.view(-1), minlength=r * (_BINS + 2))
     counts = counts.view(r, _BINS + 2).to(x.dtype)
-    sums = sums.view(r, _BINS + 2).to(x.dtype)
     gaps = (torch.arange(_BINS + 2, device=x.device, dtype=x.dtype) - 1).clamp_min(0) * h[:, None]
     psi = penalty.ranked(gaps, c, alpha)  # (r, B + 2): f(gap_m / c), gap_m = max(0, m − 1) h
     # L_k = Σ_j count_j ψ_|j−k|: the counts correlated with the mirrored ψ of their row (a
@@ -80,10 +77,14 @@ def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
     kernel = torch.cat([psi.flip(1)[:, :-1], psi], 1)[:, None, :]  # (r, 1, 2B + 3)
     padded = torch.nn.functional.pad(counts, (_BINS + 1, _BINS + 1))[None]  # (1, r, 3B + 4)
     bound = torch.nn.functional.conv1d(padded, kernel, groups=r)[0, :, 1:-1]
+    # the candidate: the count-weighted mean of the centres of the three bins around the smallest
+    # bound (within h/2 of the entries' mean there; only a candidate: F is evaluated at it)
     k = bound.argmin(1, keepdim=True) + 1  # in the padded numbering
     near = torch.cat([k - 1, k, k + 1], 1)
-    mean = sums.gather(1, near).sum(1) / counts.gather(1, near).sum(1).clamp_min(1)
-    return bound, a + mean
+    weight = counts.gather(1, near)
+    centre = (near - 0.5).clamp(0, _BINS).to(x.dtype)  # outside bins: their inner edge
+    mean = (weight * centre).sum(1) / weight.sum(1).clamp_min(1)
+    return bound, a + mean * h
 
 
 def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
