@@ -166,7 +166,7 @@ def interior_point(problem: Problem, y0: Tensor, options: Options, *,
         return _without(problem, y0, options, finite_in, exploit_structure)
     tol = options.tol("solver_tol", y0.dtype)
     y0 = y0.detach().reshape(b, m)
-    model = _Model(problem, y0 if exploit_structure else None)
+    model = _Model(problem, y0, expand=exploit_structure)
     out = _solve(model, y0, options, tol)
     if model.expanded:
         # the expansions are checked where they were used: the stopping test from autodiff
@@ -175,7 +175,7 @@ def interior_point(problem: Problem, y0: Tensor, options: Options, *,
             idx = redo.nonzero().flatten()
             out.y, out.lam, out.mu = out.y.clone(), out.lam.clone(), out.mu.clone()
             sub = _select(problem, idx)
-            again = _solve(_Model(sub, None), y0[idx], options, tol)
+            again = _solve(_Model(sub, y0[idx], expand=False), y0[idx], options, tol)
             for name in ("y", "lam", "mu", "converged", "iterations", "residual"):
                 getattr(out, name)[idx] = getattr(again, name)
     _report(problem, out.converged, out.residual, out.iterations, options, tol)
@@ -300,7 +300,8 @@ def _certified(model: _Model, out: _Outcome, tol: float) -> Tensor:
     it (polished: at ``s = 0`` with ``μ``; else the interior test) passes (that residual is stored
     in ``out.residual``), a sample that did not converge where ``∇L`` and the constraint values
     agree with the expansions' to the same tolerances (so that solving it again would not help)."""
-    ev = _Model(model.problem, None).evaluate(out.y, out.lam, out.z, second_order=False)
+    truth = _Model(model.problem, model.y0, expand=False)
+    ev = truth.evaluate(out.y, out.lam, out.z, second_order=False)
     pol = out.polished.unsqueeze(-1)
     feas = torch.where(pol, ev.g.clamp_min(0), ev.g + out.s)
     comp = torch.where(pol, out.z * ev.g, out.s * out.z)
@@ -503,20 +504,19 @@ class _Eval:
 class _Model:
     """The problem's values and derivatives at any ``y (b, m)``: by autodiff of the user's
     functions, except for the parts found quadratic (objective) or affine / quadratic
-    (constraints) at ``y₀``, which come from their exact expansion about ``y₀`` (module
-    docstring). ``y0=None``: everything by autodiff, nothing evaluated up front."""
+    (constraints) at ``y₀ (b, m)``, which come from their exact expansion about ``y₀`` (module
+    docstring). Without ``expand``: everything by autodiff, nothing evaluated up front."""
 
-    def __init__(self, problem: Problem, y0: Tensor | None):
+    def __init__(self, problem: Problem, y0: Tensor, expand: bool = True):
         self.problem, self.y0 = problem, y0
         self.quad: tuple[Tensor, Tensor, Tensor] | None = None  # f(y₀), ∇f(y₀), ∇²f
         self.lin: tuple[Tensor, Tensor, Tensor | None] | None = None  # c(y₀), J(y₀), ∇²c_k
         self.p = 0
-        self.convex = torch.zeros(problem.batch, dtype=torch.bool,
-                                  device=None if y0 is None else y0.device)
+        self.convex = torch.zeros(problem.batch, dtype=torch.bool, device=y0.device)
         self.all_convex = False
         self._factor: tuple[Tensor, Tensor] | None = None  # see hessian_factor
         self._a_max: Tensor | None = None  # max |J| per sample, for constant J
-        if y0 is not None:
+        if expand:
             self._detect(y0)
 
     @property
@@ -560,15 +560,13 @@ class _Model:
 
     def select(self, idx: Tensor) -> _Model:
         """The model of the samples ``idx``."""
-        sub = _Model(_select(self.problem, idx), None)
+        sub = _Model(_select(self.problem, idx), self.y0[idx], expand=False)
         sub.p, sub.convex = self.p, self.convex[idx]
         sub.all_convex = self.all_convex or bool(sub.convex.all())
         if self._factor:
             sub._factor = tuple(_take(t, idx) for t in self._factor)
         if self._a_max is not None:
             sub._a_max = _take(self._a_max, idx)
-        if self.y0 is not None:
-            sub.y0 = self.y0[idx]
         if self.quad is not None:
             sub.quad = tuple(_take(t, idx) for t in self.quad)
         if self.lin is not None:
