@@ -661,8 +661,9 @@ class _Model:
         if not auto_c:
             c, A, C = self._constraints(y)
             h, g = c[:, :self.p], c[:, self.p:]
-            if second_order and C is not None:
-                W = W + torch.einsum("bk,bkij->bij", w, C)
+            if second_order and C is not None:  # Σ_k w_k ∇²c_k
+                W = W + (w @ C[0].flatten(1) if C.stride(0) == 0 else
+                         (w.unsqueeze(-1) * C.flatten(2)).sum(1)).unflatten(1, C.shape[2:])
         Atw = _mtv(A, w)
         if auto_f and auto_c:
             gL, gf = gT, gT - Atw
@@ -702,7 +703,7 @@ def _sym(M: Tensor) -> Tensor:
 
 def _shared(t: Tensor) -> Tensor:
     """``t (b, ...)`` as an expanded view of its first sample where every sample equals it."""
-    first = t[:1].expand_as(t)
+    first = t[:1].contiguous().expand_as(t)
     return first if t.shape[0] > 1 and torch.equal(t, first) else t.contiguous()
 
 

@@ -505,3 +505,34 @@ def test_unconverged_samples_are_solved_again_only_where_the_expansion_was_wrong
         out.converged[:] = False  # as if the iteration had stopped at its last point
         trusted = interior_point._certified(model, out, 1e-10)
         assert bool((trusted != wrong).all())
+
+
+class Ellipsoid(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. Σ d_i y_i² ≤ 1 with ``d`` per sample: a quadratic row whose Hessian
+    differs between samples."""
+
+    def objective(self, x, d, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, d, y):
+        return (d * y * y).sum(-1, keepdim=True) - 1
+
+    def initial_guess(self, x, d):
+        return torch.zeros_like(x)
+
+
+def test_per_sample_quadratic_constraints_agree_with_autodiff():
+    gen = torch.Generator().manual_seed(15)
+    x = 2 * torch.randn(12, 5, generator=gen, dtype=F64)
+    d = torch.rand(12, 5, generator=gen, dtype=F64) + 0.5
+    node = Ellipsoid()
+    y0 = node.initial_guess(x, d)
+    problem = Problem(node, (x, d), y0.shape)
+    model = interior_point._Model(problem, y0)
+    assert model.lin is not None and model.lin[2] is not None and model.lin[2].stride(0) != 0
+    fast = interior_point.interior_point(problem, y0, node.options)
+    plain = interior_point.interior_point(problem, y0, node.options, exploit_structure=False)
+    assert bool(fast.converged.all()) and bool(plain.converged.all())
+    torch.testing.assert_close(fast.y, plain.y, atol=1e-8, rtol=0)
+    torch.testing.assert_close(fast.ineq_multipliers, plain.ineq_multipliers, atol=1e-8, rtol=0)
+    assert bool(((d * fast.y**2).sum(-1) <= 1 + 1e-9).all())
