@@ -106,9 +106,10 @@ def _solve(node, *xs):
 
     if xs[0].shape[0] == 0:
         return node.initial_guess(*xs)
-    if type(node).solve is DeclarativeNode.solve:  # the default: with what it hands the backward
-        return default_solution(node, xs)
-    return node.solve(*xs)
+    solve = node.solve  # (an instance attribute may stand in for the method)
+    if getattr(solve, "__func__", None) is DeclarativeNode.solve:  # the default, with what it
+        return default_solution(node, xs)                          # hands the backward pass
+    return solve(*xs)
 
 
 def _node_vjp(node, *xs, y, v, ctx):

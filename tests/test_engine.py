@@ -340,3 +340,10 @@ def test_no_factor_from_an_unconverged_or_non_finite_newton():
         assert default_solution(node, (x,)).hessian_cholesky is None
     x[1, 0] = float("nan")
     assert default_solution(PseudoHuberRegression(), (x,)).hessian_cholesky is None
+
+
+def test_a_solve_set_on_the_instance_is_used():
+    node = Quartic()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    node.solve = lambda x: 0.5 * x
+    torch.testing.assert_close(node(x), 0.5 * x)
