@@ -327,7 +327,9 @@ PENALTIES: dict[str, Penalty] = {
         # |φ‴| = 3|t| (1 + t²)^{−5/2} / c ≤ 3 · ½ · (5/4)^{−5/2} / c = 0.85865… / c (at t = ½)
         _PseudoHuber("pseudo_huber", curvature_lipschitz=0.8587),
         _Huber("huber"),
-        _Welsch("welsch", convex_from=float("inf"), radial=True),
+        # |∂(e (1 − s))/∂z| = |t (3 − t²)| e^{−t²/2} / c ≤ √6 t₀ e^{−t₀²/2} / c = 1.38012… / c
+        # (t₀² = 3 − √6)
+        _Welsch("welsch", convex_from=float("inf"), radial=True, curvature_lipschitz=1.3802),
         _TruncatedQuadratic("truncated_quadratic", convex_from=float("inf"),
                             closed_form="sorted_window"),
         _General("general", uses_alpha=True, convex_from=1.0, radial=True),

@@ -136,14 +136,24 @@ def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
                    steps: int = _NEWTON_FIRST) -> Tensor | None:
     """Plain Newton from ``u``: the local minimum it converges to if, for every row, within
     ``steps`` steps each with ``F″ > 0`` and inside ``[lo, hi]`` (a minimum of the run, as the
-    bracketed search would give, without evaluating the ends); ``None`` otherwise."""
+    bracketed search would give, without evaluating the ends); ``None`` otherwise. Converged:
+    the step is below the tolerance, or a Lipschitz bound on ``Σ κφ″``
+    (``Penalty.curvature_lipschitz``) proves the error after it below
+    (:func:`~.pooling_fused.decide`)."""
     scale = torch.minimum(c.squeeze(1), hi - lo)
+    lam = penalty.curvature_lipschitz
+    lip = x.shape[1] * lam / c.squeeze(1) if lam < float("inf") else None
     for _ in range(steps):
         g, h = _sums(penalty, u, x, c, alpha, work)
         newton = u - g / h
         if not bool(((h > 0) & (newton >= lo) & (newton <= hi)).all()):
             return None
-        if bool(((newton - u).abs() <= tol * (u.abs() + scale)).all()):
+        step, tol_u = (newton - u).abs(), tol * (u.abs() + scale)
+        small = step <= tol_u
+        if lip is not None:  # the error after the step is provably below tol_u (see decide)
+            bound = lip * step
+            small = small | ((bound * step <= tol_u * h) & (4 * bound <= h))
+        if bool(small.all()):
             return newton
         u = newton
     return None
