@@ -870,6 +870,9 @@ def _direction(K: _Condensed, Ag: Tensor, s: Tensor, z: Tensor, D: Tensor, rd: T
                re: Tensor, ri: Tensor, rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dy, ds, dz, dλ)`` of the Newton system with complementarity residual ``rc (b, q)``
     (``D = z / s``)."""
+    if not Ag.shape[1]:  # no inequality rows
+        dy, dlam = K.solve(rd, re)
+        return dy, rc, rc, dlam
     rcs = rc / s
     rt = rd + _mtv(Ag, D * ri - rcs)
     dy, dlam = K.solve(rt, re)
@@ -904,7 +907,7 @@ def _step(model: _Model, ev: _Eval, y, s, z, lam, nu, rd, re, ri, running, p: in
         ev = ev.double()
     Ah, Ag = ev.A[:, :p], ev.A[:, p:]
     D = z / s
-    M = ev.W + _gram(Ag, D)
+    M = ev.W + _gram(Ag, D) if q else ev.W
     M = torch.where(_finite(M)[:, None, None], M, torch.eye(m, dtype=M.dtype, device=M.device))
     K = _Condensed(M, Ah)
     if q:
