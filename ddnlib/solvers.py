@@ -158,8 +158,8 @@ def newton(problem: Problem, y0: Tensor, options) -> Solution:
     running = torch.ones(b, dtype=torch.bool, device=y.device)
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     factor = None  # the last dense factorisation, kept only when every sample has converged
+    kkt = problem.kkt(y, options=options)
     for _ in range(options.max_iter):
-        kkt = problem.kkt(y, options=options)
         g = kkt.grad_f.detach()
         gnorm = g.norm(dim=-1).clamp_min(torch.finfo(g.dtype).tiny)
         forcing = gnorm.clamp(max=0.25).sqrt().clamp(min=cg_tol).unsqueeze(0)
@@ -177,8 +177,17 @@ def newton(problem: Problem, y0: Tensor, options) -> Solution:
         if not running.any():
             factor = info.factor
             break
-        t = _backtrack(problem, y, f, g, d, running)
-        y = torch.where(running.unsqueeze(-1), y + t.unsqueeze(-1) * d, y)
+        # the full step is evaluated with the next iteration's derivatives; where it fails the
+        # Armijo test the step is shortened from ½ on, and the derivatives evaluated again
+        y_full = torch.where(running.unsqueeze(-1), y + d, y)
+        kkt_full = problem.kkt(y_full, options=options)
+        short = running & ~_armijo(kkt_full.f, f, (g * d).sum(-1), torch.ones_like(f))
+        if short.any():
+            t = _backtrack(problem, y, f, g, d, short, t0=0.5)
+            y = torch.where(short.unsqueeze(-1), y + t.unsqueeze(-1) * d, y_full)
+            kkt = problem.kkt(y, options=options)
+        else:
+            y, kkt = y_full, kkt_full
     else:
         report(NonConvergenceWarning,
                f"Newton did not converge in {options.max_iter} iterations at samples "
@@ -189,22 +198,25 @@ def newton(problem: Problem, y0: Tensor, options) -> Solution:
     return Solution(y, hessian_cholesky=factor if bool(finite.all()) else None)
 
 
-def _backtrack(problem: Problem, y: Tensor, f: Tensor, g: Tensor, d: Tensor, running: Tensor
-               ) -> Tensor:
-    """Per-sample Armijo step ``t ∈ {1, ½, ¼, …}`` with ``f(y + t d) ≤ f + 1e-4 t gᵀd``.
-
-    A step whose change of ``f`` is within rounding of ``f`` is accepted too: near the minimiser
-    the predicted decrease falls below the precision of ``f`` and Armijo could never hold.
-    """
-    slope = (g * d).sum(-1)
-    t = torch.ones_like(f)
+def _armijo(f_new: Tensor, f: Tensor, slope: Tensor, t: Tensor) -> Tensor:
+    """``f(y + t d) ≤ f + 1e-4 t gᵀd`` per sample (``slope = gᵀd``), or a change of ``f`` within
+    rounding of ``f``: near the minimiser the predicted decrease falls below the precision of
+    ``f`` and Armijo could never hold. False where ``f_new`` is not finite."""
     rounding = 16 * torch.finfo(f.dtype).eps * (1 + f.abs())
+    return (f_new <= f + _ARMIJO * t * slope) | ((f_new - f).abs() <= rounding)
+
+
+def _backtrack(problem: Problem, y: Tensor, f: Tensor, g: Tensor, d: Tensor, running: Tensor,
+               t0: float = 1.0) -> Tensor:
+    """Per-sample Armijo step ``t ∈ {t0, t0/2, t0/4, …}`` (:func:`_armijo`) for the samples
+    ``running``; 0 where none of :data:`_MAX_BACKTRACKS` halvings passes."""
+    slope = (g * d).sum(-1)
+    t = torch.full_like(f, t0)
     searching = running.clone()
     with torch.no_grad():
         for _ in range(_MAX_BACKTRACKS):
             f_new = problem.objective(y + t.unsqueeze(-1) * d)
-            accept = (f_new <= f + _ARMIJO * t * slope) | ((f_new - f).abs() <= rounding)
-            searching &= ~accept
+            searching &= ~_armijo(f_new, f, slope, t)
             if not searching.any():
                 break
             t = torch.where(searching, 0.5 * t, t)
