@@ -289,55 +289,60 @@ def _smooth(report: Report, settings: Settings) -> None:
     except ImportError:
         torchopt = None
     for m in ((16,) if settings.quick else (16, 64, 256)):
-        gen = torch.Generator().manual_seed(m)
-        x = 3 * torch.randn(b, m, generator=gen, dtype=F64)
-        v = torch.randn(b, m, generator=gen, dtype=F64)
-        node = SmoothDenoiser().requires_grad_(False)
-        fwd = interleaved({"hand-written Newton": lambda: hand_newton(x),
-                           "ddnlib default (Newton)": lambda: node(x)}, settings)
-        _check(f"Newton m={m}", node(x), hand_newton(x), 1e-8)
-        report.add(CASE, f"smooth b={b} m={m}: forward", fwd, baseline="hand-written Newton")
-        xr = x.clone().requires_grad_()
-        y = node(xr)
-        y_plain = y.detach()
-        variants = {
-            "hand-written implicit": lambda: torch.cholesky_solve(
-                v.unsqueeze(-1), torch.linalg.cholesky(_denoiser_hessian(x, y_plain, 1.0)))[..., 0],
-            "ddnlib generic": lambda: torch.autograd.grad(y, xr, v, retain_graph=True)[0],
-            "per-dimension loop": lambda: loop_backward(node, xr, y_plain, v),
-        }
-        if torchopt is not None:
-            rtol = torch.finfo(F64).eps ** 0.5
+        _smooth_case(report, settings, b, m, torchopt)
 
-            def optimality(y, x):
-                return torch.func.grad(lambda y: node.objective(x, y).sum())(y)
 
-            @torchopt.diff.implicit.custom_root(optimality, argnums=1,
-                                                solve=torchopt.linear_solve.solve_cg(rtol=rtol))
-            def peer(y0, x):
-                return node.solve(x.detach())
+def _smooth_case(report: Report, settings: Settings, b: int, m: int, torchopt) -> None:
+    """The smooth denoiser at ``(b, m)``: forward and backward against the hand-written ones."""
+    gen = torch.Generator().manual_seed(m)
+    x = 3 * torch.randn(b, m, generator=gen, dtype=F64)
+    v = torch.randn(b, m, generator=gen, dtype=F64)
+    node = SmoothDenoiser().requires_grad_(False)
+    fwd = interleaved({"hand-written Newton": lambda: hand_newton(x),
+                       "ddnlib default (Newton)": lambda: node(x)}, settings)
+    _check(f"Newton m={m}", node(x), hand_newton(x), 1e-8)
+    report.add(CASE, f"smooth b={b} m={m}: forward", fwd, baseline="hand-written Newton")
+    xr = x.clone().requires_grad_()
+    y = node(xr)
+    y_plain = y.detach()
+    variants = {
+        "hand-written implicit": lambda: torch.cholesky_solve(
+            v.unsqueeze(-1), torch.linalg.cholesky(_denoiser_hessian(x, y_plain, 1.0)))[..., 0],
+        "ddnlib generic": lambda: torch.autograd.grad(y, xr, v, retain_graph=True)[0],
+        "per-dimension loop": lambda: loop_backward(node, xr, y_plain, v),
+    }
+    if torchopt is not None:
+        rtol = torch.finfo(F64).eps ** 0.5
 
-            y_peer = peer(torch.zeros_like(xr), xr)
-            variants["torchopt custom_root"] = (
-                lambda: torch.autograd.grad(y_peer, xr, v, retain_graph=True)[0])
-        ref = variants["ddnlib generic"]()
-        for name, fn in variants.items():
-            _check(f"{name} backward m={m}", fn(), ref, 1e-6)
-        bwd = interleaved(variants, settings)
-        report.add(CASE, f"smooth b={b} m={m}: backward", bwd, baseline="hand-written implicit")
-        if m == 16:
-            f = fwd["ddnlib default (Newton)"] / fwd["hand-written Newton"]
-            bk = bwd["ddnlib generic"] / bwd["hand-written implicit"]
-            report.target(CASE, f"smooth m={m}: default / hand-written forward", f, "≤ 2x", f <= 2)
-            report.target(CASE, f"smooth m={m}: generic / hand-written backward", bk, "≤ 3x",
-                          bk <= 3)
-        if m == 256:
-            s = bwd["per-dimension loop"] / bwd["ddnlib generic"]
-            report.target(CASE, f"smooth m={m}: loop / generic backward", s, "≥ 20x", s >= 20)
-        if "torchopt custom_root" in bwd:
-            s = bwd["torchopt custom_root"] / bwd["ddnlib generic"]
-            report.target(CASE, f"smooth m={m}: torchopt / generic backward", s,
-                          "> 1x (ddnlib faster)", s > 1)
+        def optimality(y, x):
+            return torch.func.grad(lambda y: node.objective(x, y).sum())(y)
+
+        @torchopt.diff.implicit.custom_root(optimality, argnums=1,
+                                            solve=torchopt.linear_solve.solve_cg(rtol=rtol))
+        def peer(y0, x):
+            return node.solve(x.detach())
+
+        y_peer = peer(torch.zeros_like(xr), xr)
+        variants["torchopt custom_root"] = (
+            lambda: torch.autograd.grad(y_peer, xr, v, retain_graph=True)[0])
+    ref = variants["ddnlib generic"]()
+    for name, fn in variants.items():
+        _check(f"{name} backward m={m}", fn(), ref, 1e-6)
+    bwd = interleaved(variants, settings)
+    report.add(CASE, f"smooth b={b} m={m}: backward", bwd, baseline="hand-written implicit")
+    if m == 16:
+        f = fwd["ddnlib default (Newton)"] / fwd["hand-written Newton"]
+        bk = bwd["ddnlib generic"] / bwd["hand-written implicit"]
+        report.target(CASE, f"smooth m={m}: default / hand-written forward", f, "≤ 2x", f <= 2)
+        report.target(CASE, f"smooth m={m}: generic / hand-written backward", bk, "≤ 3x",
+                      bk <= 3)
+    if m == 256:
+        s = bwd["per-dimension loop"] / bwd["ddnlib generic"]
+        report.target(CASE, f"smooth m={m}: loop / generic backward", s, "≥ 20x", s >= 20)
+    if "torchopt custom_root" in bwd:
+        s = bwd["torchopt custom_root"] / bwd["ddnlib generic"]
+        report.target(CASE, f"smooth m={m}: torchopt / generic backward", s,
+                      "> 1x (ddnlib faster)", s > 1)
 
 
 def run(report: Report, settings: Settings) -> None:
