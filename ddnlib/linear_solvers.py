@@ -207,7 +207,7 @@ def _steepest_where_stuck(X: Tensor, fallback: Tensor, info: SolveInfo) -> Tenso
 class Auto(LinearSolver):
     """:class:`Dense` when the per-sample system has at most ``dense_max`` rows, else ``cg``."""
 
-    dense_max: int = 128
+    dense_max: int = 64
     dense: LinearSolver = Dense()
     cg: LinearSolver = CG()
 

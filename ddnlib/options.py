@@ -50,7 +50,7 @@ class Options:
     """
 
     linear_solver: str | LinearSolver = "auto"
-    dense_max: int = 128
+    dense_max: int = 64
     damping: float = 0.0
     cg_tol: float | None = None
     cg_max_iter: int | None = None

@@ -108,7 +108,9 @@ def test_linear_solver_objects_and_strings_agree(options):
 
 
 def test_options_resolve_strings_to_solver_objects():
-    assert isinstance(Options().solver, Auto) and Options().solver.dense_max == 128
+    assert isinstance(Options().solver, Auto)
+    assert Options().solver.dense_max == Options().dense_max == Auto().dense_max
+    assert Options(dense_max=7).solver.dense_max == 7
     assert Options(linear_solver="cg", cg_tol=1e-3, cg_max_iter=7).solver == CG(1e-3, 7)
     assert Options(linear_solver="dense").solver == Dense()
     mine = CG(tol=1e-9)
