@@ -104,22 +104,28 @@ def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
-          work: tuple[Tensor, ...] | None = None):
-    """``(Σ κφ′, Σ κφ″)`` at ``u``; with ``work`` (two buffers like ``x``) the in-place sums."""
+          work: tuple[Tensor, ...] | None = None, value: bool = False):
+    """``(Σ κφ′, Σ κφ″)`` at ``u``; with ``work`` (two buffers like ``x``) the in-place sums;
+    with ``value`` also ``F(u) / λ`` (``Penalty.newton_value_sums``; ``None`` without ``work``)."""
     if work is None:
         d1, d2 = penalty.scaled_derivatives(u[:, None] - x, c, alpha)
-        return d1.sum(1), d2.sum(1)
-    return penalty.newton_sums(torch.sub(u[:, None], x, out=work[0]), c, alpha, work[1])
+        return (d1.sum(1), d2.sum(1)) + ((None,) if value else ())
+    z = torch.sub(u[:, None], x, out=work[0])
+    if value:
+        return penalty.newton_value_sums(z, c, alpha, work[1])
+    return penalty.newton_sums(z, c, alpha, work[1])
 
 
 def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
             u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int
-            ) -> tuple[Tensor, Tensor, Tensor]:
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """A root of ``F′`` in ``[lo, hi]`` from ``u``: plain Newton if it converges inside for
     every row (:func:`_newton_inside`); otherwise from the ends, where ``F′(lo) ≤ 0 ≤ F′(hi)``
     (rows where the ends do not bracket keep ``u``): Newton where ``F″ > 0`` and the step stays
-    inside, else bisection on the sign of ``F′``. Returns ``(y, converged, moved)``: ``moved`` where an end
-    had to move out (the run's own minima, if any, were not searched)."""
+    inside, else bisection on the sign of ``F′``. Returns ``(y, converged, moved, value)``: ``moved``
+    where an end had to move out (the run's own minima, if any, were not searched); ``value``
+    bounds ``F(y) / λ`` from above where plain Newton settled it (:func:`_newton_inside`), else
+    ``None``."""
     # newton_sums may square z / c: in place only where no |z / c| reaches 1e18
     with scratch(x.numel(), x.dtype, x.device, 2) as work:
         work = tuple(w.view(x.shape) for w in work)
@@ -127,24 +133,33 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
         work = work if fast else None
         found = _newton_inside(penalty, x, c, alpha, lo, hi, u, tol, work)
         if found is not None:
-            return found, torch.ones_like(u, dtype=torch.bool), torch.zeros_like(u, dtype=torch.bool)
-        return _refine_in(penalty, x, c, alpha, lo, hi, u, x_lo, x_hi, tol, max_iter, work)
+            y, value = found
+            true = torch.ones_like(u, dtype=torch.bool)
+            return y, true, ~true, value
+        return (*_refine_in(penalty, x, c, alpha, lo, hi, u, x_lo, x_hi, tol, max_iter, work),
+                None)
 
 
 def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor,
                    hi: Tensor, u: Tensor, tol: float, work: tuple[Tensor, Tensor] | None,
-                   steps: int = _NEWTON_FIRST) -> Tensor | None:
+                   steps: int = _NEWTON_FIRST) -> tuple[Tensor, Tensor | None] | None:
     """Plain Newton from ``u``: the local minimum it converges to if, for every row, within
     ``steps`` steps each with ``F″ > 0`` and inside ``[lo, hi]`` (a minimum of the run, as the
     bracketed search would give, without evaluating the ends); ``None`` otherwise. Converged:
     the step is below the tolerance, or a Lipschitz bound on ``Σ κφ″``
     (``Penalty.curvature_lipschitz``) proves the error after it below
-    (:func:`~.pooling_fused.decide`)."""
+    (:func:`~.pooling_fused.decide`).
+
+    Returns ``(y, F(u)/λ)`` with ``u`` the iterate before the last step (its value comes with
+    its sums, saving an evaluation at ``y``; ``None`` without ``work``). It bounds ``F(y)/λ``
+    from above: with the Lipschitz stop, ``F″`` stays within ``[¾, 1¼]·F″(u)`` over the step
+    ``d = −F′/F″``, so ``F(y) ≤ F(u) − (3/8) F′²/F″``; with the step rule, up to
+    ``O(F″ d²)``, below the tolerance."""
     scale = torch.minimum(c.squeeze(1), hi - lo)
     lam = penalty.curvature_lipschitz
     lip = x.shape[1] * lam / c.squeeze(1) if lam < float("inf") else None
     for _ in range(steps):
-        g, h = _sums(penalty, u, x, c, alpha, work)
+        g, h, value = _sums(penalty, u, x, c, alpha, work, value=True)
         newton = u - g / h
         if not bool(((h > 0) & (newton >= lo) & (newton <= hi)).all()):
             return None
@@ -154,7 +169,7 @@ def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
             bound = lip * step
             small = small | ((bound * step <= tol_u * h) & (4 * bound <= h))
         if bool(small.all()):
-            return newton
+            return newton, value
         u = newton
     return None
 
@@ -294,9 +309,9 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             xs, cq, aq = (x, c, alpha) if every else (x[rows], c[rows], alpha[rows])
             start = best_u[rows]
             start = torch.where((start > run_lo) & (start < run_hi), start, 0.5 * (run_lo + run_hi))
-            u, ok, moved = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows],
-                                   hi[rows], tol, max_iter)
-            f = _objective(penalty, u, xs, cq, aq)
+            u, ok, moved, f = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows],
+                                      hi[rows], tol, max_iter)
+            f = _objective(penalty, u, xs, cq, aq) if f is None else f
             # a run whose ends did not bracket a minimum (or had to move out: F rises at an
             # end into the run, whose own minima were then not searched) is not settled
             unsettled = ~ok | moved
