@@ -147,17 +147,19 @@ def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     ``steps`` steps each with ``F″ > 0`` and inside ``[lo, hi]`` (a minimum of the run, as the
     bracketed search would give, without evaluating the ends); ``None`` otherwise. Converged:
     the step is below the tolerance, or a Lipschitz bound on ``Σ κφ″``
-    (``Penalty.curvature_lipschitz``) proves the error after it below
+    (``Penalty.curvature_lipschitz_for``) proves the error after it below
     (:func:`~.pooling_fused.decide`).
 
     Returns ``(y, F(u)/λ)`` with ``u`` the iterate before the last step (its value comes with
     its sums, saving an evaluation at ``y``; ``None`` without ``work``). It bounds ``F(y)/λ``
     from above: with the Lipschitz stop, ``F″`` stays within ``[¾, 1¼]·F″(u)`` over the step
     ``d = −F′/F″``, so ``F(y) ≤ F(u) − (3/8) F′²/F″``; with the step rule, up to
-    ``O(F″ d²)``, below the tolerance."""
+    ``O(F″ d²)``, below the tolerance. A row stops at its own first converged step."""
     scale = torch.minimum(c.squeeze(1), hi - lo)
-    lam = penalty.curvature_lipschitz
+    lam = penalty.curvature_lipschitz_for(alpha)
     lip = x.shape[1] * lam / c.squeeze(1) if lam < float("inf") else None
+    y, y_value = torch.empty_like(u), (None if work is None else torch.empty_like(u))
+    index = None  # the rows still iterating (None: all)
     for _ in range(steps):
         g, h, value = _sums(penalty, u, x, c, alpha, work, value=True)
         newton = u - g / h
@@ -168,9 +170,20 @@ def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
         if lip is not None:  # the error after the step is provably below tol_u (see decide)
             bound = lip * step
             small = small | ((bound * step <= tol_u * h) & (4 * bound <= h))
+        done = small if index is None else index[small]
+        y[done] = newton[small]
+        if y_value is not None:
+            y_value[done] = value[small]
         if bool(small.all()):
-            return newton, value
-        u = newton
+            return y, y_value
+        # a converged row stops; the others go on alone (copying them costs less than a pass)
+        keep = (~small).nonzero().flatten()
+        index = keep if index is None else index[keep]
+        x, c, alpha, lo, hi = x[keep], c[keep], alpha[keep], lo[keep], hi[keep]
+        u, scale = newton[keep], scale[keep]
+        lip = None if lip is None else lip[keep]
+        if work is not None:
+            work = tuple(w.view(-1)[:x.numel()].view(x.shape) for w in work)
     return None
 
 

@@ -529,18 +529,28 @@ def test_ranked_sum_equals_the_sum_of_ranked(name, dtype):
                                rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
 
 
-@pytest.mark.parametrize("name", ["pseudo_huber", "welsch"])
+@pytest.mark.parametrize("name", ["pseudo_huber", "welsch", "general"])
 def test_curvature_lipschitz_constant_bounds_the_derivative_of_the_curvature(name):
     """``|∂(κφ″)/∂z| ≤ λ / c`` (by autograd of the solver's own ``κφ″``), with ``λ`` barely above
-    the maximum; the other penalties declare none."""
+    the maximum (Barron's loss: ``curvature_lipschitz_for(α)``, for every ``α ≤ 2``, the maximum
+    reached as ``α → −∞``; none for ``α > 2``, where the slope reaches 2 / c at ``α = 3``); the
+    other penalties declare none."""
     penalty = PENALTIES[name]
-    lam = penalty.curvature_lipschitz
+    alphas = (-1e6, -100.0, -10.0, -2.0, 0.0, 0.3, 0.5, 0.9, 1.0, 1.5, 2.0)
+    lam = penalty.curvature_lipschitz_for(torch.tensor(alphas, dtype=torch.float64))
+    assert lam < float("inf")
     for c in (0.1, 1.0, 7.0):
         z = torch.linspace(-20 * c, 20 * c, 400001, dtype=torch.float64, requires_grad=True)
         ct = torch.tensor(c, dtype=torch.float64)
-        (slope,) = torch.autograd.grad(penalty.scaled_derivatives(z, ct, ct)[1].sum(), z)
-        assert slope.abs().max() <= lam / c
-        assert slope.abs().max() >= 0.9999 * lam / c
+        slopes = []
+        for alpha in alphas if name == "general" else (c,):
+            a = torch.tensor(alpha, dtype=torch.float64)
+            (slope,) = torch.autograd.grad(penalty.scaled_derivatives(z, ct, a)[1].sum(), z)
+            slopes.append(slope.abs().max())
+            assert slopes[-1] <= lam / c, alpha
+        assert max(slopes) >= 0.9999 * lam / c
+    assert penalty.curvature_lipschitz_for(torch.tensor([0.5, 3.0])) == (
+        float("inf") if name == "general" else lam)
     assert all(p.curvature_lipschitz == float("inf") for p in PENALTIES.values()
                if p.name not in ("pseudo_huber", "welsch"))
 
