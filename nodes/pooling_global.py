@@ -117,7 +117,8 @@ def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
 
 
 def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
-            u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int
+            u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int,
+            first: tuple[Tensor, Tensor, Tensor] | None = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """A root of ``F′`` in ``[lo, hi]`` from ``u``: plain Newton if it converges inside for
     every row (:func:`_newton_inside`); otherwise from the ends, where ``F′(lo) ≤ 0 ≤ F′(hi)``
@@ -125,13 +126,14 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
     inside, else bisection on the sign of ``F′``. Returns ``(y, converged, moved, value)``: ``moved``
     where an end had to move out (the run's own minima, if any, were not searched); ``value``
     bounds ``F(y) / λ`` from above where plain Newton settled it (:func:`_newton_inside`), else
-    ``None``."""
+    ``None``. ``first``: ``(Σ κφ′, Σ κφ″, F/λ)`` at ``u`` where already known."""
     # newton_sums may square z / c: in place only where no |z / c| reaches 1e18
     with scratch(x.numel(), x.dtype, x.device, 2) as work:
         work = tuple(w.view(x.shape) for w in work)
         fast = bool(((x_hi - x_lo) < 1e18 * c.squeeze(1)).all())
         work = work if fast else None
-        found = _newton_inside(penalty, x, c, alpha, lo, hi, u, tol, work)
+        found = _newton_inside(penalty, x, c, alpha, lo, hi, u, tol, work,
+                               first=first if fast else None)
         if found is not None:
             y, value = found
             true = torch.ones_like(u, dtype=torch.bool)
@@ -142,7 +144,7 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
 
 def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor,
                    hi: Tensor, u: Tensor, tol: float, work: tuple[Tensor, Tensor] | None,
-                   steps: int = _NEWTON_FIRST) -> tuple[Tensor, Tensor | None] | None:
+                   steps: int = _NEWTON_FIRST, first: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None] | None:
     """Plain Newton from ``u``: the local minimum it converges to if, for every row, within
     ``steps`` steps each with ``F″ > 0`` and inside ``[lo, hi]`` (a minimum of the run, as the
     bracketed search would give, without evaluating the ends); ``None`` otherwise. Converged:
@@ -154,14 +156,16 @@ def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     its sums, saving an evaluation at ``y``; ``None`` without ``work``). It bounds ``F(y)/λ``
     from above: with the Lipschitz stop, ``F″`` stays within ``[¾, 1¼]·F″(u)`` over the step
     ``d = −F′/F″``, so ``F(y) ≤ F(u) − (3/8) F′²/F″``; with the step rule, up to
-    ``O(F″ d²)``, below the tolerance. A row stops at its own first converged step."""
+    ``O(F″ d²)``, below the tolerance. A row stops at its own first converged step.
+    ``first``: the sums and value at ``u``, if known."""
     scale = torch.minimum(c.squeeze(1), hi - lo)
     lam = penalty.curvature_lipschitz_for(alpha)
     lip = x.shape[1] * lam / c.squeeze(1) if lam < float("inf") else None
     y, y_value = torch.empty_like(u), (None if work is None else torch.empty_like(u))
     index = None  # the rows still iterating (None: all)
-    for _ in range(steps):
-        g, h, value = _sums(penalty, u, x, c, alpha, work, value=True)
+    for k in range(steps):
+        g, h, value = first if k == 0 and first is not None else _sums(
+            penalty, u, x, c, alpha, work, value=True)
         newton = u - g / h
         if not bool(((h > 0) & (newton >= lo) & (newton <= hi)).all()):
             return None
@@ -253,6 +257,10 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     flat = (hi == lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
     resolved = torch.ones_like(flat)
     best_u, best_f = lo.clone(), torch.full_like(lo, float("inf"))
+    # the last level's candidates (NaN: none) with their (Σ κφ′, Σ κφ″, F/λ): the refinement
+    # of the best run starts there and takes its first Newton step from these sums
+    seed_u, seed = torch.full_like(lo, float("nan")), None
+    sums_safe = bool(((hi - lo) < 1e18 * c.squeeze(1)).all())  # newton_value_sums' condition
     row = (~flat).nonzero().flatten()
     a, b = lo[row], hi[row]
     nb = torch.arange(_BINS, device=dev)
@@ -264,7 +272,15 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         xp, cp, ap = (x, c, alpha) if whole else (x[row], c[row], alpha[row])
         h = ((b - a) / _BINS).clamp_min(torch.finfo(x.dtype).tiny)
         bound, u = _bounds(penalty, xp, cp, ap, a, h)
-        f = _objective(penalty, u, xp, cp, ap)
+        # bins below c / 4, or a range of a few ulps (c far below the spacing of equal entries)
+        fine = (h <= _FINE * cp.squeeze(1)) | (b - a <= 64 * torch.finfo(x.dtype).eps * a.abs())
+        if whole and sums_safe and bool(fine.all()):  # every row is refined next: seeds
+            with scratch(x.numel(), x.dtype, dev, 2) as work:
+                *sums, f = _sums(penalty, u, x, c, alpha, tuple(w.view(x.shape) for w in work),
+                                 value=True)
+            seed_u, seed = u, (*sums, f)
+        else:
+            f = _objective(penalty, u, xp, cp, ap)
         # per-row upper bound: the best value over all of the row's problems
         best_f.scatter_reduce_(0, row, f, "amin")
         hit = (f == best_f[row]).nonzero().flatten()
@@ -272,8 +288,6 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         ub = best_f[row]
         slack = (1e-6 + n * torch.finfo(x.dtype).eps) * ub.abs()
         survive = bound <= (ub + slack)[:, None]
-        # bins below c / 4, or a range of a few ulps (c far below the spacing of equal entries)
-        fine = (h <= _FINE * cp.squeeze(1)) | (b - a <= 64 * torch.finfo(x.dtype).eps * a.abs())
         if bool(fine.any()):
             i = fine.nonzero().flatten()
             finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i])))
@@ -322,8 +336,13 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             xs, cq, aq = (x, c, alpha) if every else (x[rows], c[rows], alpha[rows])
             start = best_u[rows]
             start = torch.where((start > run_lo) & (start < run_hi), start, 0.5 * (run_lo + run_hi))
+            if q == 0 and seed is not None:  # inside the best run (its widened argmin bins)
+                start = torch.where((seed_u[rows] > run_lo) & (seed_u[rows] < run_hi),
+                                    seed_u[rows], start)
+            seeded = seed is not None and bool((start == seed_u[rows]).all())
             u, ok, moved, f = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows],
-                                      hi[rows], tol, max_iter)
+                                      hi[rows], tol, max_iter,
+                                      tuple(s_k[rows] for s_k in seed) if seeded else None)
             f = _objective(penalty, u, xs, cq, aq) if f is None else f
             # a run whose ends did not bracket a minimum (or had to move out: F rises at an
             # end into the run, whose own minima were then not searched) is not settled
