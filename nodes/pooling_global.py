@@ -156,13 +156,14 @@ def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     its sums, saving an evaluation at ``y``; ``None`` without ``work``). It bounds ``F(y)/λ``
     from above: with the Lipschitz stop, ``F″`` stays within ``[¾, 1¼]·F″(u)`` over the step
     ``d = −F′/F″``, so ``F(y) ≤ F(u) − (3/8) F′²/F″``; with the step rule, up to
-    ``O(F″ d²)``, below the tolerance. A row stops at its own first converged step.
+    ``O(F″ d²)``, below the tolerance. A row stops at its own first converged step (its answer; it may
+    go on with the others until few are left).
     ``first``: the sums and value at ``u``, if known."""
     scale = torch.minimum(c.squeeze(1), hi - lo)
     lam = penalty.curvature_lipschitz_for(alpha)
     lip = x.shape[1] * lam / c.squeeze(1) if lam < float("inf") else None
     y, y_value = torch.empty_like(u), (None if work is None else torch.empty_like(u))
-    index = None  # the rows still iterating (None: all)
+    index, active = None, None  # the rows iterated (None: all); those not stopped (None: all)
     for k in range(steps):
         g, h, value = first if k == 0 and first is not None else _sums(
             penalty, u, x, c, alpha, work, value=True)
@@ -174,20 +175,25 @@ def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
         if lip is not None:  # the error after the step is provably below tol_u (see decide)
             bound = lip * step
             small = small | ((bound * step <= tol_u * h) & (4 * bound <= h))
+        if active is not None:  # rows that stopped before go on (below), unrecorded
+            small = small & active
         done = small if index is None else index[small]
         y[done] = newton[small]
         if y_value is not None:
             y_value[done] = value[small]
-        if bool(small.all()):
+        active = ~small if active is None else active & ~small
+        if not bool(active.any()):
             return y, y_value
-        # a converged row stops; the others go on alone (copying them costs less than a pass)
-        keep = (~small).nonzero().flatten()
-        index = keep if index is None else index[keep]
-        x, c, alpha, lo, hi = x[keep], c[keep], alpha[keep], lo[keep], hi[keep]
-        u, scale = newton[keep], scale[keep]
-        lip = None if lip is None else lip[keep]
-        if work is not None:
-            work = tuple(w.view(-1)[:x.numel()].view(x.shape) for w in work)
+        u = newton
+        # the rows still going on alone, once copying them costs less than the pass it saves
+        if 2 * int(active.sum()) <= active.numel():
+            keep = active.nonzero().flatten()
+            index = keep if index is None else index[keep]
+            x, c, alpha, lo, hi = x[keep], c[keep], alpha[keep], lo[keep], hi[keep]
+            u, scale, active = u[keep], scale[keep], None
+            lip = None if lip is None else lip[keep]
+            if work is not None:
+                work = tuple(w.view(-1)[:x.numel()].view(x.shape) for w in work)
     return None
 
 
