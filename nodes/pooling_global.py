@@ -23,7 +23,10 @@ outwards moves out until ``F′ ≤ 0`` at the left end and ``≥ 0`` at the rig
 where ``F″ > 0``, else bisection on the sign of ``F′``), and the best point is returned. A row is
 settled when every run left unrefined has a bound above the answer (up to the Newton tolerance,
 and up to two minima inside one run). The cost is a few histogram passes plus about one convex
-solve.
+solve: when every row reaches the fine bins at once, their candidates are evaluated together with
+the Newton sums there (``Penalty.newton_value_sums``) and the best run's Newton iteration starts
+from them; each Newton pass also gives ``F`` at its point, which bounds ``F`` at the answer
+(:func:`_newton_inside`), so a run settled by plain Newton needs no further evaluation.
 
 Rows that are not settled (too many open ranges, ``_LEVELS`` exhausted, a run that matters whose
 ends never bracket a minimum) are returned as unresolved, for the exhaustive multi-start solver.
