@@ -32,6 +32,7 @@ from ddnlib.solvers import slsqp_solve
 from .engine_vs_loop import loop_backward
 from .harness import Report, Settings, interleaved
 from .problems import SmoothDenoiser
+from .torchopt_peer import custom_root_layer
 
 CASE = "constrained"
 F64 = torch.float64
@@ -312,17 +313,7 @@ def _smooth_case(report: Report, settings: Settings, b: int, m: int, torchopt) -
         "per-dimension loop": lambda: loop_backward(node, xr, y_plain, v),
     }
     if torchopt is not None:
-        rtol = torch.finfo(F64).eps ** 0.5
-
-        def optimality(y, x):
-            return torch.func.grad(lambda y: node.objective(x, y).sum())(y)
-
-        @torchopt.diff.implicit.custom_root(optimality, argnums=1,
-                                            solve=torchopt.linear_solve.solve_cg(rtol=rtol))
-        def peer(y0, x):
-            return node.solve(x.detach())
-
-        y_peer = peer(torch.zeros_like(xr), xr)
+        y_peer = custom_root_layer(node, torchopt)(torch.zeros_like(xr), xr)
         variants["torchopt custom_root"] = (
             lambda: torch.autograd.grad(y_peer, xr, v, retain_graph=True)[0])
     ref = variants["ddnlib generic"]()

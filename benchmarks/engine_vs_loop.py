@@ -87,8 +87,22 @@ def _step(kind: str, m: int) -> dict:
         xr = x.clone().requires_grad_()
         return torch.autograd.grad(node(xr), xr, v)[0]
 
-    return {f"engine {solver}": (lambda node=_make(kind, m, solver): step(node))
-            for solver in ("dense", "cg")}
+    nodes = {solver: _make(kind, m, solver) for solver in ("dense", "cg")}
+    return {f"engine {solver}": (lambda node=node: step(node)) for solver, node in nodes.items()}
+
+
+def _series(report: Report, settings: Settings, label: str, kind: str, sizes: list[int],
+            once_from: int, variants) -> tuple[list[float], list[float]]:
+    """Time ``variants(m)`` for each size (one round from ``once_from`` on: those take seconds)
+    and return the dense and CG times."""
+    single = dataclasses.replace(settings, repeats=1)
+    dense, cg = [], []
+    for m in sizes:
+        times = interleaved(variants(m), single if m >= once_from else settings)
+        report.add(CASE, f"{label} m={m}", times, baseline="engine dense", kind=kind, m=m)
+        dense.append(times["engine dense"])
+        cg.append(times["engine cg"])
+    return dense, cg
 
 
 def _crossover(ms: list[int], dense: list[float], cg: list[float]) -> float | None:
@@ -116,31 +130,19 @@ def run(report: Report, settings: Settings) -> None:
 
     # At m ≥ 512 one dense backward takes seconds (O(b m³) on the dense node; the loop too):
     # one timed round there, no loop at 1024, and the dense node stops at 512.
-    single = dataclasses.replace(settings, repeats=1)
     kinds = {"local": [8, 32, 128, 256, 512, 1024], "dense": [8, 32, 128, 256, 512]}
     if settings.quick:
         kinds = {"local": [8, 32]}
     for kind, sizes in kinds.items():
-        dense, cg = [], []
-        for m in sizes:
-            times = interleaved(_variants(kind, m, with_loop=m < 1024),
-                                single if m >= 512 else settings)
-            report.add(CASE, f"scaling {kind} m={m}", times, baseline="engine dense",
-                       kind=kind, m=m)
-            dense.append(times["engine dense"])
-            cg.append(times["engine cg"])
+        dense, cg = _series(report, settings, f"scaling {kind}", kind, sizes, 512,
+                            lambda m, kind=kind: _variants(kind, m, with_loop=m < 1024))
         cross = _crossover(sizes, dense, cg)
         report.note(CASE, f"{kind}-coupled node: dense/CG crossover of the backward alone at m ≈ "
                     + (f"{cross:.0f}" if cross is not None else f"> {sizes[-1]} (dense always faster)")
                     + " (the dense backward reuses the forward Newton's factor)")
         steps = [16, 32] if settings.quick else [16, 32, 64, 128, 256]
-        dense_step, cg_step = [], []
-        for m in steps:
-            times = interleaved(_step(kind, m), single if m >= 256 else settings)
-            report.add(CASE, f"forward + backward {kind} m={m}", times, baseline="engine dense",
-                       kind=kind, m=m)
-            dense_step.append(times["engine dense"])
-            cg_step.append(times["engine cg"])
+        dense_step, cg_step = _series(report, settings, f"forward + backward {kind}", kind, steps,
+                                      256, lambda m, kind=kind: _step(kind, m))
         cross = _crossover(steps, dense_step, cg_step)
         report.note(CASE, f"{kind}-coupled node: dense/CG crossover of forward + backward at m ≈ "
                     + (f"{cross:.0f}" if cross is not None else f"> {steps[-1]}")

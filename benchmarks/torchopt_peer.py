@@ -20,6 +20,22 @@ CASE = "torchopt_peer"
 BATCH = 16
 
 
+def custom_root_layer(node, torchopt):
+    """``(y0, x) -> y``: ``node``'s forward solve, differentiated by torchopt's ``custom_root``
+    with the optimality condition ``∇_y f = 0`` and CG at relative tolerance ``sqrt(eps)``."""
+    rtol = torch.finfo(torch.float64).eps ** 0.5
+
+    def optimality(y, x):
+        return torch.func.grad(lambda y: node.objective(x, y).sum())(y)
+
+    @torchopt.diff.implicit.custom_root(optimality, argnums=1,
+                                        solve=torchopt.linear_solve.solve_cg(rtol=rtol))
+    def solve(y0, x):
+        return node.solve(x.detach())
+
+    return solve
+
+
 def run(report: Report, settings: Settings) -> None:
     try:
         import torchopt
@@ -31,18 +47,8 @@ def run(report: Report, settings: Settings) -> None:
     v = torch.randn(BATCH, m, generator=gen, dtype=torch.float64)
     node = SmoothDenoiser().requires_grad_(False)
     cg_node = SmoothDenoiser(options=Options(linear_solver="cg")).requires_grad_(False)
-    rtol = torch.finfo(torch.float64).eps ** 0.5
-
-    def optimality(y, x):
-        return torch.func.grad(lambda y: node.objective(x, y).sum())(y)
-
-    @torchopt.diff.implicit.custom_root(optimality, argnums=1,
-                                        solve=torchopt.linear_solve.solve_cg(rtol=rtol))
-    def solve(y0, x):
-        return node.solve(x.detach())
-
     y_ddn, y_cg = node(x), cg_node(x)
-    y_peer = solve(torch.zeros_like(x), x)
+    y_peer = custom_root_layer(node, torchopt)(torch.zeros_like(x), x)
     variants = {
         "torchopt custom_root (CG)": lambda: torch.autograd.grad(y_peer, x, v, retain_graph=True)[0],
         "ddnlib auto": lambda: torch.autograd.grad(y_ddn, x, v, retain_graph=True)[0],
