@@ -55,7 +55,7 @@ from .linear_solvers import CG, Auto, Dense, chosen
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
 
-__all__ = ["default_solve", "newton", "sqp", "slsqp", "slsqp_solve"]
+__all__ = ["default_solve", "default_solution", "newton", "sqp", "slsqp", "slsqp_solve"]
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 40
