@@ -315,21 +315,31 @@ def cg(
     rayleigh_max = torch.zeros_like(rr)
     rayleigh_min = torch.full_like(rr, float("inf"))
     flat_tol = rhs.shape[-1] * torch.finfo(rhs.dtype).eps  # curvature at the level of rounding
-    k = rhs.shape[0]
+    # a right-hand side whose systems have all stopped is retired: its state is written out and
+    # the iteration goes on with the others only (no masked matvecs)
+    out = [t.clone() for t in (x, rr, running, not_pd, flat, rayleigh_min)]
+    cols = torch.arange(rhs.shape[0], device=rhs.device)
+
+    def retire(keep: Tensor | None) -> None:
+        gone = cols if keep is None else cols[~keep]
+        pick = slice(None) if keep is None else ~keep
+        for o, t in zip(out, (x, rr, running, not_pd, flat, rayleigh_min)):
+            o[gone] = t[pick]
+
     for _ in range(max_iter):
-        live = running.any(-1) if k > 1 else None  # (k,): right-hand sides still running
-        if live is None or bool(live.all()):
-            if live is None and not bool(running.any()):
+        live = running.any(-1)  # (k,)
+        if not bool(live.all()):
+            retire(live)
+            if not bool(live.any()):
                 break
-            Mp = P(matvec(p))
-        elif not bool(live.any()):
-            break
-        else:
-            Mp = torch.zeros_like(p)
-            Mp[live] = P(matvec(p[live]))
+            x, r, p, rr, stop, running, not_pd, flat, rayleigh_min, rayleigh_max = (
+                t[live] for t in (x, r, p, rr, stop, running, not_pd, flat, rayleigh_min,
+                                  rayleigh_max))
+            cols = cols[live]
+        Mp = P(matvec(p))
         curvature = dot(p, Mp)
         # a Rayleigh quotient of the (projected) operator; NaN (ignored by fmax / fmin) where
-        # the system has stopped and Mp may not have been formed
+        # the system has stopped
         quotient = (curvature / dot(p, p).clamp_min(tiny)).masked_fill_(~running, torch.nan)
         rayleigh_max = torch.fmax(rayleigh_max, quotient.abs())
         rayleigh_min = torch.fmin(rayleigh_min, quotient)
@@ -346,6 +356,8 @@ def cg(
         p = torch.addcmul(r, torch.where(running, rr_new / rr, 0.0).unsqueeze_(-1), p)
         rr = rr_new
         running &= ~(rr <= stop)
+    retire(None)
+    x, rr, running, not_pd, flat, rayleigh_min = out
     residual = (rr / dot(rhs, rhs).clamp_min(tiny)).sqrt()
     not_pd, flat = not_pd.any(0), flat.any(0)  # per sample, over the k right-hand sides
     return x, SolveInfo(not_pd=not_pd, singular=flat, not_converged=running.any(0) & ~flat,
