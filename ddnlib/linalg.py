@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SolveInfo", "lstsq", "pinned_coordinates", "solve_spd", "solve_kkt", "cg", "NullSpace"]
+__all__ = ["NullSpace", "SolveInfo", "cg", "lstsq", "pinned_coordinates", "solve_kkt", "solve_spd"]
 
 
 @dataclass
