@@ -161,7 +161,10 @@ def _finish(penalty: Penalty, x: Tensor, y: Tensor, total: Tensor, failed: Tenso
 
 def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
           work: tuple[Tensor, Tensor], mean: Tensor):
-    return mean, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    # Σx / n rounds: for equal entries it can land an ulp outside them; the minimiser is in
+    # [min x, max x]
+    y = torch.minimum(torch.maximum(mean, x.amin(1)), x.amax(1))
+    return y, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
 
 def _check_finite(x: Tensor, y: Tensor, total: Tensor) -> None:
@@ -393,4 +396,5 @@ def _truncated_quadratic(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
     for _ in range(2):  # inlier-mean (majorise–minimise) polish
         inlier = ((y[:, None] - x).abs() <= c).to(x.dtype)
         y = torch.where(inlier.sum(1) > 0, (x * inlier).sum(1) / inlier.sum(1).clamp_min(1), y)
+    y = torch.minimum(torch.maximum(y, xs[:, 0]), xs[:, -1])  # a mean's rounding stays inside
     return y, torch.zeros(r, dtype=torch.bool, device=x.device)

@@ -606,3 +606,14 @@ def test_repeated_calls_do_not_share_results(name):
     pool(x2).sum().backward()  # another call in between
     torch.testing.assert_close(y1.detach(), y1_copy, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(y1.sum(), x1)[0], g1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(PENALTIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equal_entries_pool_to_that_value(name, dtype):
+    """All-equal rows: every penalty's minimiser is the common value itself, not an ulp beside it
+    (Σx / n rounds; hypothesis found 3 × 42.99331842651513 pooled to 42.993318426515124)."""
+    values = torch.tensor([42.99331842651513, -7.1, 1e-3, 3.3e4], dtype=dtype)
+    x = values.reshape(-1, 1, 1).expand(-1, 2, 3).contiguous()  # (4 rows, 2 channels, 3 equal)
+    y = robust_global_pool(x, name, 1.0, 1.5)
+    torch.testing.assert_close(y, x[..., 0], rtol=0, atol=0)
