@@ -161,9 +161,7 @@ def _finish(penalty: Penalty, x: Tensor, y: Tensor, total: Tensor, failed: Tenso
 
 def _mean(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings,
           work: tuple[Tensor, Tensor], mean: Tensor):
-    # Σx / n rounds: for equal entries it can land an ulp outside them; the minimiser is in
-    # [min x, max x]
-    y = torch.minimum(torch.maximum(mean, x.amin(1)), x.amax(1))
+    y = _inside(mean, x.amin(1), x.amax(1))
     return y, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
 
@@ -178,6 +176,13 @@ def _check_finite(x: Tensor, y: Tensor, total: Tensor) -> None:
         row = int(bad.nonzero()[0])
         raise ValueError(f"pooled row {row} of x (values {x[row, :6].tolist()}…) has no finite "
                          "result: expected finite values")
+
+
+def _inside(mean: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """A mean clamped to the row's range ``[lo, hi]``, where the minimiser of every penalty lies:
+    ``Σx / n`` rounds (for equal entries an ulp outside them). A mean that overflowed stays
+    non-finite, for :func:`_check_finite` to reject (clamping it would return ``hi``)."""
+    return torch.where(torch.isfinite(mean), mean.clamp(lo, hi), mean)
 
 
 def _start(mean: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -396,5 +401,5 @@ def _truncated_quadratic(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
     for _ in range(2):  # inlier-mean (majorise–minimise) polish
         inlier = ((y[:, None] - x).abs() <= c).to(x.dtype)
         y = torch.where(inlier.sum(1) > 0, (x * inlier).sum(1) / inlier.sum(1).clamp_min(1), y)
-    y = torch.minimum(torch.maximum(y, xs[:, 0]), xs[:, -1])  # a mean's rounding stays inside
+    y = _inside(y, xs[:, 0], xs[:, -1])
     return y, torch.zeros(r, dtype=torch.bool, device=x.device)

@@ -617,3 +617,11 @@ def test_equal_entries_pool_to_that_value(name, dtype):
     x = values.reshape(-1, 1, 1).expand(-1, 2, 3).contiguous()  # (4 rows, 2 channels, 3 equal)
     y = robust_global_pool(x, name, 1.0, 1.5)
     torch.testing.assert_close(y, x[..., 0], rtol=0, atol=0)
+
+
+def test_an_overflowing_mean_is_rejected_not_clamped():
+    """float32 entries whose sum overflows: the mean is not representable by the sum, so the row
+    is an error, not the row's maximum (which clamping an infinite mean would return)."""
+    x = torch.tensor([3e38, 1e38, 2e38], dtype=torch.float32).reshape(1, 1, -1)
+    with pytest.raises(ValueError, match="no finite result"):
+        robust_global_pool(x, "quadratic", 1.0, 1.5)
