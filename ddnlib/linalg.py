@@ -34,6 +34,12 @@ class SolveInfo:
     factor: Tensor | None = None  # Cholesky factor of the matrix solved, where all were trusted
 
 
+def _all_finite(*ts: Tensor) -> bool:
+    """Whether every entry of ``ts`` is finite, by one sum each (a sum that overflows says no:
+    the caller's per-sample path then decides)."""
+    return bool(torch.isfinite(sum(t.sum() for t in ts)))
+
+
 def _eye_like(H: Tensor) -> Tensor:
     return torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
 
@@ -89,7 +95,7 @@ def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Solve
         H = H + damping * _eye_like(H)
     # a sample with a non-finite H or B (a NaN input) gets a NaN solution and is kept away from
     # LAPACK, which rejects the whole batch on non-finite values
-    if bool(torch.isfinite(H.sum() + B.sum())):
+    if _all_finite(H, B):
         finite = None
     else:
         finite = torch.isfinite(H).all((-2, -1)) & torch.isfinite(B).all((-2, -1))
@@ -130,8 +136,7 @@ def solve_kkt(
     """
     if damping:
         H = H + damping * _eye_like(H)
-    everything_finite = bool(torch.isfinite(H.sum() + A.sum() + By.sum() + Bc.sum()))
-    if everything_finite:  # the common case: one reduction, no masks
+    if _all_finite(H, A, By, Bc):  # the common case: no masks
         forced = finite = None
         act = active.to(A.dtype)
         A, Bc = A * act.unsqueeze(-1), Bc * act.unsqueeze(-1)
