@@ -112,7 +112,10 @@ class IPMResult:
 
     ``y (b, *out)``, ``eq_multipliers λ (b, p)``, ``ineq_multipliers μ (b, q)`` (zero on inactive
     rows), ``converged (b,)``, ``iterations (b,)`` (iterations each sample ran) and ``residual
-    (b,)`` (the largest of the three relative residuals of the stopping test).
+    (b,)`` (the largest of the three relative residuals of the stopping test). Where the problem
+    was found to be a QP (quadratic objective, affine constraints; certified), ``hessian (b, m, m)``
+    and ``constraint_jacobian (b, p + q, m)`` are its constant derivatives, for the backward pass
+    (:class:`~ddnlib.Solution`); else ``None``.
     """
 
     y: Tensor
@@ -121,6 +124,8 @@ class IPMResult:
     converged: Tensor
     iterations: Tensor
     residual: Tensor
+    hessian: Tensor | None = None
+    constraint_jacobian: Tensor | None = None
 
     def solution(self) -> Solution:
         """The result as the :class:`~ddnlib.Solution` a node's ``solve`` returns (multipliers of
@@ -128,7 +133,8 @@ class IPMResult:
         return Solution(self.y, self.eq_multipliers if self.eq_multipliers.shape[1] else None,
                         self.ineq_multipliers if self.ineq_multipliers.shape[1] else None,
                         stats={"converged": self.converged, "iterations": self.iterations,
-                               "residual": self.residual})
+                               "residual": self.residual},
+                        hessian=self.hessian, constraint_jacobian=self.constraint_jacobian)
 
 
 def solve(node, *xs: Tensor, y0: Tensor | None = None, options: Options | None = None,
@@ -168,10 +174,12 @@ def interior_point(problem: Problem, y0: Tensor, options: Options, *,
     y0 = y0.detach().reshape(b, m)
     model = _Model(problem, y0, expand=exploit_structure)
     out = _solve(model, y0, options, tol)
+    qp = model.linear_kkt
     if model.expanded:
         # the expansions are checked where they were used: the stopping test from autodiff
         redo = ~_certified(model, out, tol)
         if redo.any():
+            qp = False
             idx = redo.nonzero().flatten()
             out.y, out.lam, out.mu = out.y.clone(), out.lam.clone(), out.mu.clone()
             sub = _select(problem, idx)
@@ -180,7 +188,7 @@ def interior_point(problem: Problem, y0: Tensor, options: Options, *,
                 getattr(out, name)[idx] = getattr(again, name)
     _report(problem, out.converged, out.residual, out.iterations, options, tol)
     return IPMResult(problem.unflatten(out.y), out.lam, out.mu, out.converged, out.iterations,
-                     out.residual)
+                     out.residual, *((model.quad[2], model.lin[1]) if qp else ()))
 
 
 @dataclass

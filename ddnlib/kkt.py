@@ -316,7 +316,9 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
         if solution is not None:
             lam = multipliers_tensor(solution.eq_multipliers, b, p, yf.dtype, "'lambda'", where)
             mu = multipliers_tensor(solution.ineq_multipliers, b, q, yf.dtype, "'mu'", where)
-        A_graph = batched_jacobian(c, yf, create_graph=True)  # its graph serves report_rank
+        A_graph = _handed(solution, "constraint_jacobian", (b, p + q, problem.m), yf.dtype)
+        if A_graph is None:  # (an affine Jacobian handed over has no graph: never degenerate)
+            A_graph = batched_jacobian(c, yf, create_graph=True)  # its graph serves report_rank
         A = A_graph.detach()
         if multipliers is None and (lam is not None or not p) and (mu is not None or not q):
             multipliers = torch.cat([lam if p else h.new_zeros(b, 0),
@@ -352,4 +354,16 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             lagrangian_grad = full
             if bool((dropped != 0).any()):
                 lagrangian_grad = full - (A_graph.transpose(-1, -2) @ dropped.unsqueeze(-1))[..., 0]
-    return KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, tight, A_graph)
+    point = KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, tight, A_graph)
+    point._hessian = _handed(solution, "hessian", (b, problem.m, problem.m), yf.dtype)
+    return point
+
+
+def _handed(solution: Solution | None, name: str, shape: tuple, dtype: torch.dtype
+            ) -> Tensor | None:
+    """The derivative ``name`` that the forward solver handed over in ``solution`` (see
+    :class:`~ddnlib.Solution`), detached in ``dtype``, where it has ``shape``; else ``None``."""
+    value = getattr(solution, name, None) if solution is not None else None
+    if value is None or tuple(value.shape) != shape:
+        return None
+    return value.detach().to(dtype)

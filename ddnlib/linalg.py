@@ -139,7 +139,6 @@ def solve_kkt(
     if _all_finite(H, A, By, Bc):  # the common case: no masks
         forced = finite = None
         act = active.to(A.dtype)
-        A, Bc = A * act.unsqueeze(-1), Bc * act.unsqueeze(-1)
     else:
         # Curvature along a coordinate that an active bound pins (a row of A with one non-zero)
         # never enters the solution: an infinite entry there (y^1.5 or y log y at y = 0) is set
@@ -157,50 +156,102 @@ def solve_kkt(
         A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
         By = torch.where(finite[:, None, None], By, 0.0)
         Bc = torch.where(finite[:, None, None], Bc, 0.0) * act.unsqueeze(-1)
-    # equilibrate: row j of A (and of Bc) scaled by d_j = s_H / ‖a_j‖, so W = d · W_scaled
-    tiny = torch.finfo(H.dtype).tiny
-    s_h = H.abs().amax((-2, -1))
-    s_h = torch.where(s_h > 0, s_h, torch.ones_like(s_h))
-    norms = A.norm(dim=-1)
-    d = torch.where(norms > 0, s_h[:, None] / norms.clamp_min(tiny), torch.zeros_like(norms))
-    A, Bc = A * d.unsqueeze(-1), Bc * d.unsqueeze(-1)
-    inactive_diag = torch.diag_embed((1 - act) * s_h[:, None])
-    L, h_not_pd, h_weak = _cholesky(H)
-    # Schur complement: S = A H⁻¹ Aᵀ (+ s_H I on inactive rows), W = S⁻¹ (A H⁻¹ By − Bc).
-    HiAt = torch.cholesky_solve(A.transpose(-1, -2), L)
-    HiBy = torch.cholesky_solve(By, L)
-    S = A @ HiAt + inactive_diag
-    Ls, s_not_pd, s_weak = _cholesky(S)
-    AHiBy = A @ HiBy
-    W = torch.cholesky_solve(AHiBy - Bc, Ls)
-    U = HiBy - HiAt @ W
-    # a Schur solve can be inaccurate where S mixes scales (huge curvature along directions the
-    # constraints pin): check the residual of the constraint rows, A U = Bc, relative to the terms
-    # that make it up (A U = A H⁻¹By − A H⁻¹Aᵀ W: at a vertex U = 0 and both terms cancel)
-    rtol = torch.finfo(H.dtype).eps ** 0.5
-    r_c = (A @ U - Bc).abs().amax((-2, -1))
-    terms = (s_h * U.abs().amax((-2, -1)) + Bc.abs().amax((-2, -1))
-             + AHiBy.abs().amax((-2, -1)))
-    inexact = ~(r_c <= rtol * terms)
-    fallback = h_not_pd | h_weak | s_not_pd | s_weak | inexact
+    if finite is None and _shared(H) and _shared(A):  # one H and A for the batch (a QP's)
+        U, W, d, A, Bc, fallback = _schur_shared(H[0], A[0], act, By, Bc)
+    else:
+        U, W, d, A, Bc, fallback = _schur(H, A, act, By, Bc)
     if forced is not None:
         fallback |= forced
-    not_pd = torch.zeros_like(h_not_pd)
-    singular = torch.zeros_like(h_not_pd)
+    not_pd = torch.zeros_like(fallback)
+    singular = torch.zeros_like(fallback)
     min_eig = None
     if fallback.any():
         U, W = U.clone(), W.clone()
-        Uf, Wf, not_pd_f, singular_f, eig = _null_space_solve(H[fallback], A[fallback],
+        Uf, Wf, not_pd_f, singular_f, eig = _null_space_solve(H[fallback], A(fallback),
                                                               By[fallback], Bc[fallback])
         U[fallback], W[fallback] = Uf, Wf
         not_pd[fallback], singular[fallback] = not_pd_f, singular_f
-        min_eig = torch.full_like(h_not_pd, float("inf"), dtype=H.dtype)
+        min_eig = torch.full_like(fallback, float("inf"), dtype=H.dtype)
         min_eig[fallback] = eig
     W = W * d.unsqueeze(-1)
     if finite is not None:
         U = torch.where(finite[:, None, None], U, float("nan"))
         W = torch.where(finite[:, None, None], W, float("nan"))
     return U, W, SolveInfo(not_pd=not_pd, singular=singular, min_eig=min_eig)
+
+
+def _shared(M: Tensor) -> bool:
+    """Whether ``M (b, ...)`` is one matrix expanded over the batch (stride 0)."""
+    return M.shape[0] > 1 and M.stride(0) == 0
+
+
+def _schur(H: Tensor, A: Tensor, act: Tensor, By: Tensor, Bc: Tensor) -> tuple:
+    """The Schur-complement solve of :func:`solve_kkt` (``A``, ``Bc`` masked to the active rows
+    ``act``): ``U, W`` (``W`` in the equilibrated rows), the row scales ``d (b, r)``, the
+    equilibrated ``A`` (a function of the samples wanted) and ``Bc``, and the samples where the
+    solve is not to be trusted (the null-space method takes them)."""
+    A, Bc = A * act.unsqueeze(-1), Bc * act.unsqueeze(-1)
+    # equilibrate: row j of A (and of Bc) scaled by d_j = s_H / ‖a_j‖, so W = d · W_scaled
+    s_h = _matrix_scale(H)
+    norms = A.norm(dim=-1)
+    d = torch.where(norms > 0, s_h[:, None] / norms.clamp_min(torch.finfo(H.dtype).tiny),
+                    torch.zeros_like(norms))
+    A, Bc = A * d.unsqueeze(-1), Bc * d.unsqueeze(-1)
+    L, h_not_pd, h_weak = _cholesky(H)
+    # Schur complement: S = A H⁻¹ Aᵀ (+ s_H I on inactive rows), W = S⁻¹ (A H⁻¹ By − Bc).
+    HiAt = torch.cholesky_solve(A.transpose(-1, -2), L)
+    HiBy = torch.cholesky_solve(By, L)
+    S = A @ HiAt + torch.diag_embed((1 - act) * s_h[:, None])
+    Ls, s_not_pd, s_weak = _cholesky(S)
+    AHiBy = A @ HiBy
+    W = torch.cholesky_solve(AHiBy - Bc, Ls)
+    U = HiBy - HiAt @ W
+    bad = _inexact(A @ U - Bc, s_h, U, Bc, AHiBy) | h_not_pd | h_weak | s_not_pd | s_weak
+    return U, W, d, (lambda keep: A[keep]), Bc, bad
+
+
+def _schur_shared(H: Tensor, A: Tensor, act: Tensor, By: Tensor, Bc: Tensor) -> tuple:
+    """:func:`_schur` for one ``H (m, m)`` and one ``A (r, m)`` shared by the batch, whose samples
+    differ in their right-hand sides and active rows ``act (b, r)`` only: ``H`` is factorised
+    once and ``H⁻¹ Aᵀ``, ``A H⁻¹ Aᵀ`` formed once; per sample, only the Schur complement
+    ``S = (A H⁻¹ Aᵀ) ∘ act actᵀ (+ s_H I on inactive rows)`` is factorised."""
+    s_h = _matrix_scale(H[None])[0]
+    norms = A.norm(dim=-1)
+    d1 = torch.where(norms > 0, s_h / norms.clamp_min(torch.finfo(H.dtype).tiny),
+                     torch.zeros_like(norms))
+    A1 = A * d1.unsqueeze(-1)  # the equilibrated rows, shared
+    d = d1 * act
+    Bc = Bc * d.unsqueeze(-1)
+    L, h_not_pd, h_weak = _cholesky(H[None])
+    HiAt = torch.cholesky_solve(A1.T, L[0])  # (m, r)
+    b, m, k = By.shape
+    HiBy = torch.cholesky_solve(By.transpose(0, 1).reshape(m, b * k), L[0])
+    HiBy = HiBy.reshape(m, b, k).transpose(0, 1)
+    S = (A1 @ HiAt) * (act.unsqueeze(-1) * act.unsqueeze(-2)) + torch.diag_embed((1 - act) * s_h)
+    Ls, s_not_pd, s_weak = _cholesky(S)
+    mask = act.unsqueeze(-1)
+    AHiBy = (HiBy.transpose(-1, -2) @ A1.T).transpose(-1, -2) * mask  # one matrix product each
+    W = torch.cholesky_solve(AHiBy - Bc, Ls)
+    U = HiBy - ((W * mask).transpose(-1, -2) @ HiAt.T).transpose(-1, -2)
+    AU = (U.transpose(-1, -2) @ A1.T).transpose(-1, -2) * mask
+    bad = _inexact(AU - Bc, s_h, U, Bc, AHiBy) | h_not_pd | h_weak | s_not_pd | s_weak
+    return U, W, d, (lambda keep: A1 * act[keep].unsqueeze(-1)), Bc, bad
+
+
+def _matrix_scale(H: Tensor) -> Tensor:
+    """``max |H_ij|`` per sample, 1 where ``H = 0``."""
+    s_h = H.abs().amax((-2, -1))
+    return torch.where(s_h > 0, s_h, torch.ones_like(s_h))
+
+
+def _inexact(r_c: Tensor, s_h: Tensor, U: Tensor, Bc: Tensor, AHiBy: Tensor) -> Tensor:
+    """Where a Schur solve is inaccurate (``S`` mixes scales: huge curvature along directions
+    the constraints pin): the residual ``r_c = A U − Bc`` of the constraint rows relative to the
+    terms that make it up (``A U = A H⁻¹By − A H⁻¹Aᵀ W``: at a vertex ``U = 0`` and both cancel)."""
+    rtol = torch.finfo(U.dtype).eps ** 0.5
+    terms = (s_h * U.abs().amax((-2, -1)) + Bc.abs().amax((-2, -1))
+             + AHiBy.abs().amax((-2, -1)))
+    return ~(r_c.abs().amax((-2, -1)) <= rtol * terms)
 
 
 def _null_space_solve(H: Tensor, A: Tensor, By: Tensor, Bc: Tensor

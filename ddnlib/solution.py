@@ -50,6 +50,13 @@ class Solution(Mapping):
             unconstrained problem with a dense linear solver and no damping solves with it
             instead of forming and factorising the Hessian again; the difference from the
             Hessian at ``y`` is of the size of that last step.
+        hessian: ``∇²_yy L (b, m, m)`` at ``y`` and the multipliers, exact, or ``None``: the
+            generic backward uses it instead of differentiating ``∇_y L`` again. The interior
+            point sets it where it found the objective quadratic and the constraints affine.
+        constraint_jacobian: ``∂[h; g]/∂y (b, p + q, m)`` of constraints that are *affine* in
+            ``y`` (the same at every ``y``), or ``None``: the generic backward uses it instead of
+            differentiating the constraints, and skips its degeneracy test (affine constraints
+            have no curvature). Set by the interior point with :attr:`hessian`.
     """
 
     y: Tensor
@@ -58,6 +65,15 @@ class Solution(Mapping):
     extras: Mapping[str, Any] = field(default_factory=dict)
     stats: Mapping[str, Any] = field(default_factory=dict)
     hessian_cholesky: Tensor | None = None
+    hessian: Tensor | None = None
+    constraint_jacobian: Tensor | None = None
+
+    @property
+    def derivatives(self) -> bool:
+        """Whether the solver handed derivatives to the backward pass (:attr:`hessian_cholesky`,
+        :attr:`hessian` or :attr:`constraint_jacobian`)."""
+        return any(t is not None for t in (self.hessian_cholesky, self.hessian,
+                                           self.constraint_jacobian))
 
     # -- the ctx mapping view -------------------------------------------------------------------
     def _entries(self) -> dict[str, Any]:
@@ -82,7 +98,8 @@ class Solution(Mapping):
         return replace(self, y=cut(self.y), eq_multipliers=cut(self.eq_multipliers),
                        ineq_multipliers=cut(self.ineq_multipliers),
                        extras={k: cut(v) for k, v in self.extras.items()},
-                       hessian_cholesky=cut(self.hessian_cholesky))
+                       hessian_cholesky=cut(self.hessian_cholesky), hessian=cut(self.hessian),
+                       constraint_jacobian=cut(self.constraint_jacobian))
 
     def rows(self, keep: Tensor) -> "Solution":
         """The samples ``keep`` (a ``(b,)`` mask) of every per-sample tensor."""
@@ -95,7 +112,8 @@ class Solution(Mapping):
         return replace(self, y=take(self.y), eq_multipliers=take(self.eq_multipliers),
                        ineq_multipliers=take(self.ineq_multipliers),
                        extras={k: take(v) for k, v in self.extras.items()},
-                       hessian_cholesky=take(self.hessian_cholesky))
+                       hessian_cholesky=take(self.hessian_cholesky), hessian=take(self.hessian),
+                       constraint_jacobian=take(self.constraint_jacobian))
 
 
 def as_solution(out: Any, where: str = "solve", extras_read: bool = True) -> Solution:

@@ -536,3 +536,37 @@ def test_per_sample_quadratic_constraints_agree_with_autodiff():
     torch.testing.assert_close(fast.y, plain.y, atol=1e-8, rtol=0)
     torch.testing.assert_close(fast.ineq_multipliers, plain.ineq_multipliers, atol=1e-8, rtol=0)
     assert bool(((d * fast.y**2).sum(-1) <= 1 + 1e-9).all())
+
+
+@pytest.mark.parametrize("node", [QP(n=5, q=3, p=1, seed=3), Simplex(), Box(4)],
+                         ids=["qp", "simplex", "box"])
+def test_a_qp_hands_its_constant_derivatives_to_the_backward(node):
+    """Quadratic objective, affine constraints: the solution carries ∇²L and the constraint
+    Jacobian (exactly autodiff's), and the backward with them equals the backward without."""
+    import dataclasses
+
+    from ddnlib.engine import implicit_vjp
+
+    x = 2 * torch.randn(6, node.A.shape[1] if isinstance(node, QP) else 4, dtype=F64)
+    solution = node.solve(x)
+    y = solution.y
+    with torch.enable_grad():
+        yv = y.detach().clone().requires_grad_()
+        problem = Problem(node, (x,), y.shape)
+        c = problem.constraints(yv)
+        g = grad(problem.objective(yv).sum(), [yv], create_graph=True)[0]
+        H, J = batched_jacobian(g, yv), batched_jacobian(c, yv)
+    torch.testing.assert_close(solution.hessian, H, atol=1e-12, rtol=0)
+    torch.testing.assert_close(solution.constraint_jacobian, J, atol=1e-12, rtol=0)
+    xr, v = x.clone().requires_grad_(), torch.randn_like(x)
+    plain = dataclasses.replace(solution, hessian=None, constraint_jacobian=None)
+    handed, _ = implicit_vjp(node, (xr,), y, v, solution)
+    recomputed, _ = implicit_vjp(node, (xr,), y, v, plain)
+    torch.testing.assert_close(handed[0], recomputed[0], atol=1e-10, rtol=0)
+
+
+def test_no_derivatives_are_handed_over_where_the_problem_is_not_a_qp():
+    x = 3 * torch.randn(4, 5, dtype=F64)
+    for solution in (interior_point.solve(Sphere(), x),
+                     interior_point.solve(QP(n=5, q=3, p=1), x, exploit_structure=False)):
+        assert solution.hessian is None and solution.constraint_jacobian is None

@@ -183,3 +183,44 @@ def test_schur_solve_at_a_vertex_needs_no_fallback(dtype, monkeypatch):
     assert U.abs().max() <= tol * By.abs().max()
     torch.testing.assert_close(A.transpose(-1, -2) @ W, By - H @ U, atol=tol * 10, rtol=0)
     assert not (info.not_pd | info.singular).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("H_kind", ["definite", "singular"])
+def test_shared_matrices_solve_as_per_sample_ones(dtype, H_kind, monkeypatch):
+    """One H and A expanded over the batch (a QP's, handed over by the interior point) take the
+    shared Schur path; it agrees with the per-sample path, fallbacks (a singular H: every
+    sample goes to the null-space method) and all."""
+    import ddnlib.linalg as linalg
+
+    if H_kind == "definite":  # the Schur solve itself must be right, not rescued
+        def fallback(*args):
+            raise AssertionError("null-space fallback taken on a definite system")
+
+        monkeypatch.setattr(linalg, "_null_space_solve", fallback)
+
+    gen = torch.Generator().manual_seed(4)
+    b, m, r = 7, 6, 4
+    M = torch.randn(m, m, generator=gen, dtype=F64)
+    H1 = M @ M.T + (0.1 * torch.eye(m, dtype=F64) if H_kind == "definite" else 0)
+    if H_kind == "singular":  # rank m − 1: positive on the null space of the active rows only
+        H1 = H1 - torch.linalg.eigh(H1).eigenvalues[0] * torch.eye(m, dtype=F64)
+    A1 = torch.randn(r, m, generator=gen, dtype=F64)
+    active = torch.rand(b, r, generator=gen) < 0.6
+    active[0] = True  # one sample with every row active
+    By = torch.randn(b, m, 2, generator=gen, dtype=F64).to(dtype)
+    Bc = torch.randn(b, r, 2, generator=gen, dtype=F64).to(dtype)
+    H, A = H1.to(dtype).expand(b, m, m), A1.to(dtype).expand(b, r, m)
+    assert linalg._shared(H) and linalg._shared(A)
+    U, W, info = linalg.solve_kkt(H, A, active, By, Bc)
+    Uc, Wc, info_c = linalg.solve_kkt(H.contiguous(), A.contiguous(), active, By, Bc)
+    tol = 1e-9 if dtype == F64 else 2e-3
+    scale = 1 + Uc.abs().max()
+    torch.testing.assert_close(U, Uc, atol=tol * scale, rtol=0)
+    torch.testing.assert_close(W, Wc, atol=tol * (1 + Wc.abs().max()), rtol=0)
+    assert torch.equal(info.not_pd, info_c.not_pd) and torch.equal(info.singular, info_c.singular)
+    # and it is the solution: the KKT residuals of the active system
+    act = active.to(dtype).unsqueeze(-1)
+    if not info.singular.any():
+        res = H @ U + (A * act).transpose(-1, -2) @ W - By
+        assert res.abs().max() <= 10 * tol * (1 + By.abs().max() + H1.abs().max() * scale)
