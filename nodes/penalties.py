@@ -239,15 +239,14 @@ class _Welsch(Penalty):
         return g, h
 
     def newton_value_sums(self, z, c, alpha, scratch):
-        """``m = expm1(−s/2)`` (``s`` clamped as in :meth:`ranked_sum`): ``Σ ranked = −Σ m`` as
-        there, and ``e = 1 + m``, which is within ``eps`` of ``exp(−s/2)`` (its tail below
-        ``eps`` is lost: terms ``z e`` of entries ``|z| ≳ 5.6 c``, below the rounding of the sums);
-        fewer passes than :meth:`newton_sums` (no mask)."""
+        """With ``e = exp(−s/2)`` (by ``exp2``, as :func:`_gaussian`): ``Σ ranked = n − Σ e``, to
+        within ``n·eps`` absolutely (not relatively, as :meth:`ranked_sum`: near ``u`` the terms
+        ``1 − e`` are below the rounding of ``e``), which the histogram search allows for. No
+        mask: beyond ``s_max`` the terms are ``e^{−s_max/2} = e·tiny`` instead of 0."""
         with scratch_buffers(z.numel(), z.dtype, z.device, 1) as (e,):
             s = torch.div(z, c, out=scratch).square_().clamp_max_(_s_max(z.dtype))
-            m = torch.mul(s, -0.5, out=e.view(z.shape)).expm1_()
-            value = m.sum(-1).neg_()
-            e = m.add_(1)
+            e = torch.mul(s, -0.5 * _LOG2_E, out=e.view(z.shape)).exp2_()
+            value = e.sum(-1).neg_().add_(z.shape[-1])
             g = z.mul_(e).sum(-1)
             h = e.mul_(s.neg_().add_(1)).sum(-1)
         return g, h, value
@@ -255,11 +254,17 @@ class _Welsch(Penalty):
 
 def _gaussian(s: Tensor, out: Tensor) -> Tensor:
     """``exp(−s/2)`` into ``out``, 0 where ``s ≥ _s_max``, which ``s`` is clamped to in place
-    (``sign(s_max − s)`` is the mask: cheaper than a boolean mask and ``masked_fill_``)."""
+    (``sign(s_max − s)`` is the mask: cheaper than a boolean mask and ``masked_fill_``). As
+    ``2^(−s·log₂e / 2)``: ``exp2`` is 3–4x faster than ``exp`` on the CPU, and the rounding of the
+    product adds at most ``(s/2)·eps`` to the relative error (a few hundred ``eps`` on terms below
+    ``e^{-80}``)."""
     s_max = _s_max(s.dtype)
-    e = torch.mul(s.clamp_max_(s_max), -0.5, out=out).exp_()
+    e = torch.mul(s.clamp_max_(s_max), -0.5 * _LOG2_E, out=out).exp2_()
     with scratch_buffers(s.numel(), s.dtype, s.device, 1) as (mask,):
         return e.mul_(torch.sub(s_max, s, out=mask.view(s.shape)).sign_())
+
+
+_LOG2_E = 1.0 / math.log(2.0)
 
 
 class _TruncatedQuadratic(Penalty):
@@ -312,11 +317,14 @@ class _General(Penalty):
     def newton_sums(self, z, c, alpha, scratch):
         """With ``q = 1 + s/a`` and ``P = q^{α/2−1}``: ``c²φ′ = z P`` and, as ``1 − (2−α) s/(a + s)
         = (α − 1) + (2 − α)/q``, ``Σ c²φ″ = (α − 1) Σ P + (2 − α) Σ P/q``: one logarithm, one
-        exponential and one division per entry, in place."""
+        exponential and one division per entry, in place (``P = 2^{(α/2−1) log1p(s/a) log₂e}``:
+        ``log1p`` and ``exp2`` are 2x and 3–4x faster than ``log`` and ``exp`` on the CPU)."""
         a = self._a(alpha)
         with scratch_buffers(z.numel(), z.dtype, z.device, 1) as (power,):
-            q = torch.div(z, c, out=scratch).square_().div_(a).add_(1)
-            power = torch.log(q, out=power.view(z.shape)).mul_(0.5 * alpha - 1).exp_()
+            t = torch.div(z, c, out=scratch).square_().div_(a)
+            power = torch.log1p(t, out=power.view(z.shape)).mul_((0.5 * alpha - 1) * _LOG2_E)
+            power = power.exp2_()
+            q = t.add_(1)
             g = z.mul_(power).sum(-1)
             inner = torch.div(power, q, out=q)
             h = (alpha - 1).squeeze(-1) * power.sum(-1) + (2 - alpha).squeeze(-1) * inner.sum(-1)

@@ -295,7 +295,10 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         hit = (f == best_f[row]).nonzero().flatten()
         best_u[row[hit]] = u[hit]
         ub = best_f[row]
-        slack = (1e-6 + n * torch.finfo(x.dtype).eps) * ub.abs()
+        # relative rounding of the sums, and the absolute n·eps of a value from
+        # Penalty.newton_value_sums (Welsch's n − Σ e)
+        eps = torch.finfo(x.dtype).eps
+        slack = (1e-6 + n * eps) * ub.abs() + 4 * n * eps
         survive = bound <= (ub + slack)[:, None]
         if bool(fine.any()):
             i = fine.nonzero().flatten()
