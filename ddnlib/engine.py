@@ -56,11 +56,10 @@ CHECK_CG_TOL = 0.1  # the optimality check needs only the size of its step
 DEGENERACY = 0.1  # a constraint gradient below this share of optimality_tol is degenerate
 
 
-def _kkt_system(node, xs: Sequence[Tensor], y: Tensor, ctx) -> tuple:
+def _kkt_system(node, xs: Sequence[Tensor], y: Tensor, solution: Solution) -> tuple:
     """``(problem, kkt, operator, solver)`` at ``y`` for the backward and forward modes (graph
     mode on); degenerate constraints are reported when the node's checks are on."""
     options = node.options
-    solution = ctx if isinstance(ctx, Solution) else as_solution((y, ctx))
     problem = Problem(node, xs, y.shape)
     kkt = problem.kkt(y, solution, options)
     if options.check_optimality:
@@ -71,6 +70,10 @@ def _kkt_system(node, xs: Sequence[Tensor], y: Tensor, ctx) -> tuple:
              and factor.shape == (problem.batch, problem.m, problem.m))
     op = kkt.operator(options.damping, factor=factor.to(y.dtype) if reuse else None)
     return problem, kkt, op, chosen(options.solver, op)
+
+
+def _as_solution(y: Tensor, ctx) -> Solution:
+    return ctx if isinstance(ctx, Solution) else as_solution((y, ctx))
 
 
 def implicit_vjp(
@@ -100,10 +103,14 @@ def implicit_vjp(
         }
     if torch.is_grad_enabled() and getattr(_GRAPH, "on", False):
         return _vjp_with_graph(node, xs, y, v, params, wanted)
+    solution = _as_solution(y, ctx)
     with torch.enable_grad():
-        problem, kkt, op, solver = _kkt_system(node, xs, y, ctx)
-        # column 0: the backward system; column 1: the Newton/KKT step of the optimality check
-        check = options.check_optimality
+        problem, kkt, op, solver = _kkt_system(node, xs, y, solution)
+        # column 0: the backward system; column 1: the Newton/KKT step of the optimality check,
+        # unless the forward solver certified optimality to the check's tolerance already
+        tol = options.tol("optimality_tol", y.dtype)
+        check = options.check_optimality and not (solution.certified is not None
+                                                  and solution.certified <= tol)
         gL, c = kkt.residual()
         vf = problem.flatten(v).to(y.dtype)
         By = torch.stack([-vf, gL] if check else [-vf], dim=-1)
@@ -116,7 +123,7 @@ def implicit_vjp(
         report_solve(info, options.strict, what, kkt.hessian() if info.not_pd.any()
                      and not isinstance(solver, CG) and not kkt.constrained else None)
         if check:
-            kkt.optimality(U[..., 1], options.tol("optimality_tol", y.dtype)).report(options.strict)
+            kkt.optimality(U[..., 1], tol).report(options.strict)
         grads = grad(kkt.surrogate(U[..., 0], W[..., 0]), wanted)
     it = iter(grads)
     input_grads = tuple(next(it) if x.requires_grad else None for x in xs)
@@ -191,7 +198,7 @@ def implicit_jvp(
     if y.numel() == 0 or not pairs:
         return torch.zeros_like(y)
     with torch.enable_grad():
-        problem, kkt, op, solver = _kkt_system(node, xs, y, ctx)
+        problem, kkt, op, solver = _kkt_system(node, xs, y, _as_solution(y, ctx))
         da, dc = _directional([kkt.lagrangian_grad, kkt.c], pairs)
         dc = dc * kkt.active.to(dc.dtype)
         U, _, info = solver.solve(op, -da.detach().unsqueeze(-1), -dc.detach().unsqueeze(-1))

@@ -115,7 +115,8 @@ class IPMResult:
     (b,)`` (the largest of the three relative residuals of the stopping test). Where the problem
     was found to be a QP (quadratic objective, affine constraints; certified), ``hessian (b, m, m)``
     and ``constraint_jacobian (b, p + q, m)`` are its constant derivatives, for the backward pass
-    (:class:`~ddnlib.Solution`); else ``None``.
+    (:class:`~ddnlib.Solution`); else ``None``. ``tol``: the stopping tolerance (every test, the
+    certification included, is by autodiff of the user's functions at ``y``).
     """
 
     y: Tensor
@@ -124,6 +125,7 @@ class IPMResult:
     converged: Tensor
     iterations: Tensor
     residual: Tensor
+    tol: float = 0.0
     hessian: Tensor | None = None
     constraint_jacobian: Tensor | None = None
 
@@ -134,7 +136,8 @@ class IPMResult:
                         self.ineq_multipliers if self.ineq_multipliers.shape[1] else None,
                         stats={"converged": self.converged, "iterations": self.iterations,
                                "residual": self.residual},
-                        hessian=self.hessian, constraint_jacobian=self.constraint_jacobian)
+                        hessian=self.hessian, constraint_jacobian=self.constraint_jacobian,
+                        certified=self.tol if bool(self.converged.all()) else None)
 
 
 def solve(node, *xs: Tensor, y0: Tensor | None = None, options: Options | None = None,
@@ -188,7 +191,7 @@ def interior_point(problem: Problem, y0: Tensor, options: Options, *,
                 getattr(out, name)[idx] = getattr(again, name)
     _report(problem, out.converged, out.residual, out.iterations, options, tol)
     return IPMResult(problem.unflatten(out.y), out.lam, out.mu, out.converged, out.iterations,
-                     out.residual, *((model.quad[2], model.lin[1]) if qp else ()))
+                     out.residual, tol, *((model.quad[2], model.lin[1]) if qp else ()))
 
 
 @dataclass
@@ -424,7 +427,7 @@ def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor,
 
     return IPMResult(spread(part.y, float("nan")), spread(part.eq_multipliers, float("nan")),
                      spread(part.ineq_multipliers, float("nan")), spread(part.converged, False),
-                     spread(part.iterations, 0), spread(part.residual, float("nan")))
+                     spread(part.iterations, 0), spread(part.residual, float("nan")), part.tol)
 
 
 def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples: Tensor,

@@ -57,6 +57,11 @@ class Solution(Mapping):
             ``y`` (the same at every ``y``), or ``None``: the generic backward uses it instead of
             differentiating the constraints, and skips its degeneracy test (affine constraints
             have no curvature). Set by the interior point with :attr:`hessian`.
+        certified: the tolerance to which the solver verified, with the node's own functions
+            differentiated at ``y``, that every sample meets its stopping test (a stationary,
+            feasible point with multipliers of the right sign), or ``None``. Where it is at most
+            the node's ``optimality_tol`` the backward's optimality check, which would repeat that
+            test, is skipped. The default solvers set it when every sample converged.
     """
 
     y: Tensor
@@ -67,6 +72,7 @@ class Solution(Mapping):
     hessian_cholesky: Tensor | None = None
     hessian: Tensor | None = None
     constraint_jacobian: Tensor | None = None
+    certified: float | None = None
 
     @property
     def derivatives(self) -> bool:

@@ -570,3 +570,29 @@ def test_no_derivatives_are_handed_over_where_the_problem_is_not_a_qp():
     for solution in (interior_point.solve(Sphere(), x),
                      interior_point.solve(QP(n=5, q=3, p=1), x, exploit_structure=False)):
         assert solution.hessian is None and solution.constraint_jacobian is None
+
+
+def test_a_certified_solution_skips_the_backward_optimality_check(monkeypatch):
+    """Converged in every sample: the interior point certifies its stopping test (by autodiff
+    at y) and the backward does not repeat it; not converged: no certificate, the check runs."""
+    from ddnlib.kkt import KKTPoint
+
+    calls = []
+    original = KKTPoint.optimality
+    monkeypatch.setattr(KKTPoint, "optimality",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    node = QP(n=5, q=3, p=1, seed=2)
+    x = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    assert node.solve(x.detach()).certified == node.options.tol("solver_tol", F64)
+    node(x).sum().backward()
+    assert not calls
+    sphere = Sphere(Options(max_iter=2))  # a nonlinear constraint: two iterations do not do
+    x = 3 * torch.randn(4, 5, dtype=F64, requires_grad=True)
+    with pytest.warns(NonConvergenceWarning):
+        solution = interior_point.solve(sphere, x.detach())
+    assert solution.certified is None
+    with pytest.warns(NonConvergenceWarning):
+        y = sphere(x)
+    with pytest.warns(Warning):  # the unconverged point fails the check
+        y.sum().backward()
+    assert calls
