@@ -92,44 +92,55 @@ def check_objective(node, value: Any, batch: int, y_shape: Sequence[int]) -> Ten
     return value
 
 
-def check_start(node, xs: Sequence[Tensor], y0: Tensor) -> None:
+def check_start(node, xs: Sequence[Tensor], y0: Tensor, create_graph: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Where the default solvers start, ``y0 = initial_guess(*xs)``: the objective depends on
-    ``y`` (unless constraints may fix ``y``), and the objective, its gradient in ``y`` and the constraints are finite in every
-    sample whose inputs and ``y0`` are finite (samples with non-finite inputs are left to the
-    solvers, which return NaN for them). Raises ``ValueError`` naming the samples and a value."""
+    ``y`` (unless constraints may fix ``y``), and the objective, its gradient in ``y`` and the
+    constraints are finite in every sample whose inputs and ``y0`` are finite (samples with
+    non-finite inputs are left to the solvers, which return NaN for them). Raises ``ValueError``
+    naming the samples and a value.
+
+    Returns what it evaluated, for a solver to start from: the flat point ``y (b, m)`` (a leaf
+    requiring grad), the objective ``f (b,)`` and its gradient ``∇_y f (b, m)`` (``None`` where
+    ``f`` does not depend on ``y``), the gradient with its graph when ``create_graph``."""
     name = node_name(node)
     b = y0.shape[0]
-    usable = torch.ones(b, dtype=torch.bool, device=y0.device)
-    for t in (*xs, y0):
-        usable &= torch.isfinite(t.detach()).reshape(b, -1).all(-1)
     with torch.enable_grad():
-        y = y0.detach().clone().requires_grad_()
+        y = y0.detach().reshape(b, -1).clone().requires_grad_()
         try:
-            f = node.objective(*xs, y)
+            f = node.objective(*xs, y.view(y0.shape))
         except Exception as error:
             if not _default_guess(node):
                 raise
             raise ValueError(f"{name}.objective raised {type(error).__name__} at the default "
-                             f"initial_guess: {error}. {_guess_hint(node, y.shape)}") from error
-        f = check_objective(node, f, b, y.shape)
+                             f"initial_guess: {error}. {_guess_hint(node, y0.shape)}") from error
+        f = check_objective(node, f, b, y0.shape)
         gy = None
         if f.requires_grad:
-            gy, = torch.autograd.grad(f.sum(), [y], allow_unused=True)
+            gy, = torch.autograd.grad(f.sum(), [y], allow_unused=True, create_graph=create_graph)
     constrained = node.has_equality_constraints or node.has_inequality_constraints
     if gy is None and not constrained:  # with constraints, y may be fixed by them alone
         raise ValueError(f"{name}.objective does not depend on y: its value is computed without "
                          f"y (or from y.detach()), so there is nothing to minimise; expected a "
-                         f"per-sample objective f(*xs, y) of y. {_guess_hint(node, y.shape)}")
-    _finite(f"{name}.objective", f.detach().reshape(b, 1), usable)
+                         f"per-sample objective f(*xs, y) of y. {_guess_hint(node, y0.shape)}")
+    values = [(f"{name}.objective", f.detach().reshape(b, 1))]
     if gy is not None:
-        _finite(f"the y-gradient of {name}.objective", gy.reshape(b, -1), usable)
+        values.append((f"the y-gradient of {name}.objective", gy.detach()))
     with torch.no_grad():
         for method, present in (("equality_constraints", node.has_equality_constraints),
                                 ("inequality_constraints", node.has_inequality_constraints)):
             if present:
                 c = getattr(node, method)(*xs, y0)
                 if isinstance(c, Tensor) and c.dim() == 2 and c.shape[0] == b:
-                    _finite(f"{name}.{method}", c, usable)  # other forms: the solvers' message
+                    values.append((f"{name}.{method}", c))  # other forms: the solvers' message
+    # one reduction when everything is finite (the common case); per-sample masks otherwise
+    if not bool(torch.isfinite(sum(v.sum() for _, v in values))):
+        usable = torch.ones(b, dtype=torch.bool, device=y0.device)
+        for t in (*xs, y0):
+            usable &= torch.isfinite(t.detach()).reshape(b, -1).all(-1)
+        for what, v in values:
+            _finite(what, v, usable)
+    return y, f, gy
 
 
 def _finite(what: str, values: Tensor, usable: Tensor) -> None:

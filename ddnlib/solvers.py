@@ -38,6 +38,7 @@ strict mode).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +51,7 @@ from .contract import check_initial_guess, check_start
 from . import interior_point
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
-from .linalg import SolveInfo
+from .linalg import SolveInfo, lstsq
 from .linear_solvers import CG, Auto, Dense, chosen
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
@@ -59,6 +60,7 @@ __all__ = ["default_solve", "default_solution", "newton", "sqp", "slsqp", "slsqp
 
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 40
+_MAX_SHIFT = 16  # the largest Levenberg shift tried is max |H_ii| · 10^16
 
 
 def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
@@ -76,8 +78,9 @@ def default_solution(node, xs: Sequence[Tensor]) -> Solution:
     y0 = check_initial_guess(node, xs, node.initial_guess(*xs))
     if y0.numel() == 0:  # an empty output per sample: nothing to solve
         return Solution(y0)
-    check_start(node, xs, y0)  # finite objective and constraints at y0 (ddnlib.contract)
     problem = Problem(node, xs, y0.shape)
+    # finite objective and constraints at y0 (ddnlib.contract); dense Newton starts from them
+    start = check_start(node, xs, y0, create_graph=not problem.constrained)
     options = node.options
     if problem.has_ineq or (problem.has_eq and _dense(options, problem.m
                                                       + problem.eq(problem.flatten(y0)).shape[1])):
@@ -93,7 +96,7 @@ def default_solution(node, xs: Sequence[Tensor]) -> Solution:
                    "initial_guess or supply solve().", node.options.strict)
         return Solution(y, eq_multipliers=nu,
                         stats={"converged": converged, "residual": residual})
-    return newton(problem, y0, node.options)
+    return newton(problem, y0, node.options, start)
 
 
 def _dense(options, rows: int) -> bool:
@@ -140,17 +143,26 @@ def _newton_step(kkt: KKTPoint, options, rhs_y: Tensor, rhs_c: Tensor, rtol: Ten
     return d, W[..., 0], dHd, info
 
 
-def newton(problem: Problem, y0: Tensor, options) -> Solution:
+def newton(problem: Problem, y0: Tensor, options, start: tuple | None = None) -> Solution:
     """Batched damped Newton on ``min_y f(x, y)`` from ``y0 (b, *out)``: a
     :class:`~ddnlib.Solution` with ``y (b, *out)``.
 
-    The direction is the convexified Newton step of the node's linear solver (Levenberg shift
-    for dense systems; truncated CG with the forcing term ``min(0.5, √‖∇f‖)``), or ``−∇f`` where
-    that is not a descent direction. When every sample converged and the last iteration's dense
-    Hessians all factorised without a shift, their Cholesky factor comes back as
-    ``hessian_cholesky`` (each at the sample's last iterate, at most the final step — below
-    ``solver_tol`` relative — from ``y``), for the backward pass to reuse.
+    The direction is the convexified Newton step, or ``−∇f`` where that is not a descent
+    direction. With a dense linear solver (:func:`_dense_newton`) it is the Levenberg-shifted
+    Cholesky step; otherwise the node's linear solver gives it (truncated CG with the forcing term
+    ``min(0.5, √‖∇f‖)``). When every sample converged and the last iteration's dense Hessians all
+    factorised without a shift, their Cholesky factor comes back as ``hessian_cholesky`` (each at
+    the sample's last iterate, at most the final step — below ``solver_tol`` relative — from
+    ``y``), for the backward pass to reuse. ``start``: ``(y, f, ∇f)`` at ``y0`` with the graph
+    of ``∇f`` (from :func:`~ddnlib.contract.check_start`), saving the first evaluation.
     """
+    if _dense(options, problem.m):
+        return _dense_newton(problem, y0, options, start)
+    return _newton_cg(problem, y0, options)
+
+
+def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
+    """:func:`newton` with the step from the node's (matrix-free) linear solver."""
     b = problem.batch
     tol = options.tol("solver_tol", y0.dtype)
     cg_tol = options.tol("cg_tol", y0.dtype)
@@ -198,7 +210,158 @@ def newton(problem: Problem, y0: Tensor, options) -> Solution:
     return Solution(y, hessian_cholesky=factor if bool(finite.all()) else None)
 
 
-def _armijo(f_new: Tensor, f: Tensor, slope: Tensor, t: Tensor) -> Tensor:
+def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None) -> Solution:
+    """:func:`newton` with dense per-sample Hessians: each iteration evaluates ``f``, ``∇f`` and
+    ``∇²f`` once (:func:`_derivatives`) and takes the Levenberg-shifted Cholesky step
+    (:func:`_levenberg_step`); the full step's evaluation is the next iteration's, and only where
+    it fails the Armijo test is the step shortened (from ½ on) and the point evaluated again."""
+    b = problem.batch
+    tol = options.tol("solver_tol", y0.dtype)
+    y = start[0].detach() if start is not None else problem.flatten(y0.detach()).clone()
+    running = torch.ones(b, dtype=torch.bool, device=y.device)
+    finite = None  # (b,) once a sample was not finite; None while all are
+    step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
+    factor = None  # the last factorisation, kept only when every sample converged unshifted
+    f, g, H = _derivatives(problem, y, start)
+    for _ in range(options.max_iter):
+        d, L, slope, exact, finite_now = _levenberg_step(H, g, f)
+        if finite_now is not None:
+            finite = finite_now if finite is None else finite & finite_now
+            running &= finite
+        size = d.abs().amax(-1) / (1 + y.abs().amax(-1))
+        step = torch.where(running, size, step)
+        y_full = torch.where(running.unsqueeze(-1), y + d, y)  # also the last (tiny) step
+        running &= ~(size <= tol)
+        if not running.any():
+            y = y_full
+            factor = L if exact else None
+            break
+        # the full step is evaluated with the next iteration's derivatives; where it fails the
+        # Armijo test the step is shortened from ½ on, and the derivatives evaluated again
+        f_full, g_full, H_full = _derivatives(problem, y_full)
+        short = running & ~_armijo(f_full, f, slope)
+        if short.any():
+            t = _backtrack(problem, y, f, g, d, short, t0=0.5)
+            y = torch.where(short.unsqueeze(-1), y + t.unsqueeze(-1) * d, y_full)
+            f, g, H = _derivatives(problem, y)
+        else:
+            y, f, g, H = y_full, f_full, g_full, H_full
+    else:
+        _report_newton(running, step, tol, options)
+    if finite is None or bool(finite.all()):
+        return Solution(problem.unflatten(y), hessian_cholesky=factor)
+    return Solution(problem.unflatten(torch.where(finite.unsqueeze(-1), y, torch.nan)))
+
+
+def _report_newton(running: Tensor, step: Tensor, tol: float, options) -> None:
+    report(NonConvergenceWarning,
+           f"Newton did not converge in {options.max_iter} iterations at samples "
+           f"{describe_samples(running)}; worst relative step "
+           f"{step[running].max().item():.3g} > tol {tol:g}. Raise Options(max_iter=...) or "
+           "supply solve().", options.strict)
+
+
+def _backward(output: Tensor, grad_output: Tensor, y: Tensor, create_graph: bool = False
+              ) -> Tensor | None:
+    """``∂⟨output, grad_output⟩/∂y`` by the autograd engine (``None`` where ``output`` does not
+    depend on ``y``); ``grad_output`` may be batched by ``torch._add_batch_dim``. It is what
+    ``torch.autograd.grad`` runs, entered directly: the public function's Python wrapping (and
+    that of ``is_grads_batched``) costs about as much as a pass at ``m = 16``."""
+    return torch.autograd.Variable._execution_engine.run_backward(
+        (output,), (grad_output,), create_graph, create_graph, (y,), True, False)[0]
+
+
+def _derivatives(problem: Problem, y: Tensor, start: tuple | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``f (b,)``, ``∇_y f (b, m)`` and ``∇²_yy f (b, m, m)`` at ``y (b, m)``, detached: one
+    objective evaluation, its gradient with the graph, and one backward pass of that gradient
+    batched over the ``m`` basis directions (what ``batched_jacobian`` computes). ``start`` is
+    ``(y, f, ∇f)`` already evaluated at ``y`` (the gradient with its graph)."""
+    b, m = y.shape
+    with torch.enable_grad():
+        if start is None:
+            yv = y.detach().requires_grad_()
+            f = problem.objective(yv)
+            g = _backward(f.sum(), torch.ones((), dtype=f.dtype, device=f.device), yv, True)
+        else:
+            yv, f, g = start
+        if g is None:  # f does not depend on y (a sample of a degenerate node)
+            g = torch.zeros_like(y)
+        if not g.requires_grad:  # f linear in y
+            return f.detach(), g, y.new_zeros(b, m, m)
+        basis = torch.eye(m, dtype=y.dtype, device=y.device).unsqueeze(1).expand(m, b, m)
+        level = torch._C._vmapmode_increment_nesting()
+        try:
+            rows = _backward(g, torch._add_batch_dim(basis, 0, level), yv)
+            rows = (torch._remove_batch_dim(rows, level, m, 0) if rows is not None
+                    else y.new_zeros(m, b, m))  # ∇f depends on parameters only
+        finally:
+            torch._C._vmapmode_decrement_nesting()
+    return f.detach(), g.detach(), rows.transpose(0, 1)
+
+
+def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, bool, Tensor | None]:
+    """The Newton direction ``d (b, m)`` per sample, or ``−∇f`` where it is not a descent
+    direction, with the Cholesky factor ``L (b, m, m)`` of ``H``.
+
+    ``d = −H⁻¹∇f`` by Cholesky where ``H`` is safely positive definite (:func:`_trusted`); by
+    minimum-norm least squares where Cholesky goes through with a tiny pivot (``H`` singular or
+    ill-conditioned for the dtype); ``d = −(H + γI)⁻¹∇f`` where Cholesky fails (``H`` not positive
+    definite), with ``γ = s·10ᵏ``, ``s = max |H_ii|`` (1 where that is 0), for the smallest
+    ``k ≥ log10 √eps`` that makes ``H + γI`` safely positive definite (Levenberg). Samples whose
+    ``f``, ``∇f`` or ``H`` is not finite get ``d = −∇f`` (0 where ``∇f`` is not finite).
+
+    Returns ``d``, ``L``, the slope ``∇fᵀd (b,)``, whether ``L`` is the trusted factor of every
+    sample's ``H`` (every one finite), and the mask ``(b,)`` of samples whose ``f`` and ``∇f``
+    are finite (``None``: all).
+    """
+    L, info = torch.linalg.cholesky_ex(H)
+    trusted = _trusted(H, L, info)
+    d = torch.cholesky_solve(-g.unsqueeze(-1), L)[..., 0]
+    slope = (d * g).sum(-1)
+    # the common case, by one synchronisation: every H safely positive definite and everything
+    # finite (then gᵀd = −‖L⁻¹g‖² < 0: d is a descent direction)
+    if bool(trusted.all() & torch.isfinite(f.sum() + slope.sum()) & (slope.amax() <= 0)):
+        return d, L, slope, True, None
+    finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
+    usable = finite & torch.isfinite(H).all((-2, -1))
+    g = torch.where(finite.unsqueeze(-1), g, torch.zeros_like(g))
+    d = torch.where(usable.unsqueeze(-1), d, -g)
+    weak = (usable & ~trusted & (info == 0)).nonzero().flatten()
+    if weak.numel():
+        d[weak] = lstsq(H[weak], -g[weak].unsqueeze(-1))[0][..., 0]
+    todo = (usable & (info != 0)).nonzero().flatten()
+    if todo.numel():
+        eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+        scale = H[todo].diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        for k in range(math.ceil(math.log10(torch.finfo(H.dtype).eps ** 0.5)), _MAX_SHIFT + 1):
+            shifted = H[todo] + (scale * 10.0 ** k)[:, None, None] * eye
+            Lk, info_k = torch.linalg.cholesky_ex(shifted)
+            ok = _trusted(shifted, Lk, info_k)
+            d[todo[ok]] = torch.cholesky_solve(-g[todo[ok]].unsqueeze(-1), Lk[ok])[..., 0]
+            todo, scale = todo[~ok], scale[~ok]
+            if not todo.numel():
+                break
+    slope = (d * g).sum(-1)
+    descent = slope < 0
+    d = torch.where(descent.unsqueeze(-1), d, -g)
+    slope = torch.where(descent, slope, -(g * g).sum(-1))
+    return d, L, slope, bool(trusted.all()), finite
+
+
+def _trusted(H: Tensor, L: Tensor, info: Tensor) -> Tensor:
+    """Where the Cholesky factorisation ``L`` of ``H (b, m, m)`` (``info`` from ``cholesky_ex``)
+    is trusted, ``(b,)``: it went through with every pivot ``L_ii² > √eps · max_i H_ii``. Success
+    alone says little (rounding leaves pivots of ~1e-8 on singular matrices); where it succeeds,
+    ``max |H| = max_i H_ii``. False where ``H`` is not finite."""
+    scale = H.diagonal(dim1=-2, dim2=-1).amax(-1)
+    pivots = L.diagonal(dim1=-2, dim2=-1).amin(-1)
+    return (info == 0) & (pivots.square() > torch.finfo(H.dtype).eps ** 0.5 * scale)
+
+
+def _armijo(f_new: Tensor, f: Tensor, slope: Tensor, t: Tensor | float = 1.0) -> Tensor:
     """``f(y + t d) ≤ f + 1e-4 t gᵀd`` per sample (``slope = gᵀd``), or a change of ``f`` within
     rounding of ``f``: near the minimiser the predicted decrease falls below the precision of
     ``f`` and Armijo could never hold. False where ``f_new`` is not finite."""

@@ -1,0 +1,147 @@
+"""The default unconstrained solver's dense path (``ddnlib.solvers._dense_newton``): the same
+minimiser as the generic Newton step through the linear-solver objects, Levenberg shifts on
+indefinite and singular Hessians, steepest descent where the Hessian is not finite, the Hessian
+factor handed to the backward only when every final Hessian factorised unshifted, and
+non-convergence reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from ddnlib import DeclarativeNode, NonConvergenceError, NonConvergenceWarning, Options
+from ddnlib.linear_solvers import Dense, LinearSolver
+from ddnlib.problem import Problem
+from ddnlib.solvers import default_solution
+from toy_nodes import PseudoHuberRegression
+
+F64 = torch.float64
+
+
+class ThroughOperator(LinearSolver):
+    """:class:`Dense` behind another class: the generic Newton step (KKT point, operator,
+    ``Dense.solve`` with its convexification) instead of the dense path."""
+
+    def solve(self, op, By, Bc, rtol=None):
+        return Dense().solve(op, By, Bc, rtol)
+
+
+class Rosenbrock(DeclarativeNode):
+    """``argmin (a − y₀)² + 100 (y₁ − y₀²)²`` = ``(a, a²)``, started at ``x``: the Hessian is
+    indefinite where ``y₁ > y₀² + 1/200``."""
+
+    def objective(self, x, a, y):
+        return (a[:, 0] - y[:, 0]) ** 2 + 100 * (y[:, 1] - y[:, 0] ** 2) ** 2
+
+
+class DoubleWell(DeclarativeNode):
+    """``argmin Σ_i (y_i² − 1)² − x_i y_i / 10`` from ``x / 100``, next to the maximum at 0:
+    each coordinate goes to the well on the side of ``x_i``."""
+
+    def objective(self, x, y):
+        return ((y * y - 1) ** 2 - 0.1 * x * y).sum(-1)
+
+    def initial_guess(self, x):
+        return x / 100
+
+
+class Flat(DeclarativeNode):
+    """``argmin ½ (aᵀy − x)²`` over ``y ∈ R³``: a rank-one Hessian, minimisers ``aᵀy = x``; from
+    0 the minimum-norm one, ``a x / ‖a‖²``."""
+
+    a = (1.0, -2.0, 0.5)
+
+    def objective(self, x, y):
+        return 0.5 * ((y * y.new_tensor(self.a)).sum(-1) - x[:, 0]) ** 2
+
+    def initial_guess(self, x):
+        return x.new_zeros(x.shape[0], 3)
+
+
+class Cusp(DeclarativeNode):
+    """``argmin Σ_i |y_i|^1.5 + (y_i − x_i)²`` from 0, where the Hessian is infinite."""
+
+    def objective(self, x, y):
+        return (y.abs() ** 1.5 + (y - x) ** 2).sum(-1)
+
+    def initial_guess(self, x):
+        return torch.zeros_like(x)
+
+
+def _hessian(node, xs, y):
+    with torch.enable_grad():
+        return Problem(node, xs, y.shape).kkt(y, None, node.options).hessian()
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.1, 1.0, 30.0]))
+def test_dense_path_finds_the_generic_steps_minimiser(seed, scale):
+    torch.manual_seed(seed)
+    node = PseudoHuberRegression(n=7, m=4, c=0.3)
+    generic = PseudoHuberRegression(n=7, m=4, c=0.3, options=Options(
+        linear_solver=ThroughOperator()))
+    generic.load_state_dict(node.state_dict())
+    x = scale * torch.randn(6, 7, dtype=F64)
+    y, y_generic = default_solution(node, (x,)).y, default_solution(generic, (x,)).y
+    torch.testing.assert_close(y, y_generic, atol=1e-9 * (1 + scale), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype, tol", [(F64, 1e-8), (torch.float32, 1e-3)])
+def test_rosenbrock_from_indefinite_starts(dtype, tol):
+    starts = torch.tensor([[-1.2, 1.0], [0.0, 1.0], [-1.0, 2.0], [2.0, -1.0], [0.5, 3.0]],
+                          dtype=dtype)
+    a = torch.tensor([[1.0], [1.0], [-0.5], [2.0], [0.3]], dtype=dtype)
+    node = Rosenbrock()
+    assert (torch.linalg.eigvalsh(_hessian(node, (starts, a), starts)).amin(-1) < 0).sum() >= 3
+    solution = default_solution(node, (starts, a))
+    assert solution.y.dtype == dtype
+    torch.testing.assert_close(solution.y, torch.cat([a, a * a], 1), atol=tol, rtol=tol)
+    if dtype == F64:  # positive definite at every minimiser (in float32 too ill-conditioned)
+        L = solution.hessian_cholesky
+        assert L is not None and L.dtype == dtype
+        H = _hessian(node, (starts, a), solution.y)
+        torch.testing.assert_close(L @ L.mT, H, atol=1e-10, rtol=1e-10)
+
+
+def test_double_well_from_next_to_its_maximum():
+    x = torch.randn(4, 5, dtype=F64)
+    y = DoubleWell()(x)
+    assert torch.equal(y.sign(), x.sign())
+    # stationary: 4 y (y² − 1) = x / 10, in the well (y² > 1/3)
+    torch.testing.assert_close(4 * y * (y * y - 1), 0.1 * x, atol=1e-12, rtol=0)
+    assert (3 * y * y > 1).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(F64, 1e-9), (torch.float32, 1e-4)])
+def test_singular_hessian_is_shifted_and_not_handed_on(dtype, tol):
+    x = torch.randn(5, 1, dtype=dtype)
+    solution = default_solution(Flat(), (x,))
+    a = torch.tensor(Flat.a, dtype=dtype)
+    torch.testing.assert_close(solution.y, x * a / (a @ a), atol=tol, rtol=tol)
+    assert solution.hessian_cholesky is None  # no trusted factor of a singular Hessian
+
+
+def test_non_finite_hessian_takes_a_steepest_descent_step():
+    x = torch.tensor([[2.0, -0.5, 0.1, 3.0]], dtype=F64)
+    start = torch.zeros_like(x).requires_grad_()
+    with torch.enable_grad():
+        f = Cusp().objective(x, start)
+        g, = torch.autograd.grad(f.sum(), start, create_graph=True)
+        assert not torch.isfinite(torch.autograd.grad(g[0, 0], start)[0]).all()
+    y = Cusp()(x)
+    # stationary: 1.5 sign(y) √|y| + 2 (y − x) = 0
+    torch.testing.assert_close(1.5 * y.sign() * y.abs().sqrt() + 2 * (y - x),
+                               torch.zeros_like(x), atol=1e-10, rtol=0)
+
+
+def test_non_convergence_is_reported_with_the_numbers():
+    starts = torch.tensor([[-1.2, 1.0], [0.0, 1.0]], dtype=F64)
+    a = torch.ones(2, 1, dtype=F64)
+    with pytest.warns(NonConvergenceWarning,
+                      match=r"Newton did not converge in 2 iterations at samples .*worst "
+                            r"relative step [0-9.e+-]+ > tol 1e-10"):
+        solution = default_solution(Rosenbrock(Options(max_iter=2)), (starts, a))
+    assert solution.hessian_cholesky is None and torch.isfinite(solution.y).all()
+    with pytest.raises(NonConvergenceError, match="Newton did not converge"):
+        default_solution(Rosenbrock(Options(max_iter=2, strict=True)), (starts, a))
