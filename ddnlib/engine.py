@@ -111,10 +111,11 @@ def implicit_vjp(
         tol = options.tol("optimality_tol", y.dtype)
         check = options.check_optimality and not (solution.certified is not None
                                                   and solution.certified <= tol)
-        gL, c = kkt.residual()
-        vf = problem.flatten(v).to(y.dtype)
-        By = torch.stack([-vf, gL] if check else [-vf], dim=-1)
-        Bc = torch.stack([torch.zeros_like(c), c] if check else [torch.zeros_like(c)], dim=-1)
+        By = -problem.flatten(v).to(y.dtype).unsqueeze(-1)
+        Bc = kkt.c.new_zeros(*kkt.c.shape, 1)
+        if check:
+            gL, c = kkt.residual()
+            By, Bc = torch.cat([By, gL.unsqueeze(-1)], -1), torch.cat([Bc, c.unsqueeze(-1)], -1)
         rtol = None
         if isinstance(solver, CG) and check:
             rtol = torch.tensor([[0.0], [CHECK_CG_TOL]], dtype=y.dtype, device=y.device)
