@@ -61,6 +61,7 @@ __all__ = ["default_solve", "default_solution", "newton", "sqp", "slsqp", "slsqp
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 40
 _MAX_SHIFT = 16  # the largest Levenberg shift tried is max |H_ii| · 10^16
+_CONTRACTION = 0.1  # a chord step of Newton is at most this share of the step before it
 
 
 def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
@@ -74,7 +75,7 @@ def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
 def default_solution(node, xs: Sequence[Tensor]) -> Solution:
     """:func:`default_solve` with everything the solver hands the backward pass (the autograd
     bridge calls this for nodes that keep the default ``solve``): also the Hessian factor of
-    :func:`newton`."""
+    :func:`newton` where an input or a parameter of ``node`` requires grad."""
     y0 = check_initial_guess(node, xs, node.initial_guess(*xs))
     if y0.numel() == 0:  # an empty output per sample: nothing to solve
         return Solution(y0)
@@ -96,7 +97,10 @@ def default_solution(node, xs: Sequence[Tensor]) -> Solution:
                    "initial_guess or supply solve().", node.options.strict)
         return Solution(y, eq_multipliers=nu,
                         stats={"converged": converged, "residual": residual})
-    return newton(problem, y0, node.options, start)
+    # the Hessian factor is for a backward pass, which needs an input or a parameter with grad
+    hand_off = (any(x.requires_grad for x in xs)
+                or any(p.requires_grad for p in node.parameters()))
+    return newton(problem, y0, node.options, start, hand_off)
 
 
 def _dense(options, rows: int) -> bool:
@@ -143,7 +147,8 @@ def _newton_step(kkt: KKTPoint, options, rhs_y: Tensor, rhs_c: Tensor, rtol: Ten
     return d, W[..., 0], dHd, info
 
 
-def newton(problem: Problem, y0: Tensor, options, start: tuple | None = None) -> Solution:
+def newton(problem: Problem, y0: Tensor, options, start: tuple | None = None,
+           hand_off: bool = True) -> Solution:
     """Batched damped Newton on ``min_y f(x, y)`` from ``y0 (b, *out)``: a
     :class:`~ddnlib.Solution` with ``y (b, *out)``.
 
@@ -153,11 +158,12 @@ def newton(problem: Problem, y0: Tensor, options, start: tuple | None = None) ->
     ``min(0.5, √‖∇f‖)``). When every sample converged and the last iteration's dense Hessians all
     factorised without a shift, their Cholesky factor comes back as ``hessian_cholesky`` (each at
     the sample's last iterate, at most the final step — below ``solver_tol`` relative — from
-    ``y``), for the backward pass to reuse. ``start``: ``(y, f, ∇f)`` at ``y0`` with the graph
-    of ``∇f`` (from :func:`~ddnlib.contract.check_start`), saving the first evaluation.
+    ``y``), for the backward pass to reuse (only with ``hand_off``). ``start``: ``(y, f, ∇f)``
+    at ``y0`` with the graph of ``∇f`` (from :func:`~ddnlib.contract.check_start`), saving the
+    first evaluation.
     """
     if _dense(options, problem.m):
-        return _dense_newton(problem, y0, options, start)
+        return _dense_newton(problem, y0, options, start, hand_off)
     return _newton_cg(problem, y0, options)
 
 
@@ -201,59 +207,107 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
         else:
             y, kkt = y_full, kkt_full
     else:
-        report(NonConvergenceWarning,
-               f"Newton did not converge in {options.max_iter} iterations at samples "
-               f"{describe_samples(running)}; worst relative step "
-               f"{step[running].max().item():.3g} > tol {tol:g}. Raise Options(max_iter=...) or "
-               "supply solve().", options.strict)
+        _report_newton(running, step, tol, options)
     y = problem.unflatten(torch.where(finite.unsqueeze(-1), y, torch.nan))
     return Solution(y, hessian_cholesky=factor if bool(finite.all()) else None)
 
 
-def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None) -> Solution:
-    """:func:`newton` with dense per-sample Hessians: each iteration evaluates ``f``, ``∇f`` and
-    ``∇²f`` once (:func:`_derivatives`) and takes the Levenberg-shifted Cholesky step
-    (:func:`_levenberg_step`); the full step's evaluation is the next iteration's, and only where
-    it fails the Armijo test is the step shortened (from ½ on) and the point evaluated again."""
+def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
+                  hand_off: bool = True) -> Solution:
+    """:func:`newton` with dense per-sample Hessians.
+
+    Each iteration evaluates ``f`` and ``∇f`` once (:func:`_gradient`, with the graph of ``∇f``)
+    and from it ``∇²f`` (:func:`_hessian`) for the Levenberg-shifted Cholesky step
+    (:func:`_levenberg_step`). A sample whose previous step was below ``√solver_tol`` relative
+    reuses its last trusted factor (a chord step, :func:`_chord_step`, at most
+    :data:`_CONTRACTION` times the previous step: its difference from the Newton step is of the
+    order of ``√solver_tol`` times the step, so the stopping test and the accuracy are Newton's);
+    the Hessians are formed only when a running sample needs them — typically every iteration
+    but the last, confirming one. Every decision is per sample, so a sample's iterates do not
+    depend on the rest of the batch. The full step's evaluation is the next iteration's; only
+    where it fails the Armijo test is the step shortened (from ½ on) and the point evaluated
+    again. With ``hand_off`` the factor of the Hessians at the last iterate comes back (formed
+    for it where the last step was a chord step).
+    """
     b = problem.batch
     tol = options.tol("solver_tol", y0.dtype)
     y = start[0].detach() if start is not None else problem.flatten(y0.detach()).clone()
     running = torch.ones(b, dtype=torch.bool, device=y.device)
     finite = None  # (b,) once a sample was not finite; None while all are
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
-    factor = None  # the last factorisation, kept only when every sample converged unshifted
-    f, g, H = _derivatives(problem, y, start)
+    near = torch.zeros_like(running)  # the previous step was a full one below √tol
+    chordable = False  # some running sample is near
+    L = trusted = None  # the factors, and where each is trusted
+    here = None  # (factors, trusted) of the Hessians at the current point, where formed
+    converged = False
+    point = _gradient(problem, y) if start is None else start  # (y leaf, f, ∇f with its graph)
     for _ in range(options.max_iter):
-        d, L, slope, exact, finite_now = _levenberg_step(H, g, f)
-        if finite_now is not None:
-            finite = finite_now if finite is None else finite & finite_now
-            running &= finite
+        f, g = point[1].detach(), point[2].detach()
+        chord, here = None, None
+        if chordable:
+            d_chord, slope_chord, chord = _chord_step(L, y, g, step, near & trusted)
+        if chord is not None and bool((chord | ~running).all()):
+            d, slope = d_chord, slope_chord
+        else:
+            d, L_new, slope, trusted_new, finite_now = _levenberg_step(_hessian(point), g, f)
+            here = L_new, trusted_new
+            if finite_now is not None:
+                finite = finite_now if finite is None else finite & finite_now
+                running &= finite
+            if chord is None:
+                L, trusted = L_new, trusted_new
+            else:
+                d = torch.where(chord.unsqueeze(-1), d_chord, d)
+                slope = torch.where(chord, slope_chord, slope)
+                L = torch.where(chord[:, None, None], L, L_new)
+                trusted = torch.where(chord, trusted, trusted_new)
         size = d.abs().amax(-1) / (1 + y.abs().amax(-1))
         step = torch.where(running, size, step)
         y_full = torch.where(running.unsqueeze(-1), y + d, y)  # also the last (tiny) step
         running &= ~(size <= tol)
-        if not running.any():
-            y = y_full
-            factor = L if exact else None
+        near = size <= tol ** 0.5
+        go_on, chordable = torch.stack([running.any(), (running & near).any()]).tolist()
+        if not go_on:
+            y, converged = y_full, True
             break
         # the full step is evaluated with the next iteration's derivatives; where it fails the
         # Armijo test the step is shortened from ½ on, and the derivatives evaluated again
-        f_full, g_full, H_full = _derivatives(problem, y_full)
-        short = running & ~_armijo(f_full, f, slope)
+        point = _gradient(problem, y_full)
+        short = running & ~_armijo(point[1].detach(), f, slope)
         if short.any():
             t = _backtrack(problem, y, f, g, d, short, t0=0.5)
             y = torch.where(short.unsqueeze(-1), y + t.unsqueeze(-1) * d, y_full)
-            f, g, H = _derivatives(problem, y)
+            point, near = _gradient(problem, y), near & ~short
         else:
-            y, f, g, H = y_full, f_full, g_full, H_full
+            y = y_full
     else:
         _report_newton(running, step, tol, options)
-    if finite is None or bool(finite.all()):
-        return Solution(problem.unflatten(y), hessian_cholesky=factor)
-    return Solution(problem.unflatten(torch.where(finite.unsqueeze(-1), y, torch.nan)))
+    if finite is not None and not bool(finite.all()):
+        return Solution(problem.unflatten(torch.where(finite.unsqueeze(-1), y, torch.nan)))
+    if not (hand_off and converged):
+        return Solution(problem.unflatten(y))
+    if here is None:  # a chord step last: the factors at the last iterate
+        H = _hessian(point)
+        L, info = torch.linalg.cholesky_ex(H)
+        here = L, _trusted(H, L, info)
+    L, trusted = here
+    return Solution(problem.unflatten(y), hessian_cholesky=L if bool(trusted.all()) else None)
+
+
+def _chord_step(L: Tensor, y: Tensor, g: Tensor, step: Tensor, near: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The chord step ``d = −(L Lᵀ)⁻¹ ∇f (b, m)`` with the previous factors, its slope
+    ``∇fᵀd (b,)``, and the samples ``(b,)`` where it does: ``near`` ones whose step descends and
+    is at most :data:`_CONTRACTION` times their previous ``step`` (both relative to
+    ``1 + ‖y‖∞``)."""
+    d = torch.cholesky_solve(-g.unsqueeze(-1), L)[..., 0]
+    slope = (d * g).sum(-1)
+    size = d.abs().amax(-1) / (1 + y.abs().amax(-1))
+    return d, slope, near & (slope < 0) & (size <= _CONTRACTION * step)
 
 
 def _report_newton(running: Tensor, step: Tensor, tol: float, options) -> None:
+    """Non-convergence of :func:`newton` at the samples ``running``, with their last steps."""
     report(NonConvergenceWarning,
            f"Newton did not converge in {options.max_iter} iterations at samples "
            f"{describe_samples(running)}; worst relative step "
@@ -271,37 +325,38 @@ def _backward(output: Tensor, grad_output: Tensor, y: Tensor, create_graph: bool
         (output,), (grad_output,), create_graph, create_graph, (y,), True, False)[0]
 
 
-def _derivatives(problem: Problem, y: Tensor, start: tuple | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``f (b,)``, ``∇_y f (b, m)`` and ``∇²_yy f (b, m, m)`` at ``y (b, m)``, detached: one
-    objective evaluation, its gradient with the graph, and one backward pass of that gradient
-    batched over the ``m`` basis directions (what ``batched_jacobian`` computes). ``start`` is
-    ``(y, f, ∇f)`` already evaluated at ``y`` (the gradient with its graph)."""
-    b, m = y.shape
+def _gradient(problem: Problem, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, f, ∇_y f)`` at ``y (b, m)``: ``y`` a leaf requiring grad, ``f (b,)``, and
+    ``∇_y f (b, m)`` with its graph (zero where ``f`` does not depend on ``y``)."""
     with torch.enable_grad():
-        if start is None:
-            yv = y.detach().requires_grad_()
-            f = problem.objective(yv)
-            g = _backward(f.sum(), torch.ones((), dtype=f.dtype, device=f.device), yv, True)
-        else:
-            yv, f, g = start
-        if g is None:  # f does not depend on y (a sample of a degenerate node)
-            g = torch.zeros_like(y)
-        if not g.requires_grad:  # f linear in y
-            return f.detach(), g, y.new_zeros(b, m, m)
-        basis = torch.eye(m, dtype=y.dtype, device=y.device).unsqueeze(1).expand(m, b, m)
-        level = torch._C._vmapmode_increment_nesting()
-        try:
-            rows = _backward(g, torch._add_batch_dim(basis, 0, level), yv)
-            rows = (torch._remove_batch_dim(rows, level, m, 0) if rows is not None
-                    else y.new_zeros(m, b, m))  # ∇f depends on parameters only
-        finally:
-            torch._C._vmapmode_decrement_nesting()
-    return f.detach(), g.detach(), rows.transpose(0, 1)
+        yv = y.detach().requires_grad_()
+        f = problem.objective(yv)
+        g = _backward(f.sum(), torch.ones((), dtype=f.dtype, device=f.device), yv, True)
+    return yv, f, torch.zeros_like(y) if g is None else g
+
+
+def _hessian(point: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """``∇²_yy f (b, m, m)`` at ``point = (y, f, ∇f)`` (from :func:`_gradient`), detached: one
+    backward pass of ``∇f`` batched over the ``m`` basis directions (what
+    ``autograd.grad(..., is_grads_batched=True)`` computes, as ``batched_jacobian`` does)."""
+    y, _, g = point
+    b, m = y.shape
+    if not g.requires_grad:  # f linear in y
+        return y.new_zeros(b, m, m)
+    basis = torch.eye(m, dtype=y.dtype, device=y.device).unsqueeze(1).expand(m, b, m)
+    level = torch._C._vmapmode_increment_nesting()
+    try:
+        with torch.enable_grad():
+            rows = _backward(g, torch._add_batch_dim(basis, 0, level), y)
+        rows = (torch._remove_batch_dim(rows, level, m, 0) if rows is not None
+                else y.new_zeros(m, b, m))  # ∇f depends on parameters only
+    finally:
+        torch._C._vmapmode_decrement_nesting()
+    return rows.transpose(0, 1)
 
 
 def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor, bool, Tensor | None]:
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The Newton direction ``d (b, m)`` per sample, or ``−∇f`` where it is not a descent
     direction, with the Cholesky factor ``L (b, m, m)`` of ``H``.
 
@@ -312,9 +367,9 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     ``k ≥ log10 √eps`` that makes ``H + γI`` safely positive definite (Levenberg). Samples whose
     ``f``, ``∇f`` or ``H`` is not finite get ``d = −∇f`` (0 where ``∇f`` is not finite).
 
-    Returns ``d``, ``L``, the slope ``∇fᵀd (b,)``, whether ``L`` is the trusted factor of every
-    sample's ``H`` (every one finite), and the mask ``(b,)`` of samples whose ``f`` and ``∇f``
-    are finite (``None``: all).
+    Returns ``d``, ``L``, the slope ``∇fᵀd (b,)``, the samples ``(b,)`` where ``L`` is the trusted
+    factor of a finite ``H``, and the mask ``(b,)`` of samples whose ``f`` and ``∇f`` are finite
+    (``None``: all).
     """
     L, info = torch.linalg.cholesky_ex(H)
     trusted = _trusted(H, L, info)
@@ -323,7 +378,7 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     # the common case, by one synchronisation: every H safely positive definite and everything
     # finite (then gᵀd = −‖L⁻¹g‖² < 0: d is a descent direction)
     if bool(trusted.all() & torch.isfinite(f.sum() + slope.sum()) & (slope.amax() <= 0)):
-        return d, L, slope, True, None
+        return d, L, slope, trusted, None
     finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
     usable = finite & torch.isfinite(H).all((-2, -1))
     g = torch.where(finite.unsqueeze(-1), g, torch.zeros_like(g))
@@ -348,7 +403,7 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     descent = slope < 0
     d = torch.where(descent.unsqueeze(-1), d, -g)
     slope = torch.where(descent, slope, -(g * g).sum(-1))
-    return d, L, slope, bool(trusted.all()), finite
+    return d, L, slope, trusted & usable, finite
 
 
 def _trusted(H: Tensor, L: Tensor, info: Tensor) -> Tensor:

@@ -91,7 +91,7 @@ def test_dense_path_finds_the_generic_steps_minimiser(seed, scale):
 def test_rosenbrock_from_indefinite_starts(dtype, tol):
     starts = torch.tensor([[-1.2, 1.0], [0.0, 1.0], [-1.0, 2.0], [2.0, -1.0], [0.5, 3.0]],
                           dtype=dtype)
-    a = torch.tensor([[1.0], [1.0], [-0.5], [2.0], [0.3]], dtype=dtype)
+    a = torch.tensor([[1.0], [1.0], [-0.5], [2.0], [0.3]], dtype=dtype, requires_grad=True)
     node = Rosenbrock()
     assert (torch.linalg.eigvalsh(_hessian(node, (starts, a), starts)).amin(-1) < 0).sum() >= 3
     solution = default_solution(node, (starts, a))
@@ -145,3 +145,25 @@ def test_non_convergence_is_reported_with_the_numbers():
     assert solution.hessian_cholesky is None and torch.isfinite(solution.y).all()
     with pytest.raises(NonConvergenceError, match="Newton did not converge"):
         default_solution(Rosenbrock(Options(max_iter=2, strict=True)), (starts, a))
+
+
+def test_a_sample_does_not_depend_on_the_rest_of_the_batch():
+    """Steps, chord steps and line searches are decided per sample: a sub-batch gives the same
+    bits (the samples converge after different numbers of iterations)."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, dtype=F64) * torch.tensor([[0.01], [0.3], [1.0], [3.0], [10.0], [30.0]],
+                                                    dtype=F64)
+    node = PseudoHuberRegression(n=5, m=4, c=0.3)
+    y = default_solution(node, (x,)).y
+    for rows in ([0, 3], [1, 2, 4, 5], [5]):
+        assert torch.equal(default_solution(node, (x[rows],)).y, y[rows])
+
+
+def test_the_factor_is_formed_only_for_a_backward():
+    x = torch.randn(4, 5, dtype=F64)
+    node = PseudoHuberRegression(n=5, m=3).requires_grad_(False)
+    assert default_solution(node, (x,)).hessian_cholesky is None  # no backward can follow
+    solution = default_solution(node, (x.clone().requires_grad_(),))
+    torch.testing.assert_close(solution.y, default_solution(node, (x,)).y, atol=0, rtol=0)
+    L = solution.hessian_cholesky
+    torch.testing.assert_close(L @ L.mT, _hessian(node, (x,), solution.y), atol=1e-10, rtol=1e-10)
