@@ -61,7 +61,8 @@ __all__ = ["default_solve", "default_solution", "newton", "sqp", "slsqp", "slsqp
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 40
 _MAX_SHIFT = 16  # the largest Levenberg shift tried is max |H_ii| · 10^16
-_CONTRACTION = 0.1  # a chord step of Newton is at most this share of the step before it
+_CHORD = 1e-4  # Newton reuses a sample's Hessian factor once its step is below this, relative,
+_CONTRACTION = 0.1  # for chord steps of at most this share of the step before
 
 
 def default_solve(node, xs: Sequence[Tensor]) -> Tensor | Solution:
@@ -218,10 +219,10 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
 
     Each iteration evaluates ``f`` and ``∇f`` once (:func:`_gradient`, with the graph of ``∇f``)
     and from it ``∇²f`` (:func:`_hessian`) for the Levenberg-shifted Cholesky step
-    (:func:`_levenberg_step`). A sample whose previous step was below ``√solver_tol`` relative
+    (:func:`_levenberg_step`). A sample whose previous step was below :data:`_CHORD` relative
     reuses its last trusted factor (a chord step, :func:`_chord_step`, at most
-    :data:`_CONTRACTION` times the previous step: its difference from the Newton step is of the
-    order of ``√solver_tol`` times the step, so the stopping test and the accuracy are Newton's);
+    :data:`_CONTRACTION` times the previous step: it differs from the Newton step by about
+    :data:`_CHORD` of its size, so the stopping test and the accuracy are Newton's to that share);
     the Hessians are formed only when a running sample needs them — typically every iteration
     but the last, confirming one. Every decision is per sample, so a sample's iterates do not
     depend on the rest of the batch. The full step's evaluation is the next iteration's; only
@@ -235,7 +236,7 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
     running = torch.ones(b, dtype=torch.bool, device=y.device)
     finite = None  # (b,) once a sample was not finite; None while all are
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
-    near = torch.zeros_like(running)  # the previous step was a full one below √tol
+    near = torch.zeros_like(running)  # the previous step was below _CHORD
     chordable = False  # some running sample is near
     L = trusted = None  # the factors, and where each is trusted
     here = None  # (factors, trusted) of the Hessians at the current point, where formed
@@ -265,7 +266,7 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
         step = torch.where(running, size, step)
         y_full = torch.where(running.unsqueeze(-1), y + d, y)  # also the last (tiny) step
         running &= ~(size <= tol)
-        near = size <= tol ** 0.5
+        near = size <= _CHORD
         go_on, chordable = torch.stack([running.any(), (running & near).any()]).tolist()
         if not go_on:
             y, converged = y_full, True
