@@ -120,7 +120,8 @@ def check_start(node, xs: Sequence[Tensor], y0: Tensor, create_graph: bool = Fal
         f = check_objective(node, f, b, y0.shape)
         gy = None
         if f.requires_grad:
-            gy, = torch.autograd.grad(f.sum(), [y], allow_unused=True, create_graph=create_graph)
+            gy, = torch.autograd.grad(f, [y], torch.ones_like(f), allow_unused=True,
+                                      create_graph=create_graph)
     constrained = node.has_equality_constraints or node.has_inequality_constraints
     if gy is None and not constrained:  # with constraints, y may be fixed by them alone
         raise ValueError(f"{name}.objective does not depend on y: its value is computed without "

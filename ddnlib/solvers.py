@@ -235,7 +235,7 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
     y = start[0].detach() if start is not None else problem.flatten(y0.detach()).clone()
     running = torch.ones(b, dtype=torch.bool, device=y.device)
     finite = None  # (b,) once a sample was not finite; None while all are
-    step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
+    step = None  # the last relative steps (b,)
     near = torch.zeros_like(running)  # the previous step was below _CHORD
     chordable = False  # some running sample is near
     L = trusted = None  # the factors, and where each is trusted
@@ -262,11 +262,10 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
                 slope = torch.where(chord, slope_chord, slope)
                 L = torch.where(chord[:, None, None], L, L_new)
                 trusted = torch.where(chord, trusted, trusted_new)
-        size = d.abs().amax(-1) / (1 + y.abs().amax(-1))
-        step = torch.where(running, size, step)
+        step = d.abs().amax(-1) / (1 + y.abs().amax(-1))  # (read for the running samples only)
         y_full = torch.where(running.unsqueeze(-1), y + d, y)  # also the last (tiny) step
-        running &= ~(size <= tol)
-        near = size <= _CHORD
+        running &= ~(step <= tol)
+        near = step <= _CHORD
         go_on, chordable = torch.stack([running.any(), (running & near).any()]).tolist()
         if not go_on:
             y, converged = y_full, True
@@ -332,7 +331,7 @@ def _gradient(problem: Problem, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     with torch.enable_grad():
         yv = y.detach().requires_grad_()
         f = problem.objective(yv)
-        g = _backward(f.sum(), torch.ones((), dtype=f.dtype, device=f.device), yv, True)
+        g = _backward(f, torch.ones_like(f), yv, True) if f.requires_grad else None
     return yv, f, torch.zeros_like(y) if g is None else g
 
 
@@ -378,7 +377,8 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     slope = (d * g).sum(-1)
     # the common case, by one synchronisation: every H safely positive definite and everything
     # finite (then gᵀd = −‖L⁻¹g‖² < 0: d is a descent direction)
-    if bool(trusted.all() & torch.isfinite(f.sum() + slope.sum()) & (slope.amax() <= 0)):
+    total = f.sum() + slope.sum()
+    if bool(trusted.all() & (total - total == 0) & (slope.amax() <= 0)):  # (finite total)
         return d, L, slope, trusted, None
     finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
     usable = finite & torch.isfinite(H).all((-2, -1))
