@@ -81,9 +81,10 @@ def default_solution(node, xs: Sequence[Tensor]) -> Solution:
     if y0.numel() == 0:  # an empty output per sample: nothing to solve
         return Solution(y0)
     problem = Problem(node, xs, y0.shape)
-    # finite objective and constraints at y0 (ddnlib.contract); dense Newton starts from them
-    start = check_start(node, xs, y0, create_graph=not problem.constrained)
     options = node.options
+    # finite objective and constraints at y0 (ddnlib.contract); dense Newton starts from them
+    start = check_start(node, xs, y0,
+                        create_graph=not problem.constrained and _dense(options, problem.m))
     if problem.has_ineq or (problem.has_eq and _dense(options, problem.m
                                                       + problem.eq(problem.flatten(y0)).shape[1])):
         return interior_point.interior_point(problem, y0, options).solution()
