@@ -28,8 +28,19 @@ the Newton sums there (``Penalty.newton_value_sums``) and the best run's Newton 
 from them; each Newton pass also gives ``F`` at its point, which bounds ``F`` at the answer
 (:func:`_newton_inside`), so a run settled by plain Newton needs no further evaluation.
 
+One histogram instead of the first levels (:func:`_one_histogram`, rows with at least twice as
+many entries as bins of ``c/4`` over their range, or few entries): the fine bins are counted
+once, coarse bins of ``2c`` are summed from them, and as every bin width is a multiple of ``c``
+the bounds of all rows are one small matrix product (no per-row kernel); the window of coarse
+bins around the best one gets the fine bounds, the candidate there gives ``U`` and the Newton
+start. Rows whose coarse bins outside the window, or whose fine survivors spread over more than
+``3c``, cannot be excluded go on to the levels. A run whose minimum found is worse than a point
+of the run already evaluated holds another minimum: it is searched again where ``F`` descends
+from that point (:func:`_descend`).
+
 Rows that are not settled (too many open ranges, ``_LEVELS`` exhausted, a run that matters whose
-ends never bracket a minimum) are returned as unresolved, for the exhaustive multi-start solver.
+ends never bracket a minimum) are returned as unresolved, for the exhaustive multi-start solver,
+whose answer replaces the search's only where it is better.
 """
 
 from __future__ import annotations
@@ -48,6 +59,11 @@ _LEVELS = 10
 _RUNS = 3
 _PROBLEMS = 8  # open ranges per row
 _NEWTON_FIRST = 3  # plain Newton steps tried in a run before its ends are evaluated
+_GROUP = 8  # fine bins per coarse bin of the one-histogram pass
+_WINDOW = 5  # coarse bins of its fine window
+_MAX_FINE = 1024  # fine bins per row it takes on (rows with a wider range: the levels)
+_SPAN = 12  # fine bins (3c) the surviving ones may span in a row it takes on
+_FEW = 64  # entries per row below which it runs whatever the number of bins
 
 
 def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
@@ -251,6 +267,111 @@ def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor
     return u, done & bracketed, moved
 
 
+def _kernel(penalty: Penalty, step: float, count: int, alpha: Tensor, gap: bool) -> Tensor:
+    """``ψ_m = f(d_m · step)`` in float64 for ``m < count`` (``f``: the radial profile, ``c = 1``),
+    ``d_m = max(0, m − 1)`` (``gap``: the distance between bins ``m`` apart) or ``d_m = m``."""
+    m = torch.arange(count, dtype=torch.float64, device=alpha.device)
+    d = (m - 1).clamp_min(0) if gap else m
+    return penalty.ranked(d * step, torch.ones((), dtype=torch.float64, device=alpha.device),
+                          alpha.double())
+
+
+def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor,
+                   hi: Tensor):
+    """The search's first levels from one histogram of each row (bins of ``c/4`` from
+    ``min x``): coarse bins of ``G = _GROUP`` fine bins get exact bounds (``ψ`` is the same for
+    every row in units of ``c``: one small matrix product); the ``_WINDOW`` coarse bins around
+    the best one get fine bounds, exact over the fine bins of the window and the coarse bin on
+    either side, and beyond from the coarse counts at their least distance from the window;
+    ``F`` and the Newton sums at the candidate of the best fine bin give the upper bound ``U``.
+    A row is taken on when no coarse bin outside the window has a bound below ``U`` (every
+    global minimiser lies in the window) and the surviving fine bins span at most ``_SPAN``
+    (wider, they may hold minima the levels' finer bins part). For rows spanning at most
+    ``_MAX_FINE`` fine bins, at most ``n/2`` unless ``n ≤ _FEW`` (else two histograms of 32
+    bins cost less: at ``(2048, 256)`` the one of ``c/4`` bins has as many bins as entries),
+    ``α`` equal on every row. Returns ``None`` or ``(taken, u, (Σ κφ′, Σ κφ″, F/λ) at u, a, h,
+    bound (r, W), survive)`` with the window ``[a, a + W h]``, ``W = _WINDOW · G``."""
+    r, n = x.shape
+    G = _GROUP
+    h = c.squeeze(1) * _FINE
+    spans = (hi - lo) / h
+    fine_bins = int(torch.ceil(spans.max())) + 1
+    if not fine_bins <= _MAX_FINE:
+        return None
+    fine_bins = -(-fine_bins // G) * G
+    coarse_bins = fine_bins // G
+    if (2 * fine_bins > n and n > _FEW) or r * fine_bins >= 1 << 24:
+        return None  # the levels cost less (measured), or bin numbers inexact in float32
+    with scratch(r * n, x.dtype, x.device, 1) as (t,), \
+            scratch(r * n, torch.int64, x.device, 1) as (index,), \
+            scratch(r * fine_bins, x.dtype, x.device, 1) as (counts,):
+        # bin + row · fine_bins, in floating point (exact: below 2**24), then one conversion;
+        # counted into a kept buffer (a fresh one costs its page faults, as bincount's would)
+        t = torch.sub(x, lo[:, None], out=t.view(r, n)).mul_(h.reciprocal()[:, None])
+        t = t.floor_().clamp_(0, fine_bins - 1).add_(
+            torch.arange(0, r * fine_bins, fine_bins, device=x.device, dtype=x.dtype)[:, None])
+        index = index.view(r, n).copy_(t).view(-1)
+        counts = counts.zero_().scatter_add_(0, index, x.new_ones(()).expand(r * n))
+        counts = counts.view(r, fine_bins)
+        coarse = (counts.view(-1, G) @ x.new_ones(G)).view(r, coarse_bins).double()
+        alpha0 = alpha[0, 0]
+        jc = torch.arange(coarse_bins, device=x.device)
+        psi = _kernel(penalty, G * _FINE, coarse_bins, alpha0, gap=True)
+        lower_c = coarse @ psi[(jc[:, None] - jc[None, :]).abs()]  # exact bounds of coarse bins
+        width = min(_WINDOW, coarse_bins)
+        start = (lower_c.argmin(1) - _WINDOW // 2).clamp(0, coarse_bins - width)  # (r,)
+        # fine counts of the window and one coarse bin either side: near column i is fine bin
+        # (start − 1) G + i
+        near_cols, cols = (width + 2) * G, width * G
+        j = (start[:, None] - 1) * G + torch.arange(near_cols, device=x.device)
+        inside = (j >= 0) & (j < fine_bins)
+        near = torch.where(inside, counts.gather(1, j.clamp(0, fine_bins - 1)), 0).double()
+    i, w = torch.arange(near_cols, device=x.device), torch.arange(cols, device=x.device)
+    psi_f = _kernel(penalty, _FINE, near_cols + 1, alpha0, gap=True)
+    bound = near @ psi_f[(i[:, None] - w[None, :] - G).abs()]
+    # coarse bins beyond: at least d = (start − 1 − J) or (J − start − width) coarse bins away
+    below, above = start[:, None] - 1 - jc, jc - start[:, None] - width
+    d = torch.where(below > 0, below, above.clamp_min(0))
+    bound += (coarse * _kernel(penalty, G * _FINE, coarse_bins + 1, alpha0, gap=False)[d]).sum(
+        1, keepdim=True)
+    # the candidate: the count-weighted mean of the centres of the best fine bin and its two
+    # neighbours (their centre if all three are empty)
+    k = bound.argmin(1, keepdim=True) + G + torch.arange(-1, 2, device=x.device)
+    weight = near.gather(1, k)
+    centre = ((start[:, None] - 1) * G + k).double() + 0.5
+    mean = torch.where(weight.sum(1) > 0, (weight * centre).sum(1) / weight.sum(1).clamp_min(1),
+                       centre[:, 1])
+    u = torch.minimum(torch.maximum(lo + mean.to(x.dtype) * h, lo), hi)
+    with scratch(x.numel(), x.dtype, x.device, 2) as work:
+        sums = _sums(penalty, u, x, c, alpha, tuple(b.view(x.shape) for b in work), value=True)
+    eps = torch.finfo(x.dtype).eps
+    top = (sums[2] + (1e-6 + n * eps) * sums[2].abs() + 4 * n * eps).double()[:, None]
+    outside = (jc < start[:, None]) | (jc >= start[:, None] + width)
+    survive = bound <= top
+    taken = ~((lower_c <= top) & outside).any(1) & (_span(survive) <= _SPAN)
+    return taken, u, sums, lo + (start * G).to(x.dtype) * h, h, bound, survive
+
+
+def _span(survive: Tensor) -> Tensor:
+    """Per row, the number of bins from the first surviving one to the last."""
+    cols = torch.arange(survive.shape[1], device=survive.device)
+    first = torch.where(survive, cols, survive.shape[1]).amin(1)
+    return torch.where(survive, cols, -1).amax(1) - first + 1
+
+
+def _descend(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
+             u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int):
+    """The bracketed search of :func:`_refine_in` on the part of ``[lo, hi]`` where ``F``
+    descends from ``u`` (``[u, hi]`` where ``F′(u) < 0``, else ``[lo, u]``): ``(y, converged,
+    moved, F(y)/λ)``, not settled (``converged`` False) where ``F(y)`` is still above ``F(u)``."""
+    g, _ = _sums(penalty, u, x, c, alpha)
+    f_u = _objective(penalty, u, x, c, alpha)
+    lo, hi = torch.where(g < 0, u, lo), torch.where(g < 0, hi, u)
+    y, ok, moved = _refine_in(penalty, x, c, alpha, lo, hi, u, x_lo, x_hi, tol, max_iter, None)
+    f = _objective(penalty, y, x, c, alpha)
+    return y, ok & (f <= f_u), moved, f
+
+
 def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol: float,
                      max_iter: int) -> tuple[Tensor, Tensor]:
     """``(y (r,), resolved (r,))`` for the rows ``x (r, n)``, ``c, α (r, 1)``.
@@ -260,6 +381,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     """
     r, n = x.shape
     dev = x.device
+    eps = torch.finfo(x.dtype).eps
     lo, hi = x.amin(1), x.amax(1)
     # constant rows: y = x_1; a row with a non-finite entry is skipped (y = its min, rejected by
     # the caller's finite check)
@@ -271,9 +393,24 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     seed_u, seed = torch.full_like(lo, float("nan")), None
     sums_safe = bool(((hi - lo) < 1e18 * c.squeeze(1)).all())  # newton_value_sums' condition
     row = (~flat).nonzero().flatten()
+    finals: list[tuple[Tensor, ...]] = []  # (row, a, h, first, last, lower, bins) of refined levels
+    one = None
+    if sums_safe and row.numel() and bool((alpha == alpha[0]).all()):
+        whole = row.numel() == r
+        xp, cp, ap = (x, c, alpha) if whole else (x[row], c[row], alpha[row])
+        one = _one_histogram(penalty, xp, cp, ap, lo[row], hi[row])
+    if one is not None:  # rows the one-histogram pass takes on skip the levels
+        taken, u, sums, a, h, bound, survive = one
+        # its candidates bound every row it saw, and start the refinement of the best run
+        # (also where the levels go on: on rows of a few entries a better start than theirs)
+        best_u[row], best_f[row] = u, sums[2]
+        seed_u[row] = u
+        seed = tuple(torch.zeros_like(lo).index_put_((row,), s_k) for s_k in sums)
+        i = taken.nonzero().flatten()
+        finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i]), bound.shape[1]))
+        row = row[~taken]
     a, b = lo[row], hi[row]
     nb = torch.arange(_BINS, device=dev)
-    finals: list[tuple[Tensor, ...]] = []  # (row, a, h, first, last, lower) of refined levels
     for _ in range(_LEVELS):
         if row.numel() == 0:
             break
@@ -297,12 +434,11 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         ub = best_f[row]
         # relative rounding of the sums, and the absolute n·eps of a value from
         # Penalty.newton_value_sums (Welsch's n − Σ e)
-        eps = torch.finfo(x.dtype).eps
         slack = (1e-6 + n * eps) * ub.abs() + 4 * n * eps
         survive = bound <= (ub + slack)[:, None]
         if bool(fine.any()):
             i = fine.nonzero().flatten()
-            finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i])))
+            finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i]), _BINS))
             if i.numel() == row.numel():  # every problem refined: none left open
                 row = row[:0]
                 break
@@ -335,7 +471,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     resolved[row] = False  # still open after _LEVELS
     failed: list[tuple[Tensor, Tensor]] = []
     for q in range(_RUNS):
-        for p_row, p_a, p_h, first, last, lower in finals:
+        for p_row, p_a, p_h, first, last, lower, bins in finals:
             if q >= lower.shape[1]:
                 continue
             i = (lower[:, q] <= best_f[p_row]).nonzero().flatten()
@@ -343,7 +479,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
                 continue
             rows, fa, fh = p_row[i], p_a[i], p_h[i]
             run_lo = fa + (first[i, q] - 1).clamp_min(0) * fh
-            run_hi = fa + (last[i, q] + 2).clamp_max(_BINS) * fh
+            run_hi = fa + (last[i, q] + 2).clamp_max(bins) * fh
             every = rows.numel() == r and bool((rows == torch.arange(r, device=dev)).all())
             xs, cq, aq = (x, c, alpha) if every else (x[rows], c[rows], alpha[rows])
             start = best_u[rows]
@@ -356,6 +492,18 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
                                       hi[rows], tol, max_iter,
                                       tuple(s_k[rows] for s_k in seed) if seeded else None)
             f = _objective(penalty, u, xs, cq, aq) if f is None else f
+            # a known point of the run better than the minimum found: the run holds another
+            # (two minima in one run); searched again on the side where F descends from there
+            known, known_f = best_u[rows], best_f[rows]
+            above = f > known_f + (1e-6 + n * eps) * known_f.abs() + 4 * n * eps  # not rounding
+            again = ok & above & (known >= run_lo) & (known <= run_hi)
+            if bool(again.any()):
+                j = again.nonzero().flatten()
+                u_j, ok_j, moved_j, f_j = _descend(penalty, xs[j], cq[j], aq[j], run_lo[j],
+                                                   run_hi[j], known[j], lo[rows[j]],
+                                                   hi[rows[j]], tol, max_iter)
+                u, f = u.index_put((j,), u_j), f.index_put((j,), f_j)
+                ok, moved = ok.index_put((j,), ok_j), moved.index_put((j,), moved_j)
             # a run whose ends did not bracket a minimum (or had to move out: F rises at an
             # end into the run, whose own minima were then not searched) is not settled
             unsettled = ~ok | moved
@@ -366,7 +514,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             best_u[rows[hit]] = u[hit]
     for rows, lower in failed:  # a run not settled by its refinement, if it matters
         resolved[rows[lower <= best_f[rows]]] = False
-    for p_row, *_, lower in finals:  # a run beyond the refined ones that might be better
+    for p_row, *_, lower, _ in finals:  # a run beyond the refined ones that might be better
         if lower.shape[1] > _RUNS:
             resolved[p_row[lower[:, _RUNS] <= best_f[p_row]]] = False
     return torch.where(flat, lo, best_u), resolved

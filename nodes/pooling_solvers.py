@@ -301,8 +301,13 @@ def _global(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: Sol
     failed = torch.zeros_like(resolved)
     if not bool(resolved.all()):
         rows = (~resolved).nonzero().flatten()
-        y[rows], failed[rows] = _multistart(penalty, x[rows], c[rows], alpha[rows], settings,
-                                            work, mean[rows])
+        xr, cr, ar = x[rows].double(), c[rows].double(), alpha[rows].double()
+        found, failed[rows] = _multistart(penalty, x[rows], c[rows], alpha[rows], settings,
+                                          work, mean[rows])
+        # the search's own answer where it is better (a point it refined, not settled)
+        pair = torch.stack([y[rows], found], 1).double()
+        better = _objective(penalty, pair, xr, cr, ar).argmin(1, keepdim=True)
+        y[rows] = pair.gather(1, better).squeeze(1).to(y.dtype)
     return y, failed
 
 
