@@ -179,16 +179,19 @@ class RobustPooling(DeclarativeNode):
         if self.options.damping:  # H + γ in the units of φ″: κ H + κ γ (κ = c² may overflow)
             kappa = self.penalty.curvature_scale(c.detach().double())
             curvature = (curvature.double() + kappa * self.options.damping).to(curvature.dtype)
-        singular = ~(curvature > 0)
-        if bool(singular.any()):
+        regular = curvature > 0
+        scale = v.to(curvature.dtype)
+        if bool(regular.all()):
+            scale = scale / curvature
+        else:
+            singular = ~regular
             rows = singular.nonzero().flatten()[:8].tolist()
             report(SingularSystemWarning,
                    f"robust pooling ({self.penalty.name}): Σφ″(y − x_i) ≤ 0 at {int(singular.sum())}"
                    f" rows (first {rows}); the minimum is flat or degenerate there and their "
                    "gradients are set to zero. Options(damping=...) regularises.",
                    self.options.strict)
-        scale = torch.where(singular, torch.zeros_like(curvature),
-                            v.to(curvature.dtype) / torch.where(singular, 1.0, curvature))
+            scale = torch.where(regular, scale / torch.where(regular, curvature, 1.0), 0.0)
         gx = None
         if need[0]:
             gx = (ctx["weights"] * scale[:, None] if "weights" in ctx else
