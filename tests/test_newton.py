@@ -1,20 +1,22 @@
 """The default unconstrained solver's dense path (``ddnlib.solvers._dense_newton``): the same
 minimiser as the generic Newton step through the linear-solver objects, Levenberg shifts on
-indefinite and singular Hessians, steepest descent where the Hessian is not finite, the Hessian
-factor handed to the backward only when every final Hessian factorised unshifted, and
+indefinite Hessians, least squares on singular ones, steepest descent where the Hessian is not
+finite, per-sample decisions (a sample's bits do not depend on the batch), the Hessian factor
+handed to the backward only for a backward and only when every final factor is trusted, and
 non-convergence reports."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from toy_nodes import PseudoHuberRegression
 
 from ddnlib import DeclarativeNode, NonConvergenceError, NonConvergenceWarning, Options
 from ddnlib.linear_solvers import Dense, LinearSolver
 from ddnlib.problem import Problem
 from ddnlib.solvers import default_solution
-from toy_nodes import PseudoHuberRegression
 
 F64 = torch.float64
 
