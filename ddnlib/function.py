@@ -163,7 +163,7 @@ class _Declarative(torch.autograd.Function):
                              f"batch dimension of size {xs[0].shape[0]}")
         if not y.is_floating_point():
             raise TypeError(f"{name}.solve returned dtype {y.dtype}: expected a floating dtype")
-        holder.ctx = solution.detach() if len(solution) or solution.derivatives else None
+        holder.ctx = solution.detach() if len(solution) or solution.has_backward_data else None
         y = y.detach()
         if any(_shares_memory(y, x) for x in xs):
             y = y.clone()

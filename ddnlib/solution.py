@@ -75,11 +75,12 @@ class Solution(Mapping):
     certified: float | None = None
 
     @property
-    def derivatives(self) -> bool:
-        """Whether the solver handed derivatives to the backward pass (:attr:`hessian_cholesky`,
-        :attr:`hessian` or :attr:`constraint_jacobian`)."""
+    def has_backward_data(self) -> bool:
+        """Whether the solver handed the backward pass more than ``y`` and the multipliers
+        (:attr:`hessian_cholesky`, :attr:`hessian`, :attr:`constraint_jacobian`,
+        :attr:`certified`)."""
         return any(t is not None for t in (self.hessian_cholesky, self.hessian,
-                                           self.constraint_jacobian))
+                                           self.constraint_jacobian, self.certified))
 
     # -- the ctx mapping view -------------------------------------------------------------------
     def _entries(self) -> dict[str, Any]:

@@ -160,7 +160,9 @@ def newton(problem: Problem, y0: Tensor, options, start: tuple | None = None,
     ``min(0.5, √‖∇f‖)``). When every sample converged and the last iteration's dense Hessians all
     factorised without a shift, their Cholesky factor comes back as ``hessian_cholesky`` (each at
     the sample's last iterate, at most the final step — below ``solver_tol`` relative — from
-    ``y``), for the backward pass to reuse (only with ``hand_off``). ``start``: ``(y, f, ∇f)``
+    ``y``), for the backward pass to reuse (only with ``hand_off``), with ``certified =
+    solver_tol`` (:class:`~ddnlib.Solution`: every sample stopped on a Newton step, not on
+    ``−∇f``, below the tolerance; likewise on the CG path). ``start``: ``(y, f, ∇f)``
     at ``y0`` with the graph of ``∇f`` (from :func:`~ddnlib.contract.check_start`), saving the
     first evaluation.
     """
@@ -178,6 +180,7 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
     running = torch.ones(b, dtype=torch.bool, device=y.device)
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     factor = None  # the last dense factorisation, kept only when every sample has converged
+    certified = None  # see Solution.certified
     kkt = problem.kkt(y, options=options)
     for _ in range(options.max_iter):
         g = kkt.grad_f.detach()
@@ -186,7 +189,8 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
         d, _, _, info = _newton_step(kkt, options, -g, g.new_zeros(b, 0), forcing,
                                      curvature=False)
         d = d.detach()
-        d = torch.where(((d * g).sum(-1) < 0).unsqueeze(-1), d, -g)
+        newton_step = (d * g).sum(-1) < 0
+        d = torch.where(newton_step.unsqueeze(-1), d, -g)
         f = kkt.f
         finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
         running &= finite
@@ -196,6 +200,9 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
         running &= ~done
         if not running.any():
             factor = info.factor
+            # every sample stopped on a (truncated) Newton step below tol, none on −∇f
+            newton_step &= ~(info.not_pd | info.singular)
+            certified = tol if bool((newton_step | ~finite).all()) else None
             break
         # the full step is evaluated with the next iteration's derivatives; where it fails the
         # Armijo test the step is shortened from ½ on, and the derivatives evaluated again
@@ -211,7 +218,9 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
     else:
         _report_newton(running, step, tol, options)
     y = problem.unflatten(torch.where(finite.unsqueeze(-1), y, torch.nan))
-    return Solution(y, hessian_cholesky=factor if bool(finite.all()) else None)
+    if not bool(finite.all()):
+        return Solution(y)
+    return Solution(y, hessian_cholesky=factor, certified=certified)
 
 
 def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
@@ -292,7 +301,11 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
         L, info = torch.linalg.cholesky_ex(H)
         here = L, _trusted(H, L, info)
     L, trusted = here
-    return Solution(problem.unflatten(y), hessian_cholesky=L if bool(trusted.all()) else None)
+    if not bool(trusted.all()):
+        return Solution(problem.unflatten(y))
+    # every sample stopped on a Newton (or chord) step below tol: the backward's check, the
+    # Newton step at y, would repeat that test
+    return Solution(problem.unflatten(y), hessian_cholesky=L, certified=tol)
 
 
 def _chord_step(L: Tensor, y: Tensor, g: Tensor, step: Tensor, near: Tensor

@@ -169,3 +169,28 @@ def test_the_factor_is_formed_only_for_a_backward():
     torch.testing.assert_close(solution.y, default_solution(node, (x,)).y, atol=0, rtol=0)
     L = solution.hessian_cholesky
     torch.testing.assert_close(L @ L.mT, _hessian(node, (x,), solution.y), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "cg"])
+def test_a_converged_solve_certifies_itself_and_the_backward_check_is_skipped(linear_solver,
+                                                                               monkeypatch):
+    """Every sample stopped on a Newton step below solver_tol: Solution.certified, and the
+    backward does not repeat the test; a solve cut short certifies nothing and is checked."""
+    from ddnlib.kkt import KKTPoint
+
+    calls = []
+    original = KKTPoint.optimality
+    monkeypatch.setattr(KKTPoint, "optimality",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    node = PseudoHuberRegression(options=Options(linear_solver=linear_solver))
+    x = torch.randn(5, 6, dtype=F64, requires_grad=True)
+    solution = default_solution(node, (x,))
+    assert solution.certified == node.options.tol("solver_tol", F64)
+    node(x).sum().backward()
+    assert not calls
+    short = PseudoHuberRegression(options=Options(linear_solver=linear_solver, max_iter=1))
+    with pytest.warns(NonConvergenceWarning):
+        assert default_solution(short, (x,)).certified is None
+    with pytest.warns(Warning):
+        short(x).sum().backward()
+    assert calls
