@@ -28,11 +28,10 @@ the Newton sums there (``Penalty.newton_value_sums``) and the best run's Newton 
 from them; each Newton pass also gives ``F`` at its point, which bounds ``F`` at the answer
 (:func:`_newton_inside`), so a run settled by plain Newton needs no further evaluation.
 
-One histogram instead of the first levels (:func:`_one_histogram`, rows with at least twice as
-many entries as bins of ``c/4`` over their range, or few entries): the fine bins are counted
-once, coarse bins of ``2c`` are summed from them, and as every bin width is a multiple of ``c``
-the bounds of all rows are one small matrix product (no per-row kernel); the window of coarse
-bins around the best one gets the fine bounds, the candidate there gives ``U`` and the Newton
+One binning pass instead of the first levels (:func:`_one_histogram`): positions in bins of
+``c/4`` are counted in coarse bins of ``2c`` and, in a window around the best coarse bin, in the
+fine bins; as every bin width is a multiple of ``c`` the bounds of all rows are one small matrix
+product (no per-row kernel); the candidate of the best fine bin gives ``U`` and the Newton
 start. Rows whose coarse bins outside the window, or whose fine survivors spread over more than
 ``3c``, cannot be excluded go on to the levels. A run whose minimum found is worse than a point
 of the run already evaluated holds another minimum: it is searched again where ``F`` descends
@@ -63,7 +62,6 @@ _GROUP = 8  # fine bins per coarse bin of the one-histogram pass
 _WINDOW = 5  # coarse bins of its fine window
 _MAX_FINE = 1024  # fine bins per row it takes on (rows with a wider range: the levels)
 _SPAN = 12  # fine bins (3c) the surviving ones may span in a row it takes on
-_FEW = 64  # entries per row below which it runs whatever the number of bins
 
 
 def _objective(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor) -> Tensor:
@@ -278,62 +276,57 @@ def _kernel(penalty: Penalty, step: float, count: int, alpha: Tensor, gap: bool)
 
 def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor,
                    hi: Tensor):
-    """The search's first levels from one histogram of each row (bins of ``c/4`` from
-    ``min x``): coarse bins of ``G = _GROUP`` fine bins get exact bounds (``ψ`` is the same for
-    every row in units of ``c``: one small matrix product); the ``_WINDOW`` coarse bins around
-    the best one get fine bounds, exact over the fine bins of the window and the coarse bin on
-    either side, and beyond from the coarse counts at their least distance from the window;
-    ``F`` and the Newton sums at the candidate of the best fine bin give the upper bound ``U``.
-    A row is taken on when no coarse bin outside the window has a bound below ``U`` (every
-    global minimiser lies in the window) and the surviving fine bins span at most ``_SPAN``
-    (wider, they may hold minima the levels' finer bins part). For rows spanning at most
-    ``_MAX_FINE`` fine bins, at most ``n/2`` unless ``n ≤ _FEW`` (else two histograms of 32
-    bins cost less: at ``(2048, 256)`` the one of ``c/4`` bins has as many bins as entries),
-    ``α`` equal on every row. Returns ``None`` or ``(taken, u, (Σ κφ′, Σ κφ″, F/λ) at u, a, h,
-    bound (r, W), survive)`` with the window ``[a, a + W h]``, ``W = _WINDOW · G``."""
+    """The search's first levels from one pass of binning each row: positions in bins of
+    ``c/4`` from ``min x``, counted in coarse bins of ``G = _GROUP`` of them, whose bounds are
+    exact (every bin width a multiple of ``c``: one small matrix product for all rows); then
+    counted again in the fine bins of the ``_WINDOW`` coarse bins around the best one and the
+    coarse bin either side, which give exact fine bounds there, plus the coarse counts beyond at
+    their least distance from the window. ``F`` and the Newton sums at the candidate of the best
+    fine bin give the upper bound ``U``. A row is taken on when no coarse bin outside the window
+    has a bound below ``U`` (every global minimiser lies in the window) and the surviving fine
+    bins span at most ``_SPAN`` (wider, they may hold minima the levels' finer bins part). For
+    rows spanning at most ``_MAX_FINE`` fine bins, ``α`` equal on every row. Returns ``None`` or
+    ``(taken, u, (Σ κφ′, Σ κφ″, F/λ) at u, a, h, bound (r, W), survive)`` with the window
+    ``[a, a + W h]``, ``W = _WINDOW · G``."""
     r, n = x.shape
     G = _GROUP
     h = c.squeeze(1) * _FINE
-    spans = (hi - lo) / h
-    fine_bins = int(torch.ceil(spans.max())) + 1
-    if not fine_bins <= _MAX_FINE:
-        return None
-    fine_bins = -(-fine_bins // G) * G
-    coarse_bins = fine_bins // G
-    if (2 * fine_bins > n and n > _FEW) or r * fine_bins >= 1 << 24:
-        return None  # the levels cost less (measured), or bin numbers inexact in float32
-    with scratch(r * n, x.dtype, x.device, 1) as (t,), \
-            scratch(r * n, torch.int64, x.device, 1) as (index,), \
-            scratch(r * fine_bins, x.dtype, x.device, 1) as (counts,):
-        # bin + row · fine_bins, in floating point (exact: below 2**24), then one conversion;
-        # counted into a kept buffer (a fresh one costs its page faults, as bincount's would)
+    coarse_bins = int(torch.ceil((hi - lo).div(h).max() / G)) + 1
+    if not coarse_bins * G <= _MAX_FINE or r * coarse_bins * G >= 1 << 24:
+        return None  # bins too many, or their numbers inexact in float32
+    width = min(_WINDOW, coarse_bins)
+    near_cols, cols = (width + 2) * G, width * G
+    rows = torch.arange(r, device=x.device, dtype=x.dtype)[:, None]
+    with scratch(r * n, x.dtype, x.device, 2) as (t, f), \
+            scratch(r * n, torch.int32, x.device, 1) as (index,):
+        # t: the position in fine bins; coarse bin ⌊t/G⌋ and fine bin ⌊t⌋ agree exactly (G is
+        # a power of 2); bin numbers with the row's offset in floating point, then converted
         t = torch.sub(x, lo[:, None], out=t.view(r, n)).mul_(h.reciprocal()[:, None])
-        t = t.floor_().clamp_(0, fine_bins - 1).add_(
-            torch.arange(0, r * fine_bins, fine_bins, device=x.device, dtype=x.dtype)[:, None])
-        index = index.view(r, n).copy_(t).view(-1)
-        counts = counts.zero_().scatter_add_(0, index, x.new_ones(()).expand(r * n))
-        counts = counts.view(r, fine_bins)
-        coarse = (counts.view(-1, G) @ x.new_ones(G)).view(r, coarse_bins).double()
+        f = torch.mul(t, 1 / G, out=f.view(r, n)).floor_().clamp_(0, coarse_bins - 1)
+        index = index.view(r, n).copy_(f.add_(rows * coarse_bins)).view(-1)
+        coarse = torch.bincount(index, minlength=r * coarse_bins).view(r, coarse_bins).double()
         alpha0 = alpha[0, 0]
         jc = torch.arange(coarse_bins, device=x.device)
         psi = _kernel(penalty, G * _FINE, coarse_bins, alpha0, gap=True)
         lower_c = coarse @ psi[(jc[:, None] - jc[None, :]).abs()]  # exact bounds of coarse bins
-        width = min(_WINDOW, coarse_bins)
         start = (lower_c.argmin(1) - _WINDOW // 2).clamp(0, coarse_bins - width)  # (r,)
         # fine counts of the window and one coarse bin either side: near column i is fine bin
-        # (start − 1) G + i
-        near_cols, cols = (width + 2) * G, width * G
-        j = (start[:, None] - 1) * G + torch.arange(near_cols, device=x.device)
-        inside = (j >= 0) & (j < fine_bins)
-        near = torch.where(inside, counts.gather(1, j.clamp(0, fine_bins - 1)), 0).double()
+        # (start − 1) G + i (columns -1 and near_cols: the entries beyond)
+        first = ((start - 1) * G).to(x.dtype)[:, None]
+        f = torch.floor(t, out=f.view(r, n)).sub_(first).clamp_(-1, near_cols)
+        index = index.view(r, n).copy_(f.add_(rows * (near_cols + 2) + 1)).view(-1)
+        near = torch.bincount(index, minlength=r * (near_cols + 2)).view(r, near_cols + 2)
+        near = near[:, 1:-1].double()
     i, w = torch.arange(near_cols, device=x.device), torch.arange(cols, device=x.device)
     psi_f = _kernel(penalty, _FINE, near_cols + 1, alpha0, gap=True)
     bound = near @ psi_f[(i[:, None] - w[None, :] - G).abs()]
-    # coarse bins beyond: at least d = (start − 1 − J) or (J − start − width) coarse bins away
-    below, above = start[:, None] - 1 - jc, jc - start[:, None] - width
-    d = torch.where(below > 0, below, above.clamp_min(0))
-    bound += (coarse * _kernel(penalty, G * _FINE, coarse_bins + 1, alpha0, gap=False)[d]).sum(
-        1, keepdim=True)
+    # coarse bins beyond: at least d = (s − 1 − J) or (J − s − width) coarse bins away from the
+    # window starting at coarse bin s; for every s at once (one product), then each row's
+    js = torch.arange(coarse_bins - width + 1, device=x.device)
+    d = ((js[None, :] - 1 - jc[:, None]).clamp_min(0)
+         + (jc[:, None] - js[None, :] - width).clamp_min(0))  # (J, s)
+    far = coarse @ _kernel(penalty, G * _FINE, coarse_bins + 1, alpha0, gap=False)[d]
+    bound += far.gather(1, start[:, None])
     # the candidate: the count-weighted mean of the centres of the best fine bin and its two
     # neighbours (their centre if all three are empty)
     k = bound.argmin(1, keepdim=True) + G + torch.arange(-1, 2, device=x.device)
@@ -344,19 +337,25 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     u = torch.minimum(torch.maximum(lo + mean.to(x.dtype) * h, lo), hi)
     with scratch(x.numel(), x.dtype, x.device, 2) as work:
         sums = _sums(penalty, u, x, c, alpha, tuple(b.view(x.shape) for b in work), value=True)
-    eps = torch.finfo(x.dtype).eps
-    top = (sums[2] + (1e-6 + n * eps) * sums[2].abs() + 4 * n * eps).double()[:, None]
+    top = _ceiling(sums[2], n, penalty.value_rounding(alpha)).double()[:, None]
     outside = (jc < start[:, None]) | (jc >= start[:, None] + width)
     survive = bound <= top
     taken = ~((lower_c <= top) & outside).any(1) & (_span(survive) <= _SPAN)
     return taken, u, sums, lo + (start * G).to(x.dtype) * h, h, bound, survive
 
 
+def _ceiling(f: Tensor, n: int, rounding: float) -> Tensor:
+    """``f`` plus its rounding: relative (sums of ``n`` terms) and absolute (a value from
+    ``Penalty.newton_value_sums``, ``rounding`` eps per entry, at least 1)."""
+    eps = torch.finfo(f.dtype).eps
+    return f + (1e-6 + n * eps) * f.abs() + 4 * n * eps * max(1.0, rounding)
+
+
 def _span(survive: Tensor) -> Tensor:
     """Per row, the number of bins from the first surviving one to the last."""
-    cols = torch.arange(survive.shape[1], device=survive.device)
-    first = torch.where(survive, cols, survive.shape[1]).amin(1)
-    return torch.where(survive, cols, -1).amax(1) - first + 1
+    cols = torch.arange(survive.shape[1], device=survive.device, dtype=torch.float32)
+    first = torch.where(survive, cols, float(survive.shape[1])).amin(1)
+    return torch.where(survive, cols, -1.0).amax(1) - first + 1  # (float: int reductions are slow)
 
 
 def _descend(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
@@ -381,7 +380,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     """
     r, n = x.shape
     dev = x.device
-    eps = torch.finfo(x.dtype).eps
+    rounding = penalty.value_rounding(alpha)
     lo, hi = x.amin(1), x.amax(1)
     # constant rows: y = x_1; a row with a non-finite entry is skipped (y = its min, rejected by
     # the caller's finite check)
@@ -432,10 +431,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         hit = (f == best_f[row]).nonzero().flatten()
         best_u[row[hit]] = u[hit]
         ub = best_f[row]
-        # relative rounding of the sums, and the absolute n·eps of a value from
-        # Penalty.newton_value_sums (Welsch's n − Σ e)
-        slack = (1e-6 + n * eps) * ub.abs() + 4 * n * eps
-        survive = bound <= (ub + slack)[:, None]
+        survive = bound <= _ceiling(ub, n, rounding)[:, None]
         if bool(fine.any()):
             i = fine.nonzero().flatten()
             finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i]), _BINS))
@@ -495,7 +491,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             # a known point of the run better than the minimum found: the run holds another
             # (two minima in one run); searched again on the side where F descends from there
             known, known_f = best_u[rows], best_f[rows]
-            above = f > known_f + (1e-6 + n * eps) * known_f.abs() + 4 * n * eps  # not rounding
+            above = f > _ceiling(known_f, n, rounding)  # by more than rounding
             again = ok & above & (known >= run_lo) & (known <= run_hi)
             if bool(again.any()):
                 j = again.nonzero().flatten()

@@ -517,6 +517,30 @@ def test_general_in_place_newton_sums_match_the_derivatives(alpha, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,alpha", [("welsch", 1.0), ("general", 0.0), ("general", 0.1),
+                                        ("general", 0.25), ("general", 0.5), ("general", 1.5)])
+def test_newton_value_sums_match_within_their_declared_rounding(name, alpha, dtype):
+    """The one-pass (Σ κφ′, Σ κφ″, Σ ranked) against the derivatives and ``ranked_sum``: the
+    value to its relative rounding plus ``value_rounding`` eps per entry (Welsch and Barron's
+    loss with α ≥ 0.25 compute it as ``Σ e − n``), on rows near and far from ``u``."""
+    g = torch.Generator().manual_seed(6)
+    z = torch.cat([1e-3 * torch.randn(3, 40, generator=g, dtype=dtype),
+                   4 * torch.randn(3, 40, generator=g, dtype=dtype)])
+    c = torch.tensor([[0.3], [1.0], [7.0]] * 2, dtype=dtype)
+    a = torch.full((6, 1), alpha, dtype=dtype)
+    penalty = PENALTIES[name]
+    d1, d2 = penalty.scaled_derivatives(z, c, a)
+    gs, hs, value = penalty.newton_value_sums(z.clone(), c, a, torch.empty_like(z))
+    eps = torch.finfo(dtype).eps
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gs, d1.sum(1), **tol)
+    torch.testing.assert_close(hs, d2.sum(1), **tol)
+    exact = penalty.ranked(z.double(), c.double(), a.double()).sum(1)
+    allowed = 64 * eps * exact.abs() + 4 * 40 * eps * max(1.0, penalty.value_rounding(a))
+    assert ((value.double() - exact).abs() <= allowed).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(PENALTIES))
 def test_ranked_sum_equals_the_sum_of_ranked(name, dtype):
     g = torch.Generator().manual_seed(4)
