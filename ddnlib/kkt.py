@@ -192,6 +192,8 @@ class KKTPoint:
 
     def hvp(self, P: Tensor) -> Tensor:
         """``H P`` for ``P (k, b, m)``, ``H = ∇²_yy L`` per sample, by double backward."""
+        if P.shape[0] == 1:
+            return grad(self.lagrangian_grad, [self.y], P[0], retain_graph=True)[0].unsqueeze(0)
         return torch.stack([grad(self.lagrangian_grad, [self.y], Pk, retain_graph=True)[0]
                             for Pk in P])
 

@@ -329,24 +329,14 @@ def _report_newton(running: Tensor, step: Tensor, tol: float, options) -> None:
            "supply solve().", options.strict)
 
 
-def _backward(output: Tensor, grad_output: Tensor, y: Tensor, create_graph: bool = False
-              ) -> Tensor | None:
-    """``∂⟨output, grad_output⟩/∂y`` by the autograd engine (``None`` where ``output`` does not
-    depend on ``y``); ``grad_output`` may be batched by ``torch._add_batch_dim``. It is what
-    ``torch.autograd.grad`` runs, entered directly: the public function's Python wrapping (and
-    that of ``is_grads_batched``) costs about as much as a pass at ``m = 16``."""
-    return torch.autograd.Variable._execution_engine.run_backward(
-        (output,), (grad_output,), create_graph, create_graph, (y,), True, False)[0]
-
-
 def _gradient(problem: Problem, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, f, ∇_y f)`` at ``y (b, m)``: ``y`` a leaf requiring grad, ``f (b,)``, and
     ``∇_y f (b, m)`` with its graph (zero where ``f`` does not depend on ``y``)."""
     with torch.enable_grad():
         yv = y.detach().requires_grad_()
         f = problem.objective(yv)
-        g = _backward(f, torch.ones_like(f), yv, True) if f.requires_grad else None
-    return yv, f, torch.zeros_like(y) if g is None else g
+        g = grad(f, [yv], torch.ones_like(f), create_graph=True)[0]
+    return yv, f, g
 
 
 def _hessian(point: tuple[Tensor, Tensor, Tensor]) -> Tensor:
@@ -358,14 +348,8 @@ def _hessian(point: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     if not g.requires_grad:  # f linear in y
         return y.new_zeros(b, m, m)
     basis = torch.eye(m, dtype=y.dtype, device=y.device).unsqueeze(1).expand(m, b, m)
-    level = torch._C._vmapmode_increment_nesting()
-    try:
-        with torch.enable_grad():
-            rows = _backward(g, torch._add_batch_dim(basis, 0, level), y)
-        rows = (torch._remove_batch_dim(rows, level, m, 0) if rows is not None
-                else y.new_zeros(m, b, m))  # ∇f depends on parameters only
-    finally:
-        torch._C._vmapmode_decrement_nesting()
+    with torch.enable_grad():
+        rows = grad(g, [y], basis, retain_graph=False, is_grads_batched=True)[0]
     return rows.transpose(0, 1)
 
 
