@@ -266,7 +266,7 @@ def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor
 
 
 def _kernel(penalty: Penalty, step: float, count: int, alpha: Tensor, gap: bool) -> Tensor:
-    """``ψ_m = f(d_m · step)`` in float64 for ``m < count`` (``f``: the radial profile, ``c = 1``),
+    """``ψ_m = f(d_m · step)`` (in float64) for ``m < count`` (``f``: the radial profile, ``c = 1``),
     ``d_m = max(0, m − 1)`` (``gap``: the distance between bins ``m`` apart) or ``d_m = m``."""
     m = torch.arange(count, dtype=torch.float64, device=alpha.device)
     d = (m - 1).clamp_min(0) if gap else m
@@ -281,7 +281,8 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     exact (every bin width a multiple of ``c``: one small matrix product for all rows); then
     counted again in the fine bins of the ``_WINDOW`` coarse bins around the best one and the
     coarse bin either side, which give exact fine bounds there, plus the coarse counts beyond at
-    their least distance from the window. ``F`` and the Newton sums at the candidate of the best
+    their least distance from the window (the products in the input's precision, the bounds
+    lowered by their rounding). ``F`` and the Newton sums at the candidate of the best
     fine bin give the upper bound ``U``. A row is taken on when no coarse bin outside the window
     has a bound below ``U`` (every global minimiser lies in the window) and the surviving fine
     bins span at most ``_SPAN`` (wider, they may hold minima the levels' finer bins part). For
@@ -296,6 +297,8 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
         return None  # bins too many, or their numbers inexact in float32
     width = min(_WINDOW, coarse_bins)
     near_cols, cols = (width + 2) * G, width * G
+    dt = x.dtype
+    deflate = 1 - 4 * (near_cols + coarse_bins) * torch.finfo(dt).eps
     rows = torch.arange(r, device=x.device, dtype=x.dtype)[:, None]
     with scratch(r * n, x.dtype, x.device, 2) as (t, f), \
             scratch(r * n, torch.int32, x.device, 1) as (index,):
@@ -304,11 +307,12 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
         t = torch.sub(x, lo[:, None], out=t.view(r, n)).mul_(h.reciprocal()[:, None])
         f = torch.mul(t, 1 / G, out=f.view(r, n)).floor_().clamp_(0, coarse_bins - 1)
         index = index.view(r, n).copy_(f.add_(rows * coarse_bins)).view(-1)
-        coarse = torch.bincount(index, minlength=r * coarse_bins).view(r, coarse_bins).double()
+        coarse = torch.bincount(index, minlength=r * coarse_bins).view(r, coarse_bins).to(dt)
         alpha0 = alpha[0, 0]
         jc = torch.arange(coarse_bins, device=x.device)
-        psi = _kernel(penalty, G * _FINE, coarse_bins, alpha0, gap=True)
-        lower_c = coarse @ psi[(jc[:, None] - jc[None, :]).abs()]  # exact bounds of coarse bins
+        psi = _kernel(penalty, G * _FINE, coarse_bins, alpha0, gap=True).to(dt)
+        # exact bounds of the coarse bins (less the product's rounding: sums of positive terms)
+        lower_c = (coarse @ psi[(jc[:, None] - jc[None, :]).abs()]).mul_(deflate)
         start = (lower_c.argmin(1) - _WINDOW // 2).clamp(0, coarse_bins - width)  # (r,)
         # fine counts of the window and one coarse bin either side: near column i is fine bin
         # (start − 1) G + i (columns -1 and near_cols: the entries beyond)
@@ -316,28 +320,28 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
         f = torch.floor(t, out=f.view(r, n)).sub_(first).clamp_(-1, near_cols)
         index = index.view(r, n).copy_(f.add_(rows * (near_cols + 2) + 1)).view(-1)
         near = torch.bincount(index, minlength=r * (near_cols + 2)).view(r, near_cols + 2)
-        near = near[:, 1:-1].double()
+        near = near[:, 1:-1].to(dt)
     i, w = torch.arange(near_cols, device=x.device), torch.arange(cols, device=x.device)
-    psi_f = _kernel(penalty, _FINE, near_cols + 1, alpha0, gap=True)
+    psi_f = _kernel(penalty, _FINE, near_cols + 1, alpha0, gap=True).to(dt)
     bound = near @ psi_f[(i[:, None] - w[None, :] - G).abs()]
     # coarse bins beyond: at least d = (s − 1 − J) or (J − s − width) coarse bins away from the
     # window starting at coarse bin s; for every s at once (one product), then each row's
     js = torch.arange(coarse_bins - width + 1, device=x.device)
     d = ((js[None, :] - 1 - jc[:, None]).clamp_min(0)
          + (jc[:, None] - js[None, :] - width).clamp_min(0))  # (J, s)
-    far = coarse @ _kernel(penalty, G * _FINE, coarse_bins + 1, alpha0, gap=False)[d]
-    bound += far.gather(1, start[:, None])
+    far = coarse @ _kernel(penalty, G * _FINE, coarse_bins + 1, alpha0, gap=False).to(dt)[d]
+    bound = bound.add_(far.gather(1, start[:, None])).mul_(deflate)
     # the candidate: the count-weighted mean of the centres of the best fine bin and its two
     # neighbours (their centre if all three are empty)
     k = bound.argmin(1, keepdim=True) + G + torch.arange(-1, 2, device=x.device)
     weight = near.gather(1, k)
-    centre = ((start[:, None] - 1) * G + k).double() + 0.5
+    centre = ((start[:, None] - 1) * G + k).to(dt) + 0.5
     mean = torch.where(weight.sum(1) > 0, (weight * centre).sum(1) / weight.sum(1).clamp_min(1),
                        centre[:, 1])
-    u = torch.minimum(torch.maximum(lo + mean.to(x.dtype) * h, lo), hi)
+    u = torch.minimum(torch.maximum(lo + mean * h, lo), hi)
     with scratch(x.numel(), x.dtype, x.device, 2) as work:
         sums = _sums(penalty, u, x, c, alpha, tuple(b.view(x.shape) for b in work), value=True)
-    top = _ceiling(sums[2], n, penalty.value_rounding(alpha)).double()[:, None]
+    top = _ceiling(sums[2], n, penalty.value_rounding(alpha))[:, None]
     outside = (jc < start[:, None]) | (jc >= start[:, None] + width)
     survive = bound <= top
     taken = ~((lower_c <= top) & outside).any(1) & (_span(survive) <= _SPAN)
