@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .linalg import solve_spd
-from .linear_solvers import CG, chosen, report_solve
+from .linear_solvers import CG, Dense, chosen, report_solve
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution, as_solution
 
@@ -112,6 +112,11 @@ def implicit_vjp(
         check = options.check_optimality and not (solution.certified is not None
                                                   and solution.certified <= tol)
         By = -problem.flatten(v).to(y.dtype).unsqueeze(-1)
+        if not check and op.factor is not None and isinstance(solver, Dense):
+            # the forward's factor of a positive definite H: one solve, nothing to report
+            u = torch.cholesky_solve(By, op.factor)[..., 0]
+            grads = grad(kkt.surrogate(u, None), wanted)
+            return _split(grads, xs, params)
         Bc = kkt.c.new_zeros(*kkt.c.shape, 1)
         if check:
             gL, c = kkt.residual()
@@ -126,6 +131,12 @@ def implicit_vjp(
         if check:
             kkt.optimality(U[..., 1], tol).report(options.strict)
         grads = grad(kkt.surrogate(U[..., 0], W[..., 0]), wanted)
+    return _split(grads, xs, params)
+
+
+def _split(grads: list[Tensor], xs: Sequence[Tensor], params: Mapping[str, Tensor]) -> tuple:
+    """``(input_grads, param_grads)`` from the gradients of ``wanted`` (inputs requiring grad, then
+    the parameters)."""
     it = iter(grads)
     input_grads = tuple(next(it) if x.requires_grad else None for x in xs)
     return input_grads, {name: next(it) for name in params}
@@ -170,10 +181,7 @@ def _vjp_with_graph(node, xs, y, v, params, wanted):
     H = 0.5 * (H + H.transpose(-1, -2))
     U, info = solve_spd(H, -problem.flatten(v).to(yf.dtype).unsqueeze(-1), options.damping)
     report_solve(info, options.strict, "the Hessian", H.detach())
-    grads = grad(grad_f, wanted, U[..., 0], create_graph=True)
-    it = iter(grads)
-    input_grads = tuple(next(it) if x.requires_grad else None for x in xs)
-    return input_grads, {name: next(it) for name in params}
+    return _split(grad(grad_f, wanted, U[..., 0], create_graph=True), xs, params)
 
 
 def implicit_jvp(

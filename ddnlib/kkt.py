@@ -285,9 +285,10 @@ class KKTPoint:
             wrong_sign = zeros
         return Optimality(step.abs().amax(-1) / scale, violation, wrong_sign, tol)
 
-    def surrogate(self, u: Tensor, w: Tensor) -> Tensor:
+    def surrogate(self, u: Tensor, w: Tensor | None) -> Tensor:
         """``⟨∇_y L, u⟩ + ⟨c, w⟩``: its gradient in ``(x, θ)`` is the backward pass's (see
-        :mod:`ddnlib.engine`) with ``u (b, m)``, ``w (b, r)`` held fixed."""
+        :mod:`ddnlib.engine`) with ``u (b, m)``, ``w (b, r)`` held fixed (``w`` unused without
+        constraints)."""
         out = (self.lagrangian_grad * u.detach()).sum()
         return out + (self.c * w.detach()).sum() if self.constrained else out
 
@@ -305,15 +306,18 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
     with torch.enable_grad():
         yf = problem.flatten(y.detach()).clone().requires_grad_()
         f = problem.objective(yf)
-        h, g = problem.eq(yf), problem.ineq(yf)
-        p, q = h.shape[1], g.shape[1]
-        c = torch.cat([h, g], dim=1)
-        active_tol = options.tol("active_tol", yf.dtype)
+        if problem.constrained:
+            h, g = problem.eq(yf), problem.ineq(yf)
+            c = torch.cat([h, g], dim=1)
+        else:
+            c = yf.new_zeros(b, 0)
         if c.shape[1] == 0:
             grad_f = grad(f.sum(), [yf], create_graph=True)[0]
             none = torch.zeros(b, 0, dtype=torch.bool, device=yf.device)
             return KKTPoint(yf, f.detach(), grad_f, c, yf.new_zeros(b, 0, problem.m), 0, none,
                             c.detach(), None, grad_f, none)
+        p, q = h.shape[1], g.shape[1]
+        active_tol = options.tol("active_tol", yf.dtype)
         lam = mu = None
         if solution is not None:
             lam = multipliers_tensor(solution.eq_multipliers, b, p, yf.dtype, "'lambda'", where)
