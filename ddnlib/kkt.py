@@ -50,17 +50,27 @@ def least_squares_multipliers(grad_f: Tensor, A: Tensor, active: Tensor) -> Tens
     return torch.where(finite[:, None], nu, float("nan"))
 
 
-def _tight(g: Tensor, A_g: Tensor, y: Tensor, tol: float) -> Tensor:
-    """Inequalities ``(b, q)`` whose first-order distance ``max(−g_j, 0) / ‖∇g_j‖`` is at most
-    ``tol · ‖y‖∞``: on the boundary to the accuracy ``tol`` relative to the point."""
-    distance = (-g).clamp_min(0) / A_g.norm(dim=-1)  # inf for a slack row without a gradient
+def _row_norms(A: Tensor) -> Tensor:
+    """``‖a_j‖ (b, r)`` of the rows of ``A (b, r, m)``, computed once where ``A`` is shared by the
+    batch (stride 0)."""
+    if A.shape[0] > 1 and A.stride(0) == 0:
+        return A[0].norm(dim=-1).expand(A.shape[:2])
+    return A.norm(dim=-1)
+
+
+def _tight(g: Tensor, norms: Tensor, y: Tensor, tol: float) -> Tensor:
+    """Inequalities ``(b, q)`` whose first-order distance ``max(−g_j, 0) / ‖∇g_j‖`` (``norms``
+    the ``‖∇g_j‖``) is at most ``tol · ‖y‖∞``: on the boundary to the accuracy ``tol`` relative
+    to the point."""
+    distance = (-g).clamp_min(0) / norms  # inf for a slack row without a gradient
     distance = torch.where(g >= 0, torch.zeros_like(distance), distance)
     scale = y.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
     return distance <= tol * scale
 
 
 def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: Tensor,
-               mu: Tensor | None, y: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+               mu: Tensor | None, y: Tensor, tol: float, norms: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
     """The constraints ``(b, p + q)`` held as equalities, and the ``(b,)`` samples where the
     decision is ambiguous (a weakly active inequality).
 
@@ -78,12 +88,13 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
 
     A tight inequality whose force is within ``tol`` of zero is weakly active (``g_j = 0`` and
     ``μ_j = 0`` to the accuracy of the solution): the decision is ambiguous and reported.
+    ``norms``: the ``‖∇g_j‖ (b, q)`` if at hand.
     """
     b = g.shape[0]
     eq = torch.ones(b, p, dtype=torch.bool, device=g.device)
     floor = torch.finfo(g.dtype).eps ** 0.5 * (1 + f.abs()) / (1 + y.abs().amax(-1))
     unit = (grad_f.norm(dim=-1) + floor).unsqueeze(-1)
-    norms = A[:, p:].norm(dim=-1)
+    norms = _row_norms(A[:, p:]) if norms is None else norms
     dual = tol ** 0.5
 
     def force(m: Tensor) -> Tensor:
@@ -93,7 +104,7 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
         strength = force(mu)
         on = (strength > dual) | (tight & (mu > 0))  # weakly active: tight, positive μ
         return torch.cat([eq, on], dim=1), (tight & (strength.abs() <= tol)).any(-1)
-    candidates = _tight(g, A[:, p:], y, dual)
+    candidates = _tight(g, norms, y, dual)
     nu = least_squares_multipliers(grad_f, A, torch.cat([eq, candidates], dim=1))
     strength = force(nu[:, p:])
     ineq = candidates & ((strength > dual) | tight)
@@ -333,17 +344,18 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             # known multipliers: ∇_y L in one backward pass, ∇_y f from it
             known = multipliers.detach()
             full = grad(f.sum() + (c * known).sum(), [yf], create_graph=True)[0]
-            grad_f = full.detach() - (A.transpose(-1, -2) @ known.unsqueeze(-1))[..., 0]
+            grad_f = full.detach() - _transpose_times(A, known)
         else:
             grad_f_graph = grad(f.sum(), [yf], create_graph=True)[0]
             grad_f = grad_f_graph.detach()
         f = f.detach()
-        tight = _tight(g.detach(), A[:, p:], yf.detach(), active_tol)
+        norms = _row_norms(A[:, p:])
+        tight = _tight(g.detach(), norms, yf.detach(), active_tol)
         if active is None and not q:
             active = torch.ones_like(c, dtype=torch.bool)
         elif active is None:
             active, ambiguous = active_set(grad_f, f, A, p, g.detach(), tight, mu,
-                                           yf.detach(), active_tol)
+                                           yf.detach(), active_tol, norms)
             if ambiguous.any():
                 report(OptimalityWarning,
                        f"weakly active inequality constraints at samples "
@@ -359,10 +371,18 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             dropped = known - nu  # multipliers of rows the active set leaves out
             lagrangian_grad = full
             if bool((dropped != 0).any()):
-                lagrangian_grad = full - (A_graph.transpose(-1, -2) @ dropped.unsqueeze(-1))[..., 0]
+                lagrangian_grad = full - _transpose_times(A_graph, dropped)
     point = KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, tight, A_graph)
     point._hessian = _handed(solution, "hessian", (b, problem.m, problem.m), yf.dtype)
     return point
+
+
+def _transpose_times(A: Tensor, w: Tensor) -> Tensor:
+    """``Aᵀ w (b, m)`` per sample for ``A (b, r, m)``, ``w (b, r)``: one matrix product where ``A``
+    is shared by the batch (stride 0)."""
+    if A.shape[0] > 1 and A.stride(0) == 0:
+        return w @ A[0]
+    return (w.unsqueeze(-2) @ A)[..., 0, :]
 
 
 def _handed(solution: Solution | None, name: str, shape: tuple, dtype: torch.dtype
