@@ -106,18 +106,34 @@ def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
 
 def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Runs of surviving bins per row, the best ``_RUNS + 1`` first: ``(first, last, L)`` each
-    ``(r, _RUNS + 1)``, ``L = inf`` where a row has fewer runs."""
+    ``(r, _RUNS + 1)``, ``L = inf`` where a row has fewer runs. Work on the ``M`` columns of the
+    most runs any row has (usually one or two), not on the bins."""
     r, nb = survive.shape
     start = survive & ~torch.nn.functional.pad(survive, (1, 0))[:, :-1]
-    run = torch.where(survive, start.long().cumsum(1) - 1, nb)  # run id, nb for none
-    inf = torch.full((r, nb + 1), float("inf"), dtype=bound.dtype, device=bound.device)
-    best = inf.scatter_reduce(1, run, bound, "amin")[:, :nb]
+    end = survive & ~torch.nn.functional.pad(survive, (0, 1))[:, 1:]
+    counts = start.long().cumsum(1)
+    runs = max(1, int(counts[:, -1].max())) if counts.numel() else 1
+    run = torch.where(survive, counts - 1, runs)  # run id, runs for none
+    best = torch.full((r, runs + 1), float("inf"), dtype=bound.dtype, device=bound.device)
+    best = best.scatter_reduce_(1, run, bound, "amin")[:, :runs]
     k = torch.arange(nb, device=bound.device).expand(r, nb)
-    first = torch.full((r, nb + 1), nb, device=bound.device).scatter_reduce(1, run, k, "amin")
-    last = torch.full((r, nb + 1), -1, device=bound.device).scatter_reduce(1, run, k, "amax")
+    # each run has one first and one last bin: plain scatters (the others go to column runs)
+    first = torch.full((r, runs + 1), nb, device=bound.device)
+    first = first.scatter_(1, torch.where(start, run, runs), k)[:, :runs]
+    last = torch.full((r, runs + 1), -1, device=bound.device)
+    last = last.scatter_(1, torch.where(end, run, runs), k)[:, :runs]
     m = min(_RUNS + 1, nb)
-    order = best.topk(m, 1, largest=False).indices
-    return first[:, :nb].gather(1, order), last[:, :nb].gather(1, order), best.gather(1, order)
+    if runs > m:
+        order = best.topk(m, 1, largest=False).indices
+    else:
+        order = best.argsort(1)
+    first, last, best = first.gather(1, order), last.gather(1, order), best.gather(1, order)
+    if runs < m:  # no further runs: padded
+        pad = m - runs
+        first = torch.nn.functional.pad(first, (0, pad), value=nb)
+        last = torch.nn.functional.pad(last, (0, pad), value=-1)
+        best = torch.nn.functional.pad(best, (0, pad), value=float("inf"))
+    return first, last, best
 
 
 def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
