@@ -474,6 +474,29 @@ def test_non_convex_global_minimum_on_hard_rows(name, alpha, case, dtype):
         assert got <= brute + rounding * (1 + abs(brute)), (got, brute)
 
 
+_FEW_ENTRY_ROWS = [  # (c, row): rows of a few entries where an earlier search missed by 0.1-0.7
+    (3.0, [6.602, 7.229, -3.4, 0.195]),
+    (3.0, [-0.217, 6.689, 6.935, -3.39]),
+    (1.0, [3.221, 2.346, 7.099, 0.034, 7.068, 0.41, 0.294, 0.047, 3.058, 6.941, 2.927]),
+    (3.0, [7.988, 12.656, -40.192, -41.683, 29.133, -49.149, -3.308, -31.283, -34.3, -8.015]),
+    (3.0, [-2.406, -2.833, -3.13, 7.339, 6.986, 7.24, -2.75, 2.75, 7.079, -2.805, -0.28, -3.549,
+           6.794, 0.131, 3.198, 6.998, 7.18, 0.212, 6.797]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c,row", _FEW_ENTRY_ROWS)
+def test_welsch_global_minimum_on_rows_of_few_entries(c, row, dtype):
+    """Clusters of a few entries each, ``c`` comparable to their spacing (found by a random
+    search against brute force): never worse than the brute-force minimum."""
+    x = torch.tensor([row], dtype=dtype)
+    y = robust_global_pool(x, "welsch", c).double().item()
+    values = np.asarray(x.double().numpy()[0])
+    brute = _brute_minimum("welsch", values, c, 1.0)
+    rounding = 1e-9 if dtype == torch.float64 else 1e-5
+    assert float(phi("welsch", y - values, c, 1.0).sum()) <= brute + rounding * (1 + brute)
+
+
 def test_run_whose_end_rises_into_it_is_not_settled_by_moving_out():
     """A row where the run holding the global minimum has ``F′ > 0`` at its left end: the
     refinement moved that end out to a worse minimum and the search used to call the row settled
