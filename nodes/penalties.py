@@ -331,7 +331,7 @@ class _General(Penalty):
         ``log1p`` and ``exp2`` are 2x and 3–4x faster than ``log`` and ``exp`` on the CPU)."""
         a = self._a(alpha)
         with scratch_buffers(z.numel(), z.dtype, z.device, 1) as (power,):
-            t = torch.mul(z, (c * a.sqrt()).reciprocal(), out=scratch).square_()  # s/a
+            t = torch.mul(z, c.reciprocal() * a.rsqrt(), out=scratch).square_()  # s/a
             power = torch.log1p(t, out=power.view(z.shape)).mul_((0.5 * alpha - 1) * _LOG2_E)
             power = power.exp2_()
             q = t.add_(1)
@@ -351,7 +351,7 @@ class _General(Penalty):
         alpha_safe = torch.where(alpha == 0, 1e-30, alpha)
         fast = bool((alpha >= _EXP2_ALPHA).all())
         with scratch_buffers(z.numel(), z.dtype, z.device, 1) as (power,):
-            t = torch.mul(z, (c * a.sqrt()).reciprocal(), out=scratch).square_()  # s/a
+            t = torch.mul(z, c.reciprocal() * a.rsqrt(), out=scratch).square_()  # s/a
             if fast:
                 e = torch.log1p(t, out=power.view(z.shape)).mul_((0.5 * _LOG2_E) * alpha).exp2_()
                 value = (a / alpha).squeeze(-1) * e.sum(-1).sub_(z.shape[-1])
