@@ -93,9 +93,10 @@ class RobustPooling(DeclarativeNode):
     def solve(self, x: Tensor, c: Tensor, alpha: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Solve every row (:mod:`~ddnlib.nodes.pooling_solvers`); ``ctx`` holds what the
         closed-form backward needs, computed block by block while ``x`` is in cache."""
-        if not bool((c > 0).all()) or not bool(torch.isfinite(c).all()):
-            raise ValueError(f"c={_shown(c)}: expected finite c > 0")
-        if not bool(torch.isfinite(alpha).all()):
+        c_ok = ((c > 0) & torch.isfinite(c)).all()
+        if not bool(c_ok & torch.isfinite(alpha).all()):  # one synchronisation when all is well
+            if not bool(c_ok):
+                raise ValueError(f"c={_shown(c)}: expected finite c > 0")
             raise ValueError(f"alpha={_shown(alpha)}: expected finite values")
         options = self.options
         fused = want_fused(self.fused, self.penalty, self.penalty.convex(alpha), x.numel())
