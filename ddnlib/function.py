@@ -44,6 +44,7 @@ from .contract import check_vjp_result
 from .solution import Solution, as_solution
 from torch._C import _functorch
 from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from .engine import differentiable_vjp
 
@@ -149,6 +150,15 @@ class _Declarative(torch.autograd.Function):
     """``y = argmin`` of ``node`` at the inputs and state in ``tensors``: ``forward`` solves without
     a graph, ``backward`` calls ``node.vjp`` and ``jvp`` ``node.jvp`` at exactly the tensors the
     forward saw; ``holder`` carries the solver's :class:`~ddnlib.Solution` to the backward."""
+
+    @classmethod
+    def apply(cls, *args):
+        # torch's Function.apply binds the arguments to forward's signature by inspect.signature
+        # on every call (≈ 35 µs, as much as a small node's whole backward solve); forward takes
+        # positional arguments only, so outside torch.func transforms the binding is skipped
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
     @staticmethod
     def forward(node, holder, spec, *tensors):
