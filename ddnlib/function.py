@@ -298,8 +298,9 @@ def _backward(ctx, tensors, y, extra) -> list:
     xs, state = tensors[:spec.n], tensors[spec.n:]
     needs = ctx.needs_input_grad[_N_META:]
     b = y.shape[0]
-    if b and bool(torch.isfinite(sum(t.sum() for t in (y, *xs)))):
-        # every sample finite (one reduction per tensor): no masks, no copies. The per-sample
+    checked = (y,) if node.rejects_non_finite_inputs else (y, *xs)
+    if b and bool(torch.isfinite(sum(t.sum() for t in checked))):
+        # every sample finite (one reduction): no masks, no copies. The per-sample
         # masks below cost more than a closed-form vjp on CPU (e.g. 2x on (256, 512) L2Sphere)
         inputs, params = _vjp(ctx, xs, state, y, v, ctx.solve_ctx)
     else:  # non-finite samples are left out: NaN input gradients, no parameter contribution

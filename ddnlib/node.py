@@ -40,7 +40,16 @@ class DeclarativeNode(Picklable, torch.nn.Module):
 
     Args:
         options: how the node is solved and differentiated (:class:`~ddnlib.Options`).
+
+    Class attributes a subclass may set:
+        rejects_non_finite_inputs: ``solve`` raises on non-finite inputs, so the backward tests
+            only ``y`` for finiteness, not the inputs again (a pass over them: for a pooling node
+            a sizeable share of its backward).
+        differentiable_vjp: the overriding ``vjp`` is written with differentiable operations of
+            its arguments (double backward, see ``docs/composition.md``).
     """
+
+    rejects_non_finite_inputs: bool = False
 
     def __init__(self, options: Options | None = None):
         super().__init__()

@@ -293,6 +293,30 @@ def test_a_non_finite_sample_does_not_poison_the_others(bad, options):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("rejects", [False, True])
+def test_inputs_are_tested_for_finiteness_unless_the_node_rejects_them(rejects):
+    """An entry the objective never reads is infinite, so y is finite: the backward's own test of
+    the inputs leaves that sample out (NaN gradient); a node that declares
+    ``rejects_non_finite_inputs`` (its solve raises on such inputs, as pooling's does) is not
+    tested again, which this node, whose solve does not, shows."""
+
+    class FirstColumns(DeclarativeNode):
+        rejects_non_finite_inputs = rejects
+
+        def objective(self, x, y):
+            return 0.5 * ((y - x[:, :3]) ** 2).sum(-1)
+
+        def initial_guess(self, x):
+            return torch.zeros_like(x[:, :3])
+
+    x = torch.randn(2, 4, dtype=torch.float64)
+    x[0, 3] = float("inf")
+    x.requires_grad_()
+    (g,) = torch.autograd.grad(FirstColumns()(x).sum(), x)
+    assert bool(torch.isfinite(g[1]).all())
+    assert bool(torch.isfinite(g[0]).all()) == rejects
+
+
 # -- the forward Newton's Hessian factor, reused by the backward -------------------------------
 
 
