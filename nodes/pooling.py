@@ -57,6 +57,8 @@ class RobustPooling(DeclarativeNode):
         options: ``solver_tol``, ``max_iter``, ``damping`` and ``strict`` are read.
     """
 
+    rejects_non_finite_inputs = True  # solve raises on a row without a finite result
+
     def __init__(self, penalty: str | Penalty = "pseudo_huber", *, starts: int = 64,
                  fused: bool | None = None, options: Options | None = None):
         super().__init__(options)
