@@ -134,6 +134,10 @@ class Penalty:
         at a minimiser, where ``Σ_i φ′(z_i) = 0``)."""
         return torch.zeros_like(z)
 
+    def inflection(self, c: Tensor, alpha: Tensor) -> Tensor | None:
+        """``ρ`` with ``φ″(z) < 0`` for ``|z| > ρ`` (``None``: not known; ``inf``: none)."""
+        return None
+
     def convex(self, alpha: Tensor) -> bool:
         """Whether ``Σ φ`` is convex in ``u`` for every ``α`` in ``alpha``."""
         if self.convex_from == float("-inf"):
@@ -207,6 +211,9 @@ def _s_max(dtype: torch.dtype) -> float:
 class _Welsch(Penalty):
     """``s = (z/c)²``, ``e = exp(−s/2)``: ``φ = 1 − e``, ``c²φ′ = z e``, ``c²φ″ = e (1 − s)``;
     ``s`` is clamped at :func:`_s_max` and ``e`` set to 0 beyond."""
+
+    def inflection(self, c, alpha):
+        return c
 
     def value(self, z, c, alpha):
         return -torch.expm1(-0.5 * (z / c) ** 2)
@@ -303,6 +310,9 @@ class _General(Penalty):
     = ½ s`` and ``e^{(α/2−1)L} = 1``), and at ``α = 0`` by ``10⁻³⁰`` in ``a/α`` and ``αL/2``
     (``expm1`` is exact there: ``φ = aL/2 = log1p(s/2)``).
     """
+
+    def inflection(self, c, alpha):  # φ″ = 0 at s = (2 − α)/(1 − α), none for α ≥ 1
+        return c * torch.where(alpha < 1, (2 - alpha) / (1 - alpha), float("inf")).sqrt()
 
     @staticmethod
     def _a(alpha):
