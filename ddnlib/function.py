@@ -33,7 +33,7 @@ gradient transforms raise instead of returning wrong numbers.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
