@@ -17,19 +17,21 @@ of a MiB or more costs its page faults on every call).
   where ``g(lo) ≤ 0 ≤ g(hi)``) that every evaluation of ``g`` shrinks. Newton steps are taken from the
   point with the smallest ``|g|`` so far; a trial that does not lower ``|g|`` only shrinks the
   bracket, and a Newton step that leaves the bracket is replaced by bisection.
-* Non-convex penalties (``welsch``, ``general`` with ``α < 1``): on rows of more than
-  ``_EXHAUSTIVE`` entries branch and bound on per-row histograms (:mod:`~.pooling_global`),
+* Non-convex penalties (``welsch``, ``general`` with ``α < 1``) on rows of at most
+  ``_EXHAUSTIVE`` entries: every cell searched (:func:`_exhaustive`, which says why this is
+  global): the cells between ``min x``, ``max x`` and the entries ``± ρ`` (the inflection
+  radius), a root search of ``F′`` in each cell over which ``F′`` turns from ``−`` to ``+``.
+* Longer non-convex rows: branch and bound on per-row histograms (:mod:`~.pooling_global`),
   which settles a row with a few histogram passes and about one convex solve; the rows it cannot
-  settle, and every shorter row, go to the multi-start search: the objective is evaluated at
-  ``min x``, ``max x`` and ``starts`` entries of the row (every entry when the row has at most
-  ``starts``, and on the short rows; otherwise evenly spaced ones), those entries ``± ρ`` (the
-  inflection radius) and the midpoints between consecutive sorted candidates. Around each of the
-  3 best candidates the neighbouring candidates give a bracket ``a < m < b`` with
-  ``F(m) ≤ F(a), F(b)``, so it holds a local minimum no worse than ``F(m)``; a safeguarded
-  Newton/bisection search that only accepts decreasing steps finds it. So does every other
-  candidate no worse than its neighbours, and every cell between consecutive candidates where
-  ``F′`` turns from negative to positive gets a bracketed root search (:func:`_cell_search`,
-  which says why this finds the global minimum); the best point is returned.
+  settle go to the multi-start search: the objective is evaluated at ``min x``, ``max x`` and
+  ``starts`` entries of the row (every entry when the row has at most ``starts``; otherwise
+  evenly spaced ones), those entries ``± ρ`` and the midpoints between consecutive sorted
+  candidates. Around each of the 3 best candidates the neighbouring candidates give a bracket
+  ``a < m < b`` with ``F(m) ≤ F(a), F(b)``, so it holds a local minimum no worse than ``F(m)``;
+  a safeguarded Newton/bisection search that only accepts decreasing steps finds it. Every cell
+  between consecutive candidates where ``F′`` turns from ``−`` to ``+`` also gets a root search
+  (:func:`_cell_search`: basins the 3 best candidates miss, such as two minima close together),
+  and the best point is returned.
 * Convex penalties with ``fused``: the same Newton iteration compiled (:mod:`~.pooling_fused`),
   on the whole input at once (row sums, minima and maxima in one compiled pass, one compiled pass
   per iteration).
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -298,8 +300,7 @@ def _candidates(x: Tensor, starts: int, rho: Tensor | None = None) -> Tensor:
     sample = x[:, ::stride]
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     points = torch.cat([sample, lo, hi], 1).sort(1).values
-    mids = 0.5 * (points[:, 1:] + points[:, :-1])
-    cand = [points, mids]
+    cand = [points, 0.5 * (points[:, 1:] + points[:, :-1])]
     if rho is not None:
         cand += [torch.minimum(sample + rho, hi), torch.maximum(sample - rho, lo)]
     return torch.cat(cand, 1).sort(1).values
@@ -344,7 +345,7 @@ def _multistart(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings:
                                      mid.flatten(), right.flatten(), f_mid.flatten(), settings)
     # and every cell between consecutive candidates whose ends bracket a minimum (a basin the
     # 3 best candidates miss: two minima close together, or one between worse candidates)
-    y_c, f_c, failed_c = _cell_search(penalty, x, c, alpha, cand, values, settings)
+    y_c, f_c, failed_c = _cell_search(penalty, x, c, alpha, cand, settings)
     y = torch.cat([y.view(r, m), y_c[:, None]], 1)
     f = torch.cat([f.view(r, m), f_c[:, None]], 1)
     failed = torch.cat([failed.view(r, m), failed_c[:, None]], 1)
@@ -360,64 +361,69 @@ def _rank(f: Tensor, failed: Tensor, n: int) -> Tensor:
 
 
 def _exhaustive(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: SolverSettings):
-    """Rows of at most ``_EXHAUSTIVE`` entries: :func:`_multistart` with every entry a candidate
-    (so :func:`_cell_search` on every cell), ``≈ 4n`` sums of ``n`` terms per row and iteration."""
-    return _multistart(penalty, x, c, alpha, replace(settings, starts=x.shape[1]), None, None)
+    """Rows of at most ``_EXHAUSTIVE`` entries: :func:`_cell_search` on the cells between
+    ``min x``, ``max x`` and the entries ``± ρ`` (``ρ``: the inflection radius, ``φ″(z) < 0`` for
+    ``|z| > ρ``) clipped to ``[min x, max x]``: ``F′`` at ``2n + 2`` points (in the input's
+    dtype), then a root search (in float64) in each cell where ``F′`` turns from ``−`` to ``+``,
+    one per local minimum. At ``(2048, 64)`` about 8x the cost of the histogram search (85 vs
+    10 ms), at ``(2048, 16)`` about 1.5x.
+
+    Why this finds the global minimum: a global minimiser ``u*`` lies in ``[min x, max x]``, so
+    in a cell, and has ``F″(u*) ≥ 0``, so an entry within ``ρ`` of it (where every entry is
+    farther, every term is concave and so is ``F``: only maxima). Inside a cell the set of
+    entries within ``ρ`` is fixed: ``F`` is a convex sum (those entries) plus a concave one (the
+    others). If ``u*`` is its cell's only local minimum and no maximum lies between it and an
+    end where ``F′`` has the other sign, ``F′`` turns from ``−`` to ``+`` over the cell and the
+    root search finds ``u*``. That this always holds is not proved (convex plus concave can
+    turn more often); a brute-force comparison (a grid of 20001 points plus polish, in float64;
+    4800 random calls of 1–40 entries in clusters, spread and near-mirrored,
+    ``c ∈ [0.05, 3]``, Welsch and Barron ``α ∈ {0.5, 0, −2}``, both dtypes) found no row where
+    it fails; with the entries and midpoints as the cells' ends instead, cells holding a minimum
+    and the maximum near a midpoint were missed (1 of 400 calls)."""
+    dtype = x.dtype
+    x, c, alpha = x.double(), c.double(), alpha.double()
+    rho = penalty.inflection(c, alpha)
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    cand = torch.cat([lo, hi, torch.minimum(x + rho, hi), torch.maximum(x - rho, lo)], 1)
+    # F′ in float32 only where its rounding of the points moves them by far less than ρ
+    coarse = bool((rho > 1e3 * torch.finfo(dtype).eps * torch.maximum(lo.abs(), hi.abs())).all())
+    slopes = dtype if coarse else torch.float64
+    y, _, failed = _cell_search(penalty, x, c, alpha, cand.sort(1).values, settings, slopes)
+    return y.to(dtype), failed
 
 
 def _cell_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, p: Tensor,
-                 values: Tensor, settings: SolverSettings) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, F(y), failed)`` per row: the best of the sorted points ``p (r, k)`` (``values``:
-    ``F`` there) and of the minima of ``F`` in every cell ``[p_j, p_{j+1}]`` whose ends bracket
-    one (``F′(p_j) < 0 < F′(p_{j+1})``), each found by safeguarded Newton/bisection on ``F′``.
-
-    Also around every point of ``p`` no worse than its neighbours, the bracketed descent
-    (:func:`_bracketed_search`) in ``[p_{j−1}, p_{j+1}]``.
-
-    Why this finds the global minimum when every entry is a candidate (:func:`_exhaustive`;
-    ``p`` then holds the sorted entries, their midpoints and the entries ``± ρ``, ``ρ`` the
-    inflection radius: ``φ″(z) < 0`` for ``|z| > ρ``): a global minimiser ``u*`` lies in
-    ``[min x, max x]``, so in a cell, and has ``F″(u*) ≥ 0``, so an entry within ``ρ`` (where
-    every entry is farther ``F`` is concave: only maxima). Inside a cell every term keeps the
-    sign of its curvature. If ``u*`` is its cell's only stationary point, ``F′`` turns from
-    ``−`` to ``+`` over the cell and the root search finds ``u*``; if the cell also holds a
-    maximum, the descent from a neighbouring candidate no worse than its neighbours reaches
-    ``u*`` when that candidate lies on ``u*``'s side of the maximum. Neither that a cell holding
-    ``u*`` has no other stationary point nor that such a candidate exists is proved: a
-    brute-force comparison (a grid of 20001 points plus polish, in float64; 4800 random calls of
-    1–40 entries in clusters, spread and near-mirrored, ``c ∈ [0.05, 3]``, Welsch and Barron
-    ``α ∈ {0.5, 0, −2}``, both dtypes) found no row where this misses; without the ``± ρ``
-    points, cells holding a minimum and the maximum near a midpoint were missed (1 of 400
-    calls)."""
+                 settings: SolverSettings, slopes: torch.dtype = torch.float64
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, F(y), failed)`` per row (``x`` in float64): the best of the points of
+    ``p (r, k)`` (sorted) where ``F′ = 0`` and of the minima of ``F`` in every cell
+    ``[p_j, p_{j+1}]`` whose ends bracket one (``F′(p_j) < 0 < F′(p_{j+1})``, ``F′`` there
+    computed in ``slopes``), each found by safeguarded Newton/bisection on ``F′``
+    (:func:`_root_in`)."""
     r, k = p.shape
     n = x.shape[1]
-    # F′ at every point, in chunks of rows of about _BLOCK · 16 terms
-    g = p.new_empty(r, k)
-    step = max(1, (_BLOCK << 4) // max(k * n, 1))
-    for i in range(0, r, step):
-        z = p[i:i + step, :, None] - x[i:i + step, None, :]
-        g[i:i + step] = penalty.scaled_derivatives(z, c[i:i + step, :, None],
-                                                   alpha[i:i + step, :, None])[0].sum(2)
-    best = values.argmin(1, keepdim=True)
-    y, f = p.gather(1, best).squeeze(1), values.gather(1, best).squeeze(1)
+    g = _slopes(penalty, *(t.to(slopes) for t in (x, c, alpha, p)))
+    # a row's first point as a start (every row has a cell or a stationary point: for safety)
+    y = p[:, 0].clone()
+    f = penalty.ranked(y[:, None] - x, c, alpha).sum(1)
     failed = torch.zeros(r, dtype=torch.bool, device=x.device)
-    row, cell = ((g[:, :-1] < 0) & (g[:, 1:] > 0) & (p[:, 1:] > p[:, :-1])).nonzero().unbind(1)
-    # and around every point no worse than its neighbours, the bracketed descent from it
-    pad = torch.nn.functional.pad(values, (1, 1), value=float("inf"))
-    low = (values <= pad[:, :-2]) & (values <= pad[:, 2:])
-    row2, mid = low.nonzero().unbind(1)
-    kinds = [(row, cell, True), (row2, mid, False)]
+    # cells [p_j, p_{j+1}] where F′ turns from − to +, and zero-width ones at points with F′ = 0
+    turns = (g[:, :-1] < 0) & (g[:, 1:] > 0) & (p[:, 1:] > p[:, :-1])
+    row, cell = turns.nonzero().unbind(1)
+    row_s, point = (g == 0).nonzero().unbind(1)
+    row, starts_at, ends = (torch.cat([row, row_s]), torch.cat([cell, point]),
+                            torch.cat([cell + 1, point]))
     step = max(1, (_BLOCK << 4) // max(n, 1))
-    for (row, j, cells), i in ((kind, i) for kind in kinds for i in range(0, kind[0].numel(), step)):
-        rows, j = row[i:i + step], j[i:i + step]
-        if cells:
-            u, f_u, ok = _root_in(penalty, x[rows], c[rows], alpha[rows], p[rows, j],
-                                  p[rows, j + 1], settings)
-        else:
-            u, f_u, failed_u = _bracketed_search(
-                penalty, x[rows], c[rows], alpha[rows], p[rows, (j - 1).clamp_min(0)], p[rows, j],
-                p[rows, (j + 1).clamp_max(k - 1)], values[rows, j], settings)
-            ok = ~failed_u
+    for i in range(0, row.numel(), step):  # the cells, in chunks
+        rows, j0, j1 = row[i:i + step], starts_at[i:i + step], ends[i:i + step]
+        u, f_u, ok = _root_in(penalty, x[rows], c[rows], alpha[rows], p[rows, j0], p[rows, j1],
+                              g[rows, j0].to(x.dtype), g[rows, j1].to(x.dtype), settings)
+        # or an end of the cell, where the minimum is a cusp (c far below the data's spacing:
+        # the root search closes on the edge of an entry's own term)
+        for end in (p[rows, j0], p[rows, j1]):
+            f_end = penalty.ranked(end[:, None] - x[rows], c[rows], alpha[rows]).sum(1)
+            lower = f_end < f_u
+            u, f_u, ok = torch.where(lower, end, u), torch.where(lower, f_end, f_u), ok | lower
         # per row the best (a row's cells may span chunks): scatter the minimum, then its point;
         # a row fails when its answer is a point whose search did not converge
         f_u = _rank(f_u, ~ok, n)
@@ -429,27 +435,81 @@ def _cell_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, p: Tenso
     return y, f, failed
 
 
+def _slopes(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, p: Tensor) -> Tensor:
+    """``Σ κφ′(p_rj − x_ri)`` over ``i`` for the points ``p (r, k)`` inside the rows' ranges, in
+    chunks of about ``_BLOCK · 4`` terms (the in-place sums where their conditions hold)."""
+    r, k = p.shape
+    n = x.shape[1]
+    g = p.new_empty(r, k)
+    fast = bool(((x.amax(1) - x.amin(1) < 1e18 * c.squeeze(1))
+                 & (c.squeeze(1) >= torch.finfo(x.dtype).tiny)).all())
+    step = max(1, (_BLOCK << 2) // max(k * n, 1))
+    with scratch(min(r, step) * k * n, x.dtype, x.device) as (zb, sb):
+        for i in range(0, r, step):
+            xi, m = x[i:i + step], min(step, r - i)
+            z = torch.sub(p[i:i + m, :, None], xi[:, None, :], out=zb[:m * k * n].view(m, k, n))
+            ci, ai = c[i:i + m].repeat_interleave(k, 0), alpha[i:i + m].repeat_interleave(k, 0)
+            if fast:
+                gi = penalty.newton_sums(z.view(m * k, n), ci, ai, sb[:m * k * n].view(m * k, n))[0]
+            else:
+                gi = penalty.scaled_derivatives(z.view(m * k, n), ci, ai)[0].sum(1)
+            g[i:i + m] = gi.view(m, k)
+    return g
+
+
 def _root_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
-             settings: SolverSettings) -> tuple[Tensor, Tensor, Tensor]:
-    """The root of ``F′`` in ``[lo, hi]`` with ``F′(lo) < 0 < F′(hi)``, from the middle: Newton
+             g_lo: Tensor, g_hi: Tensor, settings: SolverSettings
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """The root of ``F′`` in ``[lo, hi]`` with ``F′(lo) < 0 < F′(hi)`` (``g_lo, g_hi``: about
+    ``F′`` there), from the secant point (the middle where it is not inside): Newton
     where ``F″ > 0`` and the step stays inside the bracket, else bisection; every evaluation
-    shrinks the bracket. ``(u, F(u), converged)``."""
+    shrinks the bracket. ``(u, F(u), converged)``; the problems still going on are iterated
+    alone once they are at most half."""
+    p, n = x.shape
+    fast = bool(((x.amax(1) - x.amin(1) < 1e18 * c.squeeze(1))
+                 & (c.squeeze(1) >= torch.finfo(x.dtype).tiny)).all())
     scale = _scale(x.amin(1), x.amax(1), c)
-    u = 0.5 * (lo + hi)
-    done = torch.zeros_like(u, dtype=torch.bool)
-    for _ in range(settings.max_iter):
-        d1, d2 = penalty.scaled_derivatives(u[:, None] - x, c, alpha)
-        g, h = d1.sum(1), d2.sum(1)
-        lo, hi = torch.where(g <= 0, u, lo), torch.where(g >= 0, u, hi)
-        newton = u - g / h
-        inside = (h > 0) & (newton > lo) & (newton < hi)
-        tol = settings.tol * (u.abs() + scale)
-        converged = (g == 0) | (inside & ((newton - u).abs() <= tol)) | (hi - lo <= tol)
-        u = torch.where(done, u, torch.where(inside, newton, 0.5 * (lo + hi)))
-        done = done | converged
-        if bool(done.all()):
-            break
-    return u, penalty.ranked(u[:, None] - x, c, alpha).sum(1), done
+    u = lo - g_lo * ((hi - lo) / (g_hi - g_lo))
+    u = torch.where((u > lo) & (u < hi), u, 0.5 * (lo + hi))
+    y, ok = u.clone(), torch.zeros_like(u, dtype=torch.bool)
+    index, xs, cs, alphas = torch.arange(p, device=x.device), x, c, alpha
+    with scratch(p * n, x.dtype, x.device) as (zb, sb):
+        for _ in range(settings.max_iter):
+            m = index.numel()
+            z = torch.sub(u[:, None], xs, out=zb[:m * n].view(m, n))
+            if fast:
+                g, h = penalty.newton_sums(z, cs, alphas, sb[:m * n].view(m, n))
+            else:
+                d1, d2 = penalty.scaled_derivatives(z, cs, alphas)
+                g, h = d1.sum(1), d2.sum(1)
+            lo, hi = torch.where(g <= 0, u, lo), torch.where(g >= 0, u, hi)
+            newton = u - g / h
+            inside = (h > 0) & (newton > lo) & (newton < hi)
+            tol = settings.tol * (u.abs() + scale)
+            # a step below the tolerance converges, inside or not (it may round onto an end)
+            small = (h > 0) & ((newton - u).abs() <= tol)
+            converged = (g == 0) | small | (hi - lo <= tol)
+            u = torch.where(small, torch.minimum(torch.maximum(newton, lo), hi),
+                            torch.where(inside, newton, torch.where(g == 0, u, 0.5 * (lo + hi))))
+            y[index[converged]], ok[index[converged]] = u[converged], True
+            going = ~converged
+            left = int(going.sum())
+            if left == 0:
+                break
+            if 2 * left <= m:
+                keep = going.nonzero().flatten()
+                index, xs, cs, alphas = index[keep], xs[keep], cs[keep], alphas[keep]
+                u, lo, hi, scale = u[keep], lo[keep], hi[keep], scale[keep]
+        else:
+            y[index] = torch.where(ok[index], y[index], u)
+    # a point converged by its bracket closing is up to the tolerance from the root: one more
+    # Newton step where it moves less than that makes it accurate to rounding
+    d1, d2 = penalty.scaled_derivatives(y[:, None] - x, c, alpha)
+    g, h = d1.sum(1), d2.sum(1)
+    newton = y - g / h
+    tol = settings.tol * (y.abs() + _scale(x.amin(1), x.amax(1), c))
+    y = torch.where(ok & (h > 0) & ((newton - y).abs() <= tol), newton, y)
+    return y, penalty.ranked(y[:, None] - x, c, alpha).sum(1), ok
 
 
 def _bracketed_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor, m: Tensor,

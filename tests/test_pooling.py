@@ -734,14 +734,13 @@ def test_non_convex_global_minimum_on_short_rows(name, alpha, dtype):
 @pytest.mark.parametrize("name,alpha", [("welsch", 1.0), ("general", 0.5), ("general", 0.0)])
 def test_multistart_finds_the_deeper_of_two_mirrored_minima(name, alpha):
     """The multi-start solver (the fallback of long rows the histogram search does not settle)
-    on two entries ``±d`` (and their mirrored clusters) a little asymmetric, with ``c`` such
-    that the midpoint is a maximum: the deeper minimum, by brute force. It used to refine only
-    the 3 best candidates, the midpoint and the ends, and miss the far side."""
-    from ddnlib.nodes.pooling_solvers import SolverSettings, _multistart
-
+    on two entries ``±d``, a little asymmetric, with ``c`` such that the midpoint is a maximum:
+    the deeper minimum, by brute force. It used to refine only its 3 best candidates (the
+    midpoint and the two ends, whose brackets have zero width) and miss the far side."""
     from ddnlib.nodes.penalties import PENALTIES as table
+    from ddnlib.nodes.pooling_solvers import SolverSettings, _multistart
     d = np.array([1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
-    rows = np.stack([np.stack([d, -d + 2e-3 * d], 1), np.stack([-d, d - 2e-3 * d], 1)]).reshape(-1, 2)
+    rows = np.concatenate([np.stack([d, -d + 2e-3 * d], 1), np.stack([-d, d - 2e-3 * d], 1)])
     settings = SolverSettings(tol=1e-10, max_iter=100, strict=False, starts=64)
     x = torch.tensor(rows)
     c = torch.full((x.shape[0], 1), 1.0, dtype=torch.float64)
