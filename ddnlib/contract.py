@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from .errors import describe_samples
+from .linalg import all_finite
 
 __all__ = ["node_name", "check_initial_guess", "check_objective", "check_start",
            "check_vjp_result"]
@@ -138,7 +139,7 @@ def check_start(node, xs: Sequence[Tensor], y0: Tensor, create_graph: bool = Fal
                 if isinstance(c, Tensor) and c.dim() == 2 and c.shape[0] == b:
                     values.append((f"{name}.{method}", c))  # other forms: the solvers' message
     # one reduction when everything is finite (the common case); per-sample masks otherwise
-    if not bool(torch.isfinite(sum(v.sum() for _, v in values))):
+    if not all_finite(*(v for _, v in values)):
         usable = torch.ones(b, dtype=torch.bool, device=y0.device)
         for t in (*xs, y0):
             usable &= torch.isfinite(t.detach()).reshape(b, -1).all(-1)

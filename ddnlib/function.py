@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .contract import check_vjp_result
+from .linalg import all_finite
 from .solution import Solution, as_solution
 from torch._C import _functorch
 from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack
@@ -299,7 +300,7 @@ def _backward(ctx, tensors, y, extra) -> list:
     needs = ctx.needs_input_grad[_N_META:]
     b = y.shape[0]
     checked = (y,) if node.rejects_non_finite_inputs else (y, *xs)
-    if b and bool(torch.isfinite(sum(t.sum() for t in checked))):
+    if b and all_finite(*checked):
         # every sample finite (one reduction): no masks, no copies. The per-sample
         # masks below cost more than a closed-form vjp on CPU (e.g. 2x on (256, 512) L2Sphere)
         inputs, params = _vjp(ctx, xs, state, y, v, ctx.solve_ctx)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .autodiff import batched_jacobian, grad
 from .errors import OptimalityWarning, SingularSystemWarning, describe_samples, report
-from .linalg import NullSpace, lstsq
+from .linalg import NullSpace, lstsq, shared_by_batch
 from .linear_solvers import KKTOperator
 from .solution import Solution, multipliers_tensor
 
@@ -53,7 +53,7 @@ def least_squares_multipliers(grad_f: Tensor, A: Tensor, active: Tensor) -> Tens
 def _row_norms(A: Tensor) -> Tensor:
     """``‖a_j‖ (b, r)`` of the rows of ``A (b, r, m)``, computed once where ``A`` is shared by the
     batch (stride 0)."""
-    if A.shape[0] > 1 and A.stride(0) == 0:
+    if shared_by_batch(A):
         return A[0].norm(dim=-1).expand(A.shape[:2])
     return A.norm(dim=-1)
 
@@ -380,7 +380,7 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
 def _transpose_times(A: Tensor, w: Tensor) -> Tensor:
     """``Aᵀ w (b, m)`` per sample for ``A (b, r, m)``, ``w (b, r)``: one matrix product where ``A``
     is shared by the batch (stride 0)."""
-    if A.shape[0] > 1 and A.stride(0) == 0:
+    if shared_by_batch(A):
         return w @ A[0]
     return (w.unsqueeze(-2) @ A)[..., 0, :]
 

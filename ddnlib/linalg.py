@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["NullSpace", "SolveInfo", "cg", "lstsq", "pinned_coordinates", "solve_kkt", "solve_spd"]
+__all__ = ["NullSpace", "SolveInfo", "all_finite", "cg", "lstsq", "pinned_coordinates",
+           "shared_by_batch", "solve_kkt", "solve_spd", "trusted_cholesky"]
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SolveInfo:
     factor: Tensor | None = None  # Cholesky factor of the matrix solved, where all were trusted
 
 
-def _all_finite(*ts: Tensor) -> bool:
+def all_finite(*ts: Tensor) -> bool:
     """Whether every entry of ``ts`` is finite, by one sum each (a sum that overflows says no:
     the caller's per-sample path then decides)."""
     return bool(torch.isfinite(sum(t.sum() for t in ts)))
@@ -60,18 +61,20 @@ def lstsq(M: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return X, singular
 
 
-def _cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def trusted_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Batched Cholesky ``(L, failed, weak)``: ``failed`` where it broke down (not positive
-    definite), ``weak`` where it went through with a pivot ``L_ii² ≤ √eps · max |M|``.
+    definite), ``weak`` where it went through with a pivot ``L_ii² ≤ √eps · max |M|`` (or a
+    non-finite one).
 
     ``cholesky_ex`` reports success on exactly singular matrices (pivots of ~1e-8 from rounding),
-    so success alone says nothing about definiteness; a weak factor is not trusted.
+    so success alone says nothing about definiteness; a weak factor is not trusted. Where it went
+    through, ``M`` is positive definite and ``max |M| = max_i M_ii``, the cheaper form used here.
     """
     L, info = torch.linalg.cholesky_ex(M)
     failed = info != 0
-    scale = M.abs().amax((-2, -1)).clamp_min(torch.finfo(M.dtype).tiny)
+    scale = M.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(M.dtype).tiny)
     pivots = L.diagonal(dim1=-2, dim2=-1).square().amin(-1) if M.shape[-1] else scale
-    weak = ~failed & (pivots <= torch.finfo(M.dtype).eps ** 0.5 * scale)
+    weak = ~failed & ~(pivots > torch.finfo(M.dtype).eps ** 0.5 * scale)
     return L, failed, weak
 
 
@@ -95,12 +98,12 @@ def solve_spd(H: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Solve
         H = H + damping * _eye_like(H)
     # a sample with a non-finite H or B (a NaN input) gets a NaN solution and is kept away from
     # LAPACK, which rejects the whole batch on non-finite values
-    if _all_finite(H, B):
+    if all_finite(H, B):
         finite = None
     else:
         finite = torch.isfinite(H).all((-2, -1)) & torch.isfinite(B).all((-2, -1))
         H = torch.where(finite[:, None, None], H, _eye_like(H))
-    L, not_pd, weak = _cholesky(H)
+    L, not_pd, weak = trusted_cholesky(H)
     X = torch.cholesky_solve(B, L)
     singular = torch.zeros_like(not_pd)
     fallback = not_pd | weak
@@ -136,7 +139,7 @@ def solve_kkt(
     """
     if damping:
         H = H + damping * _eye_like(H)
-    if _all_finite(H, A, By, Bc):  # the common case: no masks
+    if all_finite(H, A, By, Bc):  # the common case: no masks
         forced = finite = None
         act = active.to(A.dtype)
     else:
@@ -156,7 +159,7 @@ def solve_kkt(
         A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
         By = torch.where(finite[:, None, None], By, 0.0)
         Bc = torch.where(finite[:, None, None], Bc, 0.0) * act.unsqueeze(-1)
-    if finite is None and _shared(H) and _shared(A):  # one H and A for the batch (a QP's)
+    if finite is None and shared_by_batch(H) and shared_by_batch(A):  # one H and A for the batch (a QP's)
         U, W, d, A, Bc, fallback = _schur_shared(H[0], A[0], act, By, Bc)
     else:
         U, W, d, A, Bc, fallback = _schur(H, A, act, By, Bc)
@@ -180,7 +183,7 @@ def solve_kkt(
     return U, W, SolveInfo(not_pd=not_pd, singular=singular, min_eig=min_eig)
 
 
-def _shared(M: Tensor) -> bool:
+def shared_by_batch(M: Tensor) -> bool:
     """Whether ``M (b, ...)`` is one matrix expanded over the batch (stride 0)."""
     return M.shape[0] > 1 and M.stride(0) == 0
 
@@ -193,16 +196,14 @@ def _schur(H: Tensor, A: Tensor, act: Tensor, By: Tensor, Bc: Tensor) -> tuple:
     A, Bc = A * act.unsqueeze(-1), Bc * act.unsqueeze(-1)
     # equilibrate: row j of A (and of Bc) scaled by d_j = s_H / ‖a_j‖, so W = d · W_scaled
     s_h = _matrix_scale(H)
-    norms = A.norm(dim=-1)
-    d = torch.where(norms > 0, s_h[:, None] / norms.clamp_min(torch.finfo(H.dtype).tiny),
-                    torch.zeros_like(norms))
+    d = _row_scales(A.norm(dim=-1), s_h[:, None])
     A, Bc = A * d.unsqueeze(-1), Bc * d.unsqueeze(-1)
-    L, h_not_pd, h_weak = _cholesky(H)
+    L, h_not_pd, h_weak = trusted_cholesky(H)
     # Schur complement: S = A H⁻¹ Aᵀ (+ s_H I on inactive rows), W = S⁻¹ (A H⁻¹ By − Bc).
     HiAt = torch.cholesky_solve(A.transpose(-1, -2), L)
     HiBy = torch.cholesky_solve(By, L)
     S = A @ HiAt + torch.diag_embed((1 - act) * s_h[:, None])
-    Ls, s_not_pd, s_weak = _cholesky(S)
+    Ls, s_not_pd, s_weak = trusted_cholesky(S)
     AHiBy = A @ HiBy
     W = torch.cholesky_solve(AHiBy - Bc, Ls)
     U = HiBy - HiAt @ W
@@ -216,19 +217,17 @@ def _schur_shared(H: Tensor, A: Tensor, act: Tensor, By: Tensor, Bc: Tensor) -> 
     once and ``H⁻¹ Aᵀ``, ``A H⁻¹ Aᵀ`` formed once; per sample, only the Schur complement
     ``S = (A H⁻¹ Aᵀ) ∘ act actᵀ (+ s_H I on inactive rows)`` is factorised."""
     s_h = _matrix_scale(H[None])[0]
-    norms = A.norm(dim=-1)
-    d1 = torch.where(norms > 0, s_h / norms.clamp_min(torch.finfo(H.dtype).tiny),
-                     torch.zeros_like(norms))
+    d1 = _row_scales(A.norm(dim=-1), s_h)
     A1 = A * d1.unsqueeze(-1)  # the equilibrated rows, shared
     d = d1 * act
     Bc = Bc * d.unsqueeze(-1)
-    L, h_not_pd, h_weak = _cholesky(H[None])
+    L, h_not_pd, h_weak = trusted_cholesky(H[None])
     HiAt = torch.cholesky_solve(A1.T, L[0])  # (m, r)
     b, m, k = By.shape
     HiBy = torch.cholesky_solve(By.transpose(0, 1).reshape(m, b * k), L[0])
     HiBy = HiBy.reshape(m, b, k).transpose(0, 1)
     S = (A1 @ HiAt) * (act.unsqueeze(-1) * act.unsqueeze(-2)) + torch.diag_embed((1 - act) * s_h)
-    Ls, s_not_pd, s_weak = _cholesky(S)
+    Ls, s_not_pd, s_weak = trusted_cholesky(S)
     mask = act.unsqueeze(-1)
     AHiBy = (HiBy.transpose(-1, -2) @ A1.T).transpose(-1, -2) * mask  # one matrix product each
     W = torch.cholesky_solve(AHiBy - Bc, Ls)
@@ -236,6 +235,12 @@ def _schur_shared(H: Tensor, A: Tensor, act: Tensor, By: Tensor, Bc: Tensor) -> 
     AU = (U.transpose(-1, -2) @ A1.T).transpose(-1, -2) * mask
     bad = _inexact(AU - Bc, s_h, U, Bc, AHiBy) | h_not_pd | h_weak | s_not_pd | s_weak
     return U, W, d, (lambda keep: A1 * act[keep].unsqueeze(-1)), Bc, bad
+
+
+def _row_scales(norms: Tensor, s_h: Tensor) -> Tensor:
+    """The equilibration ``d_j = s_H / ‖a_j‖`` of the constraint rows (0 for a zero row)."""
+    return torch.where(norms > 0, s_h / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+                       torch.zeros_like(norms))
 
 
 def _matrix_scale(H: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ from .contract import check_initial_guess, check_start
 from . import interior_point
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
-from .linalg import SolveInfo, lstsq
+from .linalg import SolveInfo, lstsq, trusted_cholesky
 from .linear_solvers import CG, Auto, Dense, chosen
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
@@ -297,9 +297,8 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
     if not (hand_off and converged):
         return Solution(problem.unflatten(y))
     if here is None:  # a chord step last: the factors at the last iterate
-        H = _hessian(point)
-        L, info = torch.linalg.cholesky_ex(H)
-        here = L, _trusted(H, L, info)
+        L, failed, weak = trusted_cholesky(_hessian(point))
+        here = L, ~(failed | weak)
     L, trusted = here
     if not bool(trusted.all()):
         return Solution(problem.unflatten(y))
@@ -341,16 +340,10 @@ def _gradient(problem: Problem, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _hessian(point: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """``∇²_yy f (b, m, m)`` at ``point = (y, f, ∇f)`` (from :func:`_gradient`), detached: one
-    backward pass of ``∇f`` batched over the ``m`` basis directions (what
-    ``autograd.grad(..., is_grads_batched=True)`` computes, as ``batched_jacobian`` does)."""
+    backward pass of ``∇f`` batched over the ``m`` basis directions (zero where ``f`` is linear
+    in ``y``)."""
     y, _, g = point
-    b, m = y.shape
-    if not g.requires_grad:  # f linear in y
-        return y.new_zeros(b, m, m)
-    basis = torch.eye(m, dtype=y.dtype, device=y.device).unsqueeze(1).expand(m, b, m)
-    with torch.enable_grad():
-        rows = grad(g, [y], basis, retain_graph=False, is_grads_batched=True)[0]
-    return rows.transpose(0, 1)
+    return batched_jacobian(g, y)
 
 
 def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
@@ -358,7 +351,8 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     """The Newton direction ``d (b, m)`` per sample, or ``−∇f`` where it is not a descent
     direction, with the Cholesky factor ``L (b, m, m)`` of ``H``.
 
-    ``d = −H⁻¹∇f`` by Cholesky where ``H`` is safely positive definite (:func:`_trusted`); by
+    ``d = −H⁻¹∇f`` by Cholesky where ``H`` is safely positive definite (a pivot test relative to
+    ``max |H|``, :func:`~ddnlib.linalg.trusted_cholesky`); by
     minimum-norm least squares where Cholesky goes through with a tiny pivot (``H`` singular or
     ill-conditioned for the dtype); ``d = −(H + γI)⁻¹∇f`` where Cholesky fails (``H`` not positive
     definite), with ``γ = s·10ᵏ``, ``s = max |H_ii|`` (1 where that is 0), for the smallest
@@ -369,8 +363,8 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     factor of a finite ``H``, and the mask ``(b,)`` of samples whose ``f`` and ``∇f`` are finite
     (``None``: all).
     """
-    L, info = torch.linalg.cholesky_ex(H)
-    trusted = _trusted(H, L, info)
+    L, failed, weak = trusted_cholesky(H)
+    trusted = ~(failed | weak)
     d = torch.cholesky_solve(-g.unsqueeze(-1), L)[..., 0]
     slope = (d * g).sum(-1)
     # the common case, by one synchronisation: every H safely positive definite and everything
@@ -382,18 +376,18 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     usable = finite & torch.isfinite(H).all((-2, -1))
     g = torch.where(finite.unsqueeze(-1), g, torch.zeros_like(g))
     d = torch.where(usable.unsqueeze(-1), d, -g)
-    weak = (usable & ~trusted & (info == 0)).nonzero().flatten()
+    weak = (usable & weak).nonzero().flatten()
     if weak.numel():
         d[weak] = lstsq(H[weak], -g[weak].unsqueeze(-1))[0][..., 0]
-    todo = (usable & (info != 0)).nonzero().flatten()
+    todo = (usable & failed).nonzero().flatten()
     if todo.numel():
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
         scale = H[todo].diagonal(dim1=-2, dim2=-1).abs().amax(-1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         for k in range(math.ceil(math.log10(torch.finfo(H.dtype).eps ** 0.5)), _MAX_SHIFT + 1):
             shifted = H[todo] + (scale * 10.0 ** k)[:, None, None] * eye
-            Lk, info_k = torch.linalg.cholesky_ex(shifted)
-            ok = _trusted(shifted, Lk, info_k)
+            Lk, failed_k, weak_k = trusted_cholesky(shifted)
+            ok = ~(failed_k | weak_k)
             d[todo[ok]] = torch.cholesky_solve(-g[todo[ok]].unsqueeze(-1), Lk[ok])[..., 0]
             todo, scale = todo[~ok], scale[~ok]
             if not todo.numel():
@@ -403,16 +397,6 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     d = torch.where(descent.unsqueeze(-1), d, -g)
     slope = torch.where(descent, slope, -(g * g).sum(-1))
     return d, L, slope, trusted & usable, finite
-
-
-def _trusted(H: Tensor, L: Tensor, info: Tensor) -> Tensor:
-    """Where the Cholesky factorisation ``L`` of ``H (b, m, m)`` (``info`` from ``cholesky_ex``)
-    is trusted, ``(b,)``: it went through with every pivot ``L_ii² > √eps · max_i H_ii``. Success
-    alone says little (rounding leaves pivots of ~1e-8 on singular matrices); where it succeeds,
-    ``max |H| = max_i H_ii``. False where ``H`` is not finite."""
-    scale = H.diagonal(dim1=-2, dim2=-1).amax(-1)
-    pivots = L.diagonal(dim1=-2, dim2=-1).amin(-1)
-    return (info == 0) & (pivots.square() > torch.finfo(H.dtype).eps ** 0.5 * scale)
 
 
 def _armijo(f_new: Tensor, f: Tensor, slope: Tensor, t: Tensor | float = 1.0) -> Tensor:

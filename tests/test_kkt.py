@@ -211,7 +211,7 @@ def test_shared_matrices_solve_as_per_sample_ones(dtype, H_kind, monkeypatch):
     By = torch.randn(b, m, 2, generator=gen, dtype=F64).to(dtype)
     Bc = torch.randn(b, r, 2, generator=gen, dtype=F64).to(dtype)
     H, A = H1.to(dtype).expand(b, m, m), A1.to(dtype).expand(b, r, m)
-    assert linalg._shared(H) and linalg._shared(A)
+    assert linalg.shared_by_batch(H) and linalg.shared_by_batch(A)
     U, W, info = linalg.solve_kkt(H, A, active, By, Bc)
     Uc, Wc, info_c = linalg.solve_kkt(H.contiguous(), A.contiguous(), active, By, Bc)
     tol = 1e-9 if dtype == F64 else 2e-3
