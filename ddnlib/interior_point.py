@@ -125,7 +125,7 @@ class IPMResult:
     converged: Tensor
     iterations: Tensor
     residual: Tensor
-    tol: float = 0.0
+    tol: float
     hessian: Tensor | None = None
     constraint_jacobian: Tensor | None = None
 
