@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .penalties import Penalty
+from .penalties import Penalty, sums_in_range
 from .pooling_scratch import scratch
 
 __all__ = ["histogram_search"]
@@ -160,10 +160,9 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
     where an end had to move out (the run's own minima, if any, were not searched); ``value``
     bounds ``F(y) / λ`` from above where plain Newton settled it (:func:`_newton_inside`), else
     ``None``. ``first``: ``(Σ κφ′, Σ κφ″, F/λ)`` at ``u`` where already known."""
-    # newton_sums may square z / c: in place only where no |z / c| reaches 1e18
     with scratch(x.numel(), x.dtype, x.device, 2) as work:
         work = tuple(w.view(x.shape) for w in work)
-        fast = bool(((x_hi - x_lo) < 1e18 * c.squeeze(1)).all())
+        fast = sums_in_range(x_hi - x_lo, c.squeeze(1))  # (else overflow: the exact sums)
         work = work if fast else None
         found = _newton_inside(penalty, x, c, alpha, lo, hi, u, tol, work,
                                first=first if fast else None)
@@ -410,7 +409,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     # the last level's candidates (NaN: none) with their (Σ κφ′, Σ κφ″, F/λ): the refinement
     # of the best run starts there and takes its first Newton step from these sums
     seed_u, seed = torch.full_like(lo, float("nan")), None
-    sums_safe = bool(((hi - lo) < 1e18 * c.squeeze(1)).all())  # newton_value_sums' condition
+    sums_safe = sums_in_range(hi - lo, c.squeeze(1))  # newton_value_sums' condition
     row = (~flat).nonzero().flatten()
     finals: list[tuple[Tensor, ...]] = []  # (row, a, h, first, last, lower, bins) of refined levels
     one = None

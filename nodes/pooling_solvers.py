@@ -59,7 +59,7 @@ from torch import Tensor
 
 from ddnlib.errors import NonConvergenceWarning, report
 
-from .penalties import Penalty
+from .penalties import Penalty, sums_in_range
 from .pooling_fused import compiled, decide, evaluate, mark_failed
 from .pooling_global import histogram_search
 from .pooling_scratch import scratch
@@ -124,13 +124,8 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     starts = list(range(0, rows, step))
     workers = max(1, min(torch.get_num_threads(), len(starts)))
 
-    # grad and inference modes are thread-local: carried into the worker threads (an inference
-    # tensor written outside inference mode is an error)
-    grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
     def run(share: list[int]) -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode), \
-                scratch(min(rows, step) * n, x.dtype, x.device) as work:
+        with scratch(min(rows, step) * n, x.dtype, x.device) as work:
             for start in share:
                 sl = slice(start, start + step)
                 xb = x[sl]
@@ -144,8 +139,16 @@ def solve_rows(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: 
     if workers == 1 or x.device.type != "cpu":
         run(starts)
     else:  # blocks are small enough that each op runs single-threaded: one block per thread
+        # grad and inference modes are thread-local: carried into the worker threads (an
+        # inference tensor written outside inference mode is an error)
+        grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def work(share: list[int]) -> None:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad_mode):
+                run(share)
+
         with ThreadPoolExecutor(workers) as pool:
-            for future in [pool.submit(run, share) for share in shares]:
+            for future in [pool.submit(work, share) for share in shares]:
                 future.result()
     _finish(penalty, x, y, total, failed, settings)
     return y
@@ -210,9 +213,7 @@ def _newton(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, settings: Sol
     lo, hi = x.amin(1), x.amax(1)
     z, scratch = work
     cs = c.squeeze(1)
-    # the fast sums may square z / c and multiply by 1 / c: only when no |z / c| reaches 1e18
-    # (else overflow) and c is normal (1 / c finite)
-    fast = bool(((hi - lo < 1e18 * cs) & (cs >= torch.finfo(x.dtype).tiny)).all())
+    fast = sums_in_range(hi - lo, cs)  # (else overflow: the exact sums)
 
     def sums(u: Tensor) -> tuple[Tensor, Tensor]:
         zu = torch.sub(u[:, None], x, out=z)
@@ -263,7 +264,7 @@ def _solve_fused(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor,
     c2, a2 = c[:, None], alpha[:, None]
     try:
         total, lo, hi = bounds(x)
-        if not bool(((hi - lo < 1e18 * c) & (c >= torch.finfo(x.dtype).tiny)).all()):
+        if not sums_in_range(hi - lo, c):
             return None  # (the fused sums square z / c and multiply by 1 / c)
         lip = _lipschitz(penalty, x, c)
         state = _prelude(lambda u: sums(x, u, c2, a2), total / n, lo, hi, c, settings.tol, lip)
@@ -441,8 +442,7 @@ def _slopes(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, p: Tensor) ->
     r, k = p.shape
     n = x.shape[1]
     g = p.new_empty(r, k)
-    fast = bool(((x.amax(1) - x.amin(1) < 1e18 * c.squeeze(1))
-                 & (c.squeeze(1) >= torch.finfo(x.dtype).tiny)).all())
+    fast = sums_in_range(x.amax(1) - x.amin(1), c.squeeze(1))
     step = max(1, (_BLOCK << 2) // max(k * n, 1))
     with scratch(min(r, step) * k * n, x.dtype, x.device) as (zb, sb):
         for i in range(0, r, step):
@@ -466,8 +466,7 @@ def _root_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, 
     shrinks the bracket. ``(u, F(u), converged)``; the problems still going on are iterated
     alone once they are at most half."""
     p, n = x.shape
-    fast = bool(((x.amax(1) - x.amin(1) < 1e18 * c.squeeze(1))
-                 & (c.squeeze(1) >= torch.finfo(x.dtype).tiny)).all())
+    fast = sums_in_range(x.amax(1) - x.amin(1), c.squeeze(1))
     scale = _scale(x.amin(1), x.amax(1), c)
     u = lo - g_lo * ((hi - lo) / (g_hi - g_lo))
     u = torch.where((u > lo) & (u < hi), u, 0.5 * (lo + hi))
