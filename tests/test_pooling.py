@@ -539,6 +539,53 @@ def test_general_in_place_newton_sums_match_the_derivatives(alpha, dtype):
     torch.testing.assert_close(h_sum, d2.sum(1), **tol)
 
 
+def _range_bound(dtype):
+    return torch.finfo(dtype).max ** (1 / 3) / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sums_in_range_bounds_c_and_the_spread(dtype):
+    from ddnlib.nodes.penalties import sums_in_range
+
+    B = _range_bound(dtype)
+    t = lambda *v: torch.tensor(v, dtype=dtype)  # noqa: E731
+    assert sums_in_range(t(0.0, 1.0, 1e3), t(1.0, 1.0, 1e-3))
+    assert sums_in_range(t(B / 2), t(B / 2)) and sums_in_range(t(0.0), t(1.01 / B))
+    for spread, c in [(2 * B, 1.0), (0.0, 2 * B), (0.0, 0.5 / B), (1e19, 1.0),
+                      (float("nan"), 1.0), (1.0, float("nan")), (float("inf"), 1.0)]:
+        assert not sums_in_range(t(0.0, spread), t(1.0, c)), (spread, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,alpha", [(name, 1.0) for name in PENALTIES] + [("general", 0.5)])
+def test_newton_sums_match_the_derivatives_at_the_edges_of_their_range(name, alpha, dtype):
+    """The in-place sums (pseudo-Huber's from ``c² + z²`` and ``c³``) against the exact
+    derivatives in float64, for ``c`` and spreads at both ends of ``sums_in_range``."""
+    from ddnlib.nodes.penalties import sums_in_range
+
+    B = _range_bound(dtype)
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for c in (1.01 / B, 1e-3, 1.0, 1e3, B / 1.01):
+        spread = min(B, 1e17 * c) / 8  # entries within ± spread / 2 of u
+        z = torch.randn(2, 32, generator=g, dtype=torch.float64)
+        z = torch.cat([c / 8 * z[:1].clamp(-3, 3), spread * z[1:].clamp(-0.5, 0.5)])
+        rows.append((z.to(dtype), torch.full((2, 1), c, dtype=dtype)))
+    z, c = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    assert sums_in_range(z.amax(1) - z.amin(1), c.squeeze(1))
+    a = torch.full_like(c, alpha)
+    penalty = PENALTIES[name]
+    g_sum, h_sum = penalty.newton_sums(z.clone(), c, a, torch.empty_like(z))
+    d1, d2 = penalty.scaled_derivatives(z.double(), c.double(), a.double())
+    # to rounding relative to the terms and to the natural scales |κφ′| ≲ c, κφ″ ≤ 1 (the float64
+    # reference itself loses κφ″ ≈ 1e-45 far out to cancellation)
+    eps, n = torch.finfo(dtype).eps, z.shape[1]
+    for got, terms, scale in ((g_sum, d1, c.squeeze(1).double()), (h_sum, d2, 1.0)):
+        assert torch.isfinite(got).all()
+        err = (got.double() - terms.sum(1)).abs()
+        assert (err <= 256 * eps * (terms.abs().sum(1) + n * scale)).all(), err
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,alpha", [("welsch", 1.0), ("general", 0.0), ("general", 0.1),
                                         ("general", 0.25), ("general", 0.5), ("general", 1.5)])
