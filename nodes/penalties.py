@@ -210,7 +210,8 @@ def sums_in_range(spread: Tensor, c: Tensor) -> bool:
     square ``z / c``) and ``c``, ``spread`` in ``[1/B, B]`` with ``B = max^{1/3} / 4`` of the
     dtype (``c²``, ``z²``, ``c³`` and ``(c² + z²)^{±3/2}`` are finite, ``1 / c`` normal)."""
     bound = torch.finfo(c.dtype).max ** (1 / 3) / 4
-    return bool(((spread < 1e18 * c) & (c >= 1 / bound) & (c <= bound) & (spread <= bound)).all())
+    # (spread < min(1e18 c, bound), c inside [1/bound, bound]: false for NaN)
+    return bool(((spread < (1e18 * c).clamp_(max=bound)) & (c.clamp(1 / bound, bound) == c)).all())
 
 
 def _one(like: Tensor) -> Tensor:

@@ -64,14 +64,14 @@ def decide(u: Tensor, g: Tensor, h: Tensor, lo: Tensor, hi: Tensor, active: Tens
     at quadratic convergence). Returns ``(u, active, trial)``: the next point to evaluate, the
     Newton point or, outside the bracket, the bracket's midpoint (``u`` itself for the rows
     that are done)."""
-    newton = u - g / h
+    s = g / h
+    newton = u - s
     inside = (newton > lo) & (newton < hi)  # False for NaN (h = 0)
     tol_u = torch.add(tol_scale, u.abs(), alpha=tol)
-    step = (newton - u).abs()
+    step = s.abs()
     small = (g == 0) | (step <= tol_u) | (hi - lo <= tol_u)
-    if lipschitz is not None:
-        bound = lipschitz * step
-        small = small | (inside & (bound * step <= tol_u * h) & (4 * bound <= h))
+    if lipschitz is not None:  # L s² ≤ tol_u h and 4 L |s| ≤ h, as one test (tol_u > 0 here)
+        small = small | (inside & (lipschitz * step * torch.maximum(step, 4 * tol_u) <= tol_u * h))
     converged = active & small
     u = torch.where(converged & inside, newton, u)
     active = active & ~converged

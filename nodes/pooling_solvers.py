@@ -198,10 +198,11 @@ def _inside(mean: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def _start(mean: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """The row mean (from the finite check's sums: free), or the midpoint where it overflowed;
-    as good a start as the median of a sample on normal data with or without outliers, and
-    ``torch.median`` costs more than a Newton step."""
-    return torch.where(torch.isfinite(mean), mean, 0.5 * lo + 0.5 * hi).clamp_(lo, hi)
+    """The row mean (from the finite check's sums: free) inside ``[lo, hi]`` (an overflowed
+    mean: the end of its sign, or 0 clamped in where it is NaN); as good a start as the median of
+    a sample on normal data with or without outliers, and ``torch.median`` costs more than a
+    Newton step."""
+    return torch.nan_to_num(mean.clamp(lo, hi), nan=0.0).clamp_(lo, hi)
 
 
 def _scale(lo: Tensor, hi: Tensor, c: Tensor) -> Tensor:
