@@ -104,11 +104,17 @@ def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
     return bound, a + mean * h
 
 
-def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs of surviving bins per row, the best ``_RUNS + 1`` first: ``(first, last, L)`` each
-    ``(r, _RUNS + 1)``, ``L = inf`` where a row has fewer runs. Work on the ``M`` columns of the
-    most runs any row has (usually one or two), not on the bins."""
+def _runs(survive: Tensor, bound: Tensor, ends: tuple[Tensor, Tensor] | None = None
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs of surviving bins per row, the best first: ``(first, last, L)`` each ``(r, M)``,
+    ``M = min(_RUNS + 1, R)`` for ``R`` the most runs any row has, ``L = inf`` where a row has
+    fewer. Works on those ``R`` columns, not on the bins; ``ends``: :func:`_ends` of
+    ``survive``, where known (where every row has one run they are its ends)."""
     r, nb = survive.shape
+    first, last = _ends(survive) if ends is None else ends
+    if bool((survive.sum(1) == last - first + 1).all()):  # one run per row: its bins contiguous
+        best = torch.where(survive, bound, float("inf")).amin(1, keepdim=True)
+        return first.long()[:, None], last.long()[:, None], best
     start = survive & ~torch.nn.functional.pad(survive, (1, 0))[:, :-1]
     end = survive & ~torch.nn.functional.pad(survive, (0, 1))[:, 1:]
     counts = start.long().cumsum(1)
@@ -127,13 +133,7 @@ def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         order = best.topk(m, 1, largest=False).indices
     else:
         order = best.argsort(1)
-    first, last, best = first.gather(1, order), last.gather(1, order), best.gather(1, order)
-    if runs < m:  # no further runs: padded
-        pad = m - runs
-        first = torch.nn.functional.pad(first, (0, pad), value=nb)
-        last = torch.nn.functional.pad(last, (0, pad), value=-1)
-        best = torch.nn.functional.pad(best, (0, pad), value=float("inf"))
-    return first, last, best
+    return first.gather(1, order), last.gather(1, order), best.gather(1, order)
 
 
 def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
@@ -280,87 +280,124 @@ def _refine_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor
     return u, done & bracketed, moved
 
 
-def _kernel(penalty: Penalty, step: float, count: int, alpha: Tensor, gap: bool) -> Tensor:
+def _kernel(penalty: Penalty, step: float, count: int, alpha: float, gap: bool,
+            device: torch.device) -> Tensor:
     """``ψ_m = f(d_m · step)`` (in float64) for ``m < count`` (``f``: the radial profile, ``c = 1``),
     ``d_m = max(0, m − 1)`` (``gap``: the distance between bins ``m`` apart) or ``d_m = m``."""
-    m = torch.arange(count, dtype=torch.float64, device=alpha.device)
+    m = torch.arange(count, dtype=torch.float64, device=device)
     d = (m - 1).clamp_min(0) if gap else m
-    return penalty.ranked(d * step, torch.ones((), dtype=torch.float64, device=alpha.device),
-                          alpha.double())
+    one = torch.ones((), dtype=torch.float64, device=device)
+    return penalty.ranked(d * step, one, torch.tensor(alpha, dtype=torch.float64, device=device))
+
+
+_TABLES: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}  # (penalty, α, J, width, dtype, device)
+_TABLES_KEPT = 32  # all dropped when full (a learnable α misses every call)
+
+
+def _tables(penalty: Penalty, alpha: float, coarse_bins: int, width: int, dtype: torch.dtype,
+            device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The matrices of :func:`_one_histogram` for ``J = coarse_bins`` and a window of ``width``
+    coarse bins starting at ``s`` (``S = J − width + 1`` starts), kept across calls:
+
+    - ``(J, J + S)``: ``ψ`` of the gap between coarse bins ``J, K`` (the coarse bounds), then of
+      the least distance ``d(J, s)`` from coarse bin ``J`` outside the window to it (the far part
+      of the fine bounds, for every ``s``);
+    - ``(W + 2G, W)``: ``ψ`` of the gap from near column ``i`` to window column ``w``;
+    - ``(S, J)`` bool: the coarse bins outside the window starting at ``s``.
+
+    The two kernels are lowered by ``1 − 4 (W + 2G + J + 2) eps`` of ``dtype``, more than the
+    rounding of the products and the sum they enter (sums of positive terms): the bounds stay
+    lower bounds."""
+    key = (penalty, alpha, coarse_bins, width, dtype, torch.device(device))
+    found = _TABLES.get(key)
+    if found is not None:
+        return found
+    G = _GROUP
+    near_cols, cols = (width + 2) * G, width * G
+    deflate = 1 - 4 * (near_cols + coarse_bins + 2) * torch.finfo(dtype).eps
+    jc = torch.arange(coarse_bins, device=device)
+    js = torch.arange(coarse_bins - width + 1, device=device)
+    gaps = _kernel(penalty, G * _FINE, coarse_bins, alpha, True, device)[
+        (jc[:, None] - jc[None, :]).abs()]
+    # coarse bin J is at least d = (s − 1 − J) or (J − s − width) coarse bins from the window
+    d = ((js[None, :] - 1 - jc[:, None]).clamp_min(0)
+         + (jc[:, None] - js[None, :] - width).clamp_min(0))  # (J, S)
+    far = _kernel(penalty, G * _FINE, coarse_bins + 1, alpha, False, device)[d]
+    coarse = torch.cat([gaps, far], 1).mul_(deflate).to(dtype)
+    i, w = torch.arange(near_cols, device=device), torch.arange(cols, device=device)
+    fine = _kernel(penalty, _FINE, near_cols + 1, alpha, True, device)[
+        (i[:, None] - w[None, :] - G).abs()].mul_(deflate).to(dtype)
+    outside = (jc[None, :] < js[:, None]) | (jc[None, :] >= js[:, None] + width)
+    if len(_TABLES) >= _TABLES_KEPT:
+        _TABLES.clear()
+    _TABLES[key] = found = (coarse, fine, outside)
+    return found
 
 
 def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor,
                    hi: Tensor):
     """The search's first levels from one pass of binning each row: positions in bins of
     ``c/4`` from ``min x``, counted in coarse bins of ``G = _GROUP`` of them, whose bounds are
-    exact (every bin width a multiple of ``c``: one small matrix product for all rows); then
-    counted again in the fine bins of the ``_WINDOW`` coarse bins around the best one and the
-    coarse bin either side, which give exact fine bounds there, plus the coarse counts beyond at
-    their least distance from the window (the products in the input's precision, the bounds
-    lowered by their rounding). ``F`` and the Newton sums at the candidate of the best
-    fine bin give the upper bound ``U``. A row is taken on when no coarse bin outside the window
-    has a bound below ``U`` (every global minimiser lies in the window) and the surviving fine
-    bins span at most ``_SPAN`` (wider, they may hold minima the levels' finer bins part). For
-    rows spanning at most ``_MAX_FINE`` fine bins, ``α`` equal on every row. Returns ``None`` or
-    ``(taken, u, (Σ κφ′, Σ κφ″, F/λ) at u, a, h, bound (r, W), survive)`` with the window
-    ``[a, a + W h]``, ``W = _WINDOW · G``."""
+    exact (every bin width a multiple of ``c``: one small matrix product for all rows, with
+    :func:`_tables`); then counted again in the fine bins of the ``_WINDOW`` coarse bins around
+    the best one and the coarse bin either side, which give exact fine bounds there, plus the
+    coarse counts beyond at their least distance from the window (the products in the input's
+    precision, the bounds lowered by their rounding). ``F`` and the Newton sums at the candidate
+    of the best fine bin give the upper bound ``U``. A row is taken on when no coarse bin outside
+    the window has a bound below ``U`` (every global minimiser lies in the window) and the
+    surviving fine bins span at most ``_SPAN`` (wider, they may hold minima the levels' finer
+    bins part). For rows spanning at most ``_MAX_FINE`` fine bins, ``α`` equal on every row.
+    Returns ``None`` or ``(taken, u, (Σ κφ′, Σ κφ″, F/λ) at u, a, h, bound (r, W), survive,
+    (first, last))`` with the window ``[a, a + W h]``, ``W = _WINDOW · G``, and the first and
+    last surviving bin of each row (:func:`_ends`)."""
     r, n = x.shape
     G = _GROUP
     h = c.squeeze(1) * _FINE
     coarse_bins = int(torch.ceil((hi - lo).div(h).max() / G)) + 1
     if not coarse_bins * G <= _MAX_FINE or r * coarse_bins * G >= 1 << 24:
-        return None  # bins too many, or their numbers inexact in float32
+        return None  # bins too many (per row, or 2^24 in all)
     width = min(_WINDOW, coarse_bins)
-    near_cols, cols = (width + 2) * G, width * G
-    dt = x.dtype
-    deflate = 1 - 4 * (near_cols + coarse_bins) * torch.finfo(dt).eps
-    rows = torch.arange(r, device=x.device, dtype=x.dtype)[:, None]
-    with scratch(r * n, x.dtype, x.device, 2) as (t, f), \
-            scratch(r * n, torch.int32, x.device, 1) as (index,):
-        # t: the position in fine bins; coarse bin ⌊t/G⌋ and fine bin ⌊t⌋ agree exactly (G is
-        # a power of 2); bin numbers with the row's offset in floating point, then converted
+    near_cols = (width + 2) * G
+    dt, dev = x.dtype, x.device
+    psi_c, psi_f, outside = _tables(penalty, float(alpha[0, 0]), coarse_bins, width, dt, dev)
+    stride = (coarse_bins + 2) * G  # a row's fine bins with an empty coarse bin either side
+    with scratch(r * n, dt, dev, 1) as (t,), scratch(r * n, torch.int32, dev, 2) as (fine, index):
+        # the position in fine bins (≥ 0, so that the conversion's truncation is the floor),
+        # numbered from the row's first padded bin; its coarse bin: ⌊·/G⌋ (G | stride, a power
+        # of 2), numbered from the row's first padded coarse bin
         t = torch.sub(x, lo[:, None], out=t.view(r, n)).mul_(h.reciprocal()[:, None])
-        f = torch.mul(t, 1 / G, out=f.view(r, n)).floor_().clamp_(0, coarse_bins - 1)
-        index = index.view(r, n).copy_(f.add_(rows * coarse_bins)).view(-1)
-        coarse = torch.bincount(index, minlength=r * coarse_bins).view(r, coarse_bins).to(dt)
-        alpha0 = alpha[0, 0]
-        jc = torch.arange(coarse_bins, device=x.device)
-        psi = _kernel(penalty, G * _FINE, coarse_bins, alpha0, gap=True).to(dt)
-        # exact bounds of the coarse bins (less the product's rounding: sums of positive terms)
-        lower_c = (coarse @ psi[(jc[:, None] - jc[None, :]).abs()]).mul_(deflate)
+        fine = fine.view(r, n).copy_(t.clamp_(0, coarse_bins * G - 1)).add_(
+            torch.arange(G, r * stride, stride, device=dev, dtype=torch.int32)[:, None])
+        index = torch.bitwise_right_shift(fine, _GROUP.bit_length() - 1, out=index.view(r, n))
+        coarse = torch.bincount(index.view(-1), minlength=r * (coarse_bins + 2))
+        coarse = coarse.view(r, coarse_bins + 2)[:, 1:-1].to(dt)
+        # the coarse bounds (exact) and the far parts for every window start: one product
+        lower = coarse @ psi_c
+        lower_c = lower[:, :coarse_bins]
         start = (lower_c.argmin(1) - _WINDOW // 2).clamp(0, coarse_bins - width)  # (r,)
         # fine counts of the window and one coarse bin either side: near column i is fine bin
         # (start − 1) G + i (columns -1 and near_cols: the entries beyond)
-        first = ((start - 1) * G).to(x.dtype)[:, None]
-        f = torch.floor(t, out=f.view(r, n)).sub_(first).clamp_(-1, near_cols)
-        index = index.view(r, n).copy_(f.add_(rows * (near_cols + 2) + 1)).view(-1)
-        near = torch.bincount(index, minlength=r * (near_cols + 2)).view(r, near_cols + 2)
-        near = near[:, 1:-1].to(dt)
-    i, w = torch.arange(near_cols, device=x.device), torch.arange(cols, device=x.device)
-    psi_f = _kernel(penalty, _FINE, near_cols + 1, alpha0, gap=True).to(dt)
-    bound = near @ psi_f[(i[:, None] - w[None, :] - G).abs()]
-    # coarse bins beyond: at least d = (s − 1 − J) or (J − s − width) coarse bins away from the
-    # window starting at coarse bin s; for every s at once (one product), then each row's
-    js = torch.arange(coarse_bins - width + 1, device=x.device)
-    d = ((js[None, :] - 1 - jc[:, None]).clamp_min(0)
-         + (jc[:, None] - js[None, :] - width).clamp_min(0))  # (J, s)
-    far = coarse @ _kernel(penalty, G * _FINE, coarse_bins + 1, alpha0, gap=False).to(dt)[d]
-    bound = bound.add_(far.gather(1, start[:, None])).mul_(deflate)
+        offset = torch.arange(0, r * stride, stride, device=dev, dtype=torch.int32) + start * G
+        index = torch.sub(fine, offset.to(torch.int32)[:, None], out=index).clamp_(-1, near_cols)
+        index = index.add_(torch.arange(1, r * (near_cols + 2), near_cols + 2, device=dev,
+                                        dtype=torch.int32)[:, None])
+        near = torch.bincount(index.view(-1), minlength=r * (near_cols + 2))
+        near = near.view(r, near_cols + 2)[:, 1:-1].to(dt)
+    # the fine bounds: window counts (exact part) plus the far part of the row's window start
+    bound = torch.addmm(lower[:, coarse_bins:].gather(1, start[:, None]), near, psi_f)
     # the candidate: the count-weighted mean of the centres of the best fine bin and its two
-    # neighbours (their centre if all three are empty)
-    k = bound.argmin(1, keepdim=True) + G + torch.arange(-1, 2, device=x.device)
-    weight = near.gather(1, k)
-    centre = ((start[:, None] - 1) * G + k).to(dt) + 0.5
-    mean = torch.where(weight.sum(1) > 0, (weight * centre).sum(1) / weight.sum(1).clamp_min(1),
-                       centre[:, 1])
+    # neighbours (their centre if all three are empty), in fine bins from lo
+    best = bound.argmin(1)
+    weight = near.gather(1, (best + G)[:, None] + torch.arange(-1, 2, device=dev))
+    mean = (start * G + best).to(dt) + 0.5 + (weight[:, 2] - weight[:, 0]) / weight.sum(1).clamp_min(1)
     u = torch.minimum(torch.maximum(lo + mean * h, lo), hi)
-    with scratch(x.numel(), x.dtype, x.device, 2) as work:
+    with scratch(x.numel(), dt, dev, 2) as work:
         sums = _sums(penalty, u, x, c, alpha, tuple(b.view(x.shape) for b in work), value=True)
     top = _ceiling(sums[2], n, penalty.value_rounding(alpha))[:, None]
-    outside = (jc < start[:, None]) | (jc >= start[:, None] + width)
     survive = bound <= top
-    taken = ~((lower_c <= top) & outside).any(1) & (_span(survive) <= _SPAN)
-    return taken, u, sums, lo + (start * G).to(x.dtype) * h, h, bound, survive
+    first, last = _ends(survive)
+    taken = ~((lower_c <= top) & outside[start]).any(1) & (last - first < _SPAN)
+    return taken, u, sums, lo + (start * G).to(dt) * h, h, bound, survive, (first, last)
 
 
 def _ceiling(f: Tensor, n: int, rounding: float) -> Tensor:
@@ -370,11 +407,13 @@ def _ceiling(f: Tensor, n: int, rounding: float) -> Tensor:
     return f + (1e-6 + n * eps) * f.abs() + 4 * n * eps * max(1.0, rounding)
 
 
-def _span(survive: Tensor) -> Tensor:
-    """Per row, the number of bins from the first surviving one to the last."""
-    cols = torch.arange(survive.shape[1], device=survive.device, dtype=torch.float32)
-    first = torch.where(survive, cols, float(survive.shape[1])).amin(1)
-    return torch.where(survive, cols, -1.0).amax(1) - first + 1  # (float: int reductions are slow)
+def _ends(survive: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the first and the last surviving bin (``B`` and ``−1`` where none), as floats
+    (int reductions are slow)."""
+    nb = survive.shape[1]
+    cols = torch.arange(nb, device=survive.device, dtype=torch.float32)
+    return (torch.where(survive, cols, float(nb)).amin(1),
+            torch.where(survive, cols, -1.0).amax(1))
 
 
 def _descend(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
@@ -418,15 +457,24 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         xp, cp, ap = (x, c, alpha) if whole else (x[row], c[row], alpha[row])
         one = _one_histogram(penalty, xp, cp, ap, lo[row], hi[row])
     if one is not None:  # rows the one-histogram pass takes on skip the levels
-        taken, u, sums, a, h, bound, survive = one
+        taken, u, sums, a, h, bound, survive, ends = one
         # its candidates bound every row it saw, and start the refinement of the best run
         # (also where the levels go on: on rows of a few entries a better start than theirs)
-        best_u[row], best_f[row] = u, sums[2]
-        seed_u[row] = u
-        seed = tuple(torch.zeros_like(lo).index_put_((row,), s_k) for s_k in sums)
-        i = taken.nonzero().flatten()
-        finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i]), bound.shape[1]))
-        row = row[~taken]
+        if whole:
+            best_u, best_f, seed_u, seed = u.clone(), sums[2].clone(), u, sums
+        else:
+            best_u[row], best_f[row] = u, sums[2]
+            seed_u[row] = u
+            seed = tuple(torch.zeros_like(lo).index_put_((row,), s_k) for s_k in sums)
+        if bool(taken.all()):
+            finals.append((row, a, h, *_runs(survive, bound, ends), bound.shape[1]))
+            row = row[:0]
+        else:
+            i = taken.nonzero().flatten()
+            finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i],
+                                                      tuple(e[i] for e in ends)),
+                           bound.shape[1]))
+            row = row[~taken]
     a, b = lo[row], hi[row]
     nb = torch.arange(_BINS, device=dev)
     for _ in range(_LEVELS):
