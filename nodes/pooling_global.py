@@ -104,17 +104,11 @@ def _bounds(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, a: Tensor,
     return bound, a + mean * h
 
 
-def _runs(survive: Tensor, bound: Tensor, ends: tuple[Tensor, Tensor] | None = None
-          ) -> tuple[Tensor, Tensor, Tensor]:
+def _runs(survive: Tensor, bound: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Runs of surviving bins per row, the best first: ``(first, last, L)`` each ``(r, M)``,
     ``M = min(_RUNS + 1, R)`` for ``R`` the most runs any row has, ``L = inf`` where a row has
-    fewer. Works on those ``R`` columns, not on the bins; ``ends``: :func:`_ends` of
-    ``survive``, where known (where every row has one run they are its ends)."""
+    fewer. Works on those ``R`` columns, not on the bins."""
     r, nb = survive.shape
-    first, last = _ends(survive) if ends is None else ends
-    if bool((survive.sum(1) == last - first + 1).all()):  # one run per row: its bins contiguous
-        best = torch.where(survive, bound, float("inf")).amin(1, keepdim=True)
-        return first.long()[:, None], last.long()[:, None], best
     start = survive & ~torch.nn.functional.pad(survive, (1, 0))[:, :-1]
     end = survive & ~torch.nn.functional.pad(survive, (0, 1))[:, 1:]
     counts = start.long().cumsum(1)
@@ -303,7 +297,8 @@ def _tables(penalty: Penalty, alpha: float, coarse_bins: int, width: int, dtype:
       the least distance ``d(J, s)`` from coarse bin ``J`` outside the window to it (the far part
       of the fine bounds, for every ``s``);
     - ``(W + 2G, W)``: ``ψ`` of the gap from near column ``i`` to window column ``w``;
-    - ``(S, J)`` bool: the coarse bins outside the window starting at ``s``.
+    - ``(S, J)``: ``inf`` on the coarse bins inside the window starting at ``s``, ``0`` outside
+      (added to the coarse bounds, their minimum is that of the bins outside).
 
     The two kernels are lowered by ``1 − 4 (W + 2G + J + 2) eps`` of ``dtype``, more than the
     rounding of the products and the sum they enter (sums of positive terms): the bounds stay
@@ -327,15 +322,16 @@ def _tables(penalty: Penalty, alpha: float, coarse_bins: int, width: int, dtype:
     i, w = torch.arange(near_cols, device=device), torch.arange(cols, device=device)
     fine = _kernel(penalty, _FINE, near_cols + 1, alpha, True, device)[
         (i[:, None] - w[None, :] - G).abs()].mul_(deflate).to(dtype)
-    outside = (jc[None, :] < js[:, None]) | (jc[None, :] >= js[:, None] + width)
+    inside = (jc[None, :] >= js[:, None]) & (jc[None, :] < js[:, None] + width)
+    inside = torch.zeros(inside.shape, dtype=dtype, device=device).masked_fill_(inside, torch.inf)
     if len(_TABLES) >= _TABLES_KEPT:
         _TABLES.clear()
-    _TABLES[key] = found = (coarse, fine, outside)
+    _TABLES[key] = found = (coarse, fine, inside)
     return found
 
 
 def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor,
-                   hi: Tensor):
+                   hi: Tensor, rounding: float):
     """The search's first levels from one pass of binning each row: positions in bins of
     ``c/4`` from ``min x``, counted in coarse bins of ``G = _GROUP`` of them, whose bounds are
     exact (every bin width a multiple of ``c``: one small matrix product for all rows, with
@@ -346,10 +342,10 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     of the best fine bin give the upper bound ``U``. A row is taken on when no coarse bin outside
     the window has a bound below ``U`` (every global minimiser lies in the window) and the
     surviving fine bins span at most ``_SPAN`` (wider, they may hold minima the levels' finer
-    bins part). For rows spanning at most ``_MAX_FINE`` fine bins, ``α`` equal on every row.
-    Returns ``None`` or ``(taken, u, (Σ κφ′, Σ κφ″, F/λ) at u, a, h, bound (r, W), survive,
-    (first, last))`` with the window ``[a, a + W h]``, ``W = _WINDOW · G``, and the first and
-    last surviving bin of each row (:func:`_ends`)."""
+    bins part). For rows spanning at most ``_MAX_FINE`` fine bins, ``α`` equal on every row;
+    ``rounding``: ``Penalty.value_rounding(α)``. Returns ``None`` or ``(taken, u, (Σ κφ′, Σ κφ″,
+    F/λ) at u, a, h, bound (r, W), U (r, 1), ends)`` with the window ``[a, a + W h]``,
+    ``W = _WINDOW · G``, and ``ends`` the :func:`_ends` of the bins with ``bound ≤ U``."""
     r, n = x.shape
     G = _GROUP
     h = c.squeeze(1) * _FINE
@@ -359,7 +355,7 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     width = min(_WINDOW, coarse_bins)
     near_cols = (width + 2) * G
     dt, dev = x.dtype, x.device
-    psi_c, psi_f, outside = _tables(penalty, float(alpha[0, 0]), coarse_bins, width, dt, dev)
+    psi_c, psi_f, inside = _tables(penalty, float(alpha[0, 0]), coarse_bins, width, dt, dev)
     stride = (coarse_bins + 2) * G  # a row's fine bins with an empty coarse bin either side
     with scratch(r * n, dt, dev, 1) as (t,), scratch(r * n, torch.int32, dev, 2) as (fine, index):
         # the position in fine bins (≥ 0, so that the conversion's truncation is the floor),
@@ -393,11 +389,11 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     u = torch.minimum(torch.maximum(lo + mean * h, lo), hi)
     with scratch(x.numel(), dt, dev, 2) as work:
         sums = _sums(penalty, u, x, c, alpha, tuple(b.view(x.shape) for b in work), value=True)
-    top = _ceiling(sums[2], n, penalty.value_rounding(alpha))[:, None]
-    survive = bound <= top
-    first, last = _ends(survive)
-    taken = ~((lower_c <= top) & outside[start]).any(1) & (last - first < _SPAN)
-    return taken, u, sums, lo + (start * G).to(dt) * h, h, bound, survive, (first, last)
+    top = _ceiling(sums[2], n, rounding)[:, None]
+    # (float arithmetic: comparisons, where and bool reductions are several times slower)
+    first, last, kept = ends = _ends(torch.sub(bound, top).sign_().clamp_min_(0))
+    taken = ((lower_c + inside[start]).amin(1) > top[:, 0]) & (last - first < _SPAN)
+    return taken, u, sums, lo + (start * G).to(dt) * h, h, bound, top, ends
 
 
 def _ceiling(f: Tensor, n: int, rounding: float) -> Tensor:
@@ -407,13 +403,25 @@ def _ceiling(f: Tensor, n: int, rounding: float) -> Tensor:
     return f + (1e-6 + n * eps) * f.abs() + 4 * n * eps * max(1.0, rounding)
 
 
-def _ends(survive: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row, the first and the last surviving bin (``B`` and ``−1`` where none), as floats
-    (int reductions are slow)."""
-    nb = survive.shape[1]
-    cols = torch.arange(nb, device=survive.device, dtype=torch.float32)
-    return (torch.where(survive, cols, float(nb)).amin(1),
-            torch.where(survive, cols, -1.0).amax(1))
+def _ends(excluded: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``excluded`` (``(r, B)``, ``1`` on the bins excluded, ``0`` on those kept): the
+    first and the last bin kept (``B`` and ``−1`` where none) and their number, as floats."""
+    nb = excluded.shape[1]
+    cols = torch.arange(nb, device=excluded.device, dtype=excluded.dtype)
+    first = torch.addcmul(cols, excluded, excluded, value=nb + 1).amin(1).clamp_max_(nb)
+    last = torch.addcmul(cols, excluded, excluded, value=-(nb + 1)).amax(1).clamp_min_(-1)
+    return first, last, nb - excluded.sum(1)
+
+
+def _runs_below(bound: Tensor, top: Tensor, ends: tuple[Tensor, Tensor, Tensor]
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_runs` of the bins with ``bound ≤ top (r, 1)``, whose :func:`_ends` are ``ends``:
+    where every row keeps one run (its bins contiguous) its ends, and its least bound that of
+    the row (the bins excluded are above ``top``)."""
+    first, last, kept = ends
+    if bool((kept == last - first + 1).all()):
+        return first.long()[:, None], last.long()[:, None], bound.amin(1, keepdim=True)
+    return _runs(bound <= top, bound)
 
 
 def _descend(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
@@ -455,9 +463,9 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     if sums_safe and row.numel() and bool((alpha == alpha[0]).all()):
         whole = row.numel() == r
         xp, cp, ap = (x, c, alpha) if whole else (x[row], c[row], alpha[row])
-        one = _one_histogram(penalty, xp, cp, ap, lo[row], hi[row])
+        one = _one_histogram(penalty, xp, cp, ap, lo[row], hi[row], rounding)
     if one is not None:  # rows the one-histogram pass takes on skip the levels
-        taken, u, sums, a, h, bound, survive, ends = one
+        taken, u, sums, a, h, bound, top, ends = one
         # its candidates bound every row it saw, and start the refinement of the best run
         # (also where the levels go on: on rows of a few entries a better start than theirs)
         if whole:
@@ -467,12 +475,12 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             seed_u[row] = u
             seed = tuple(torch.zeros_like(lo).index_put_((row,), s_k) for s_k in sums)
         if bool(taken.all()):
-            finals.append((row, a, h, *_runs(survive, bound, ends), bound.shape[1]))
+            finals.append((row, a, h, *_runs_below(bound, top, ends), bound.shape[1]))
             row = row[:0]
         else:
             i = taken.nonzero().flatten()
-            finals.append((row[i], a[i], h[i], *_runs(survive[i], bound[i],
-                                                      tuple(e[i] for e in ends)),
+            finals.append((row[i], a[i], h[i], *_runs_below(bound[i], top[i],
+                                                            tuple(e[i] for e in ends)),
                            bound.shape[1]))
             row = row[~taken]
     a, b = lo[row], hi[row]
