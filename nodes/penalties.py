@@ -265,7 +265,7 @@ class _Welsch(Penalty):
             s = torch.div(z, c, out=scratch).square_()
             e = _gaussian(s, e.view(z.shape))
             g = z.mul_(e).sum(-1)
-            h = e.mul_(s.neg_().add_(1)).sum(-1)
+            h = torch.addcmul(e, e, s, value=-1, out=s).sum(-1)  # e (1 − s) in one pass
         return g, h
 
     def newton_value_sums(self, z, c, alpha, scratch):
@@ -278,7 +278,7 @@ class _Welsch(Penalty):
             e = torch.mul(s, -0.5 * _LOG2_E, out=e.view(z.shape)).exp2_()
             value = e.sum(-1).neg_().add_(z.shape[-1])
             g = z.mul_(e).sum(-1)
-            h = e.mul_(s.neg_().add_(1)).sum(-1)
+            h = torch.addcmul(e, e, s, value=-1, out=s).sum(-1)  # e (1 − s) in one pass
         return g, h, value
 
     def value_rounding(self, alpha):

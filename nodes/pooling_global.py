@@ -145,7 +145,7 @@ def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
 
 def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
             u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int,
-            first: tuple[Tensor, Tensor, Tensor] | None = None
+            first: tuple[Tensor, Tensor, Tensor] | None = None, safe: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """A root of ``F′`` in ``[lo, hi]`` from ``u``: plain Newton if it converges inside for
     every row (:func:`_newton_inside`); otherwise from the ends, where ``F′(lo) ≤ 0 ≤ F′(hi)``
@@ -153,10 +153,12 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
     inside, else bisection on the sign of ``F′``. Returns ``(y, converged, moved, value)``: ``moved``
     where an end had to move out (the run's own minima, if any, were not searched); ``value``
     bounds ``F(y) / λ`` from above where plain Newton settled it (:func:`_newton_inside`), else
-    ``None``. ``first``: ``(Σ κφ′, Σ κφ″, F/λ)`` at ``u`` where already known."""
+    ``None``. ``first``: ``(Σ κφ′, Σ κφ″, F/λ)`` at ``u`` where already known; ``safe``:
+    :func:`~.penalties.sums_in_range` known to hold for the rows."""
     with scratch(x.numel(), x.dtype, x.device, 2) as work:
         work = tuple(w.view(x.shape) for w in work)
-        fast = sums_in_range(x_hi - x_lo, c.squeeze(1))  # (else overflow: the exact sums)
+        # (else overflow: the exact sums)
+        fast = safe or sums_in_range(x_hi - x_lo, c.squeeze(1))
         work = work if fast else None
         found = _newton_inside(penalty, x, c, alpha, lo, hi, u, tol, work,
                                first=first if fast else None)
@@ -447,7 +449,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     r, n = x.shape
     dev = x.device
     rounding = penalty.value_rounding(alpha)
-    lo, hi = x.amin(1), x.amax(1)
+    lo, hi = torch.aminmax(x, dim=1)
     # constant rows: y = x_1; a row with a non-finite entry is skipped (y = its min, rejected by
     # the caller's finite check)
     flat = (hi == lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
@@ -561,7 +563,8 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             seeded = seed is not None and bool((start == seed_u[rows]).all())
             u, ok, moved, f = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows],
                                       hi[rows], tol, max_iter,
-                                      tuple(s_k[rows] for s_k in seed) if seeded else None)
+                                      tuple(s_k[rows] for s_k in seed) if seeded else None,
+                                      sums_safe)
             f = _objective(penalty, u, xs, cq, aq) if f is None else f
             # a known point of the run better than the minimum found: the run holds another
             # (two minima in one run); searched again on the side where F descends from there
