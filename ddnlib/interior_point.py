@@ -33,7 +33,7 @@ step lengths) and an Armijo backtracking line search on the primal step with the
 ``φ(y, s) = f − σμ Σ log s + ν (‖h‖₁ + ‖g + s‖₁)`` (N&W §19.4), ``ν`` raised so that the step is a
 descent direction. Where every sample in work is convex the line search is left out, as in
 primal–dual methods for convex QPs (N&W Algorithm 16.4). Starting points need not be feasible:
-``s₀ = −g(y₀)`` on rows with ``−g ≥ 10⁻³ κ``, ``max(−g, κ)`` on the others, ``κ = 0.1 max(1,
+``s₀ = −g(y₀)`` on rows with ``−g ≥ 10⁻³ κ``, ``max(−g, κ)`` on the others, ``κ = 0.1 max(σ_p,
 ‖g(y₀)‖∞)``; ``z₀ = 1``, ``λ₀ = 0``. A domain that is not among the constraints (``log y`` needs
 ``y > 0``) is only defended by the line search, which shortens steps that leave it: state such
 domains as inequality constraints, so that the slacks keep the iterates inside.
@@ -77,9 +77,11 @@ autodiff disagree at its last point, is solved again from ``y₀`` without the e
 
 A sample stops when, with ``tol = Options.solver_tol``,
 
-    ‖r_d‖∞ ≤ tol (1 + ‖∇f‖∞),   ‖[h; g + s]‖∞ ≤ tol (1 + ‖J‖∞ ‖y‖∞),   max s∘z ≤ tol (1 + |f|),
+    ‖r_d‖∞ ≤ tol (σ_d + ‖∇f‖∞),   ‖[h; g + s]‖∞ ≤ tol (σ_p + ‖J‖∞ ‖y‖∞),   max s∘z ≤ tol (σ_c + |f|),
 
-(each residual relative to the size of the terms it balances). Samples that do not stop within
+(each residual relative to the size of the terms it balances), with floors ``σ ≤ 1`` from the
+problem's sizes at ``y₀`` (``_scales``): 1 on problems of size one or more, smaller on smaller
+ones (with a floor of 1 a ball of radius 10⁻³ in float32 "converged" to answers 20–66 % off). Samples that do not stop within
 ``Options.max_iter`` iterations are reported (:class:`~ddnlib.NonConvergenceWarning`, an error in
 strict mode) with their residuals. The inequality multipliers handed back are ``z`` where
 ``z > s`` (the constraint is active) and 0 elsewhere (the multipliers of the active-set step where
@@ -220,12 +222,14 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
     f0, h0, g0 = model.values(y)
     _check_finite(f0, h0, g0)
     p, q = h0.shape[1], g0.shape[1]
+    lam, z = y.new_zeros(b, p), y.new_ones(b, q)
+    first = model.evaluate(y, lam, z)
+    if model.scales is None:
+        model.scales = _scales(first, y, torch.cat([h0, g0], 1))
     # slacks: s = −g where the start is clearly inside (then g + s = 0 stays exact for linear
-    # constraints and y stays strictly feasible), else κ = 0.1 max(1, ‖g‖∞)
-    kappa = 0.1 * _amax(g0.abs()).clamp_min(1.0).unsqueeze(-1)
+    # constraints and y stays strictly feasible), else κ = 0.1 max(σ_p, ‖g‖∞)
+    kappa = 0.1 * torch.maximum(_amax(g0.abs()), model.scales[1]).unsqueeze(-1)
     s = torch.where(-g0 >= 1e-3 * kappa, -g0, torch.maximum(-g0, kappa))
-    z = torch.ones_like(s)
-    lam = y.new_zeros(b, p)
     nu = y.new_zeros(b)
     running = torch.ones(b, dtype=torch.bool, device=device)
     converged = torch.zeros_like(running)
@@ -252,10 +256,10 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
             y, s, z, lam, converged, iterations, residual, polished, nu, running, escapes, \
                 may_escape, tries = (t[keep] for t in (*state, nu, running, escapes, may_escape,
                                                        tries))
-        ev = model.evaluate(y, lam, z)
+        ev = first if it == 0 else model.evaluate(y, lam, z)
         finite = _finite(ev.gL) & torch.isfinite(ev.f) & torch.isfinite(ev.a_max)
         rd, re, ri = ev.gL, ev.h, ev.g + s
-        parts = _residuals(ev, y, rd, torch.cat([re, ri], 1), s * z)
+        parts = _residuals(ev, y, rd, torch.cat([re, ri], 1), s * z, model.scales)
         res = parts.amax(0)
         residual = torch.where(running, res, residual)
         done = running & (res <= tol)
@@ -316,7 +320,7 @@ def _certified(model: _Model, out: _Outcome, tol: float) -> Tensor:
     pol = out.polished.unsqueeze(-1)
     feas = torch.where(pol, ev.g.clamp_min(0), ev.g + out.s)
     comp = torch.where(pol, out.z * ev.g, out.s * out.z)
-    parts = _residuals(ev, out.y, ev.gL, torch.cat([ev.h, feas], 1), comp)
+    parts = _residuals(ev, out.y, ev.gL, torch.cat([ev.h, feas], 1), comp, model.scales)
     res = parts.amax(0)
     out.residual = torch.where(out.converged, res, out.residual)
     ok = torch.isfinite(res) & (res <= tol)
@@ -324,7 +328,7 @@ def _certified(model: _Model, out: _Outcome, tol: float) -> Tensor:
         return ok
     em = model.evaluate(out.y, out.lam, out.z, second_order=False)
     gap = _residuals(ev, out.y, ev.gL - em.gL, torch.cat([ev.h - em.h, ev.g - em.g], 1),
-                     ev.f.new_zeros(ev.f.shape[0], 0))[:2].amax(0)
+                     ev.f.new_zeros(ev.f.shape[0], 0), model.scales)[:2].amax(0)
     return torch.where(out.converged, ok, torch.isfinite(gap) & (gap <= tol))
 
 
@@ -335,12 +339,37 @@ def _select(problem: Problem, idx: Tensor) -> Problem:
                    torch.Size((idx.numel(),)) + problem.out_shape[1:])
 
 
-def _residuals(ev: _Eval, y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor) -> Tensor:
+def _residuals(ev: _Eval, y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor,
+               scales: Tensor) -> Tensor:
     """The three relative residuals ``(3, b)`` of the stopping test: stationarity, feasibility,
-    complementarity (see the module docstring)."""
-    scale_p = 1 + ev.a_max * y.abs().amax(-1)
-    return torch.stack([rd.abs().amax(-1) / (1 + ev.gf.abs().amax(-1)),
-                        _amax(feas.abs()) / scale_p, _amax(comp.abs()) / (1 + ev.f.abs())])
+    complementarity, with the floors ``σ (3, b)`` of :func:`_scales` (module docstring)."""
+    scale_p = scales[1] + ev.a_max * y.abs().amax(-1)
+    return torch.stack([rd.abs().amax(-1) / (scales[0] + ev.gf.abs().amax(-1)),
+                        _amax(feas.abs()) / scale_p,
+                        _amax(comp.abs()) / (scales[2] + ev.f.abs())])
+
+
+def _scales(ev: _Eval, y: Tensor, c: Tensor) -> Tensor:
+    """The floors ``σ = (σ_d, σ_p, σ_c) (3, b)`` of the stopping test from the problem's own
+    sizes at the start ``y₀`` (``ev`` there, with ``z = 1``; ``c = [h; g]`` there), each at
+    most 1: ``σ_d = max(‖∇f‖∞, ‖J‖∞)`` (the terms of ``∇L``), ``σ_p = max(‖c‖∞, ‖J‖∞ ‖y₀‖∞)``,
+    ``σ_c = max(|f|, ‖s₀‖∞, σ_d ‖y₀‖∞)`` with ``s₀ = max(−g, 0.1 σ_p)``, about the starting
+    slacks. On a problem of size one or more they are 1 (an absolute floor, as ``1 +``); on a
+    smaller one the test scales with the problem (a ball of radius 10⁻³ has ``‖J‖ ~ 10⁻³``,
+    ``g ~ 10⁻⁶``). A size that is not finite or below ``√tiny`` of the dtype says nothing of the
+    scale: 1 there."""
+    floor = torch.finfo(y.dtype).tiny ** 0.5
+
+    def unit_at_most(t: Tensor) -> Tensor:
+        return torch.where(torch.isfinite(t) & (t >= floor), t.clamp_max(1.0), 1.0)
+
+    y_size, a = y.abs().amax(-1), torch.nan_to_num(ev.a_max)
+    sd = unit_at_most(torch.maximum(ev.gf.abs().amax(-1), a))
+    sp = unit_at_most(torch.maximum(_amax(c.abs()), a * y_size))
+    g = c[:, c.shape[1] - ev.g.shape[1]:]
+    s0 = _amax(torch.maximum(-g, 0.1 * sp[:, None]))
+    sc = unit_at_most(torch.maximum(torch.maximum(ev.f.abs(), s0), sd * y_size))
+    return torch.stack([sd, sp, sc])
 
 
 def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tensor,
@@ -490,7 +519,7 @@ def _active_step(model: _Model, y: Tensor, lam: Tensor, z: Tensor, active: Tenso
     ev_new = model.evaluate(y_new, lam_new, mu_new, second_order=False)
     g = ev_new.g
     res = _residuals(ev_new, y_new, ev_new.gL, torch.cat([ev_new.h, g.clamp_min(0)], 1),
-                     mu_new * g).amax(0)
+                     mu_new * g, model.scales).amax(0)
     ok = (torch.isfinite(res) & (res <= tol) & (mu_new >= 0).all(-1)
           & torch.isfinite(y_new).all(-1))
     return ok, y_new, lam_new, mu_new, res, g
@@ -527,6 +556,7 @@ class _Model:
         self.all_convex = False
         self._factor: tuple[Tensor, Tensor] | None = None  # see hessian_factor
         self._a_max: Tensor | None = None  # max |J| per sample, for constant J
+        self.scales: Tensor | None = None  # the stopping test's floors (3, b): _scales
         if expand:
             self._detect(y0)
 
@@ -578,6 +608,8 @@ class _Model:
             sub._factor = tuple(_take(t, idx) for t in self._factor)
         if self._a_max is not None:
             sub._a_max = _take(self._a_max, idx)
+        if self.scales is not None:
+            sub.scales = self.scales[:, idx]
         if self.quad is not None:
             sub.quad = tuple(_take(t, idx) for t in self.quad)
         if self.lin is not None:

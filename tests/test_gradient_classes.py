@@ -654,7 +654,6 @@ SOLVERS = {"dense": DENSE, "cg": MATRIX_FREE}
 DTYPES = {"float64": F64, "float32": F32}
 
 EIGEN_SQP = "see h15_findings: F6, matrix-free SQP does not converge on the top eigenvector"
-TINY_BALL = "see h15_findings: F1/F5, ball of radius 1e-3 (interior point, absolute check)"
 OT_IP32 = "see h15_findings: F5, interior point does not converge on float32 transport"
 QOT_IP32 = "see h15_findings: F5, float32 interior point returns NaN on quadratic transport"
 
@@ -678,8 +677,7 @@ CASES = [
       for name, n in (("circle", 2), ("sphere", 3))],
     *[Case("5 scale-aware active set", f"ball, r = {r:g}, points inside and outside",
            lambda mode, o, r=r: BallNode(mode, o, r=r), lambda r=r: sphere_inputs(2, r=r),
-           ball_reference, ("default", *EXACT),
-           known={k: TINY_BALL for k in _all(["default"])} if r < 1 else {})
+           ball_reference, ("default", *EXACT))
       for r in (1e-3, 1.0, 1e3)],
     Case("6 ill-conditioned", "least squares, cond(AᵀA) = 1e6 (A learnable)",
          lambda mode, o: LeastSquares(mode, o), lambda: least_squares_inputs(4),

@@ -596,3 +596,35 @@ def test_a_certified_solution_skips_the_backward_optimality_check(monkeypatch):
     with pytest.warns(Warning):  # the unconverged point fails the check
         y.sum().backward()
     assert calls
+
+
+class _Ball(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. ‖y‖² ≤ r²: y = x min(1, r/‖x‖)."""
+
+    def __init__(self, r: float):
+        super().__init__()
+        self.r = r
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - self.r**2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("r", [1e-5, 1e-3, 1e3, 1e5])
+@pytest.mark.parametrize("start", ["x", "zeros"])
+def test_the_stopping_test_scales_with_the_problem(r, dtype, start):
+    """A ball of radius ``r`` (points inside and outside) is solved as accurately relative to
+    ``r`` as the unit ball: the floors of the stopping test follow the problem's size (with floors
+    of 1, radius 1e-3 in float32 "converged" in two iterations to answers 20–66 % of ``r`` off)."""
+    g = torch.Generator().manual_seed(21)
+    d = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    dist = torch.tensor([0.1, 0.3, 0.6, 1.5, 2.0, 5.0], dtype=torch.float64)[:, None]
+    x = (r * dist * d / d.norm(dim=-1, keepdim=True)).to(dtype)
+    exact = x.double() * (r / x.double().norm(dim=-1, keepdim=True)).clamp_max(1)
+    result = _run(_Ball(r), x, y0=x.clone() if start == "x" else torch.zeros_like(x))
+    assert result.converged.all()
+    err = (result.y.double() - exact).norm(dim=-1) / r
+    assert (err <= (1e-4 if dtype == torch.float32 else 1e-8)).all(), err
