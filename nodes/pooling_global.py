@@ -449,7 +449,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     r, n = x.shape
     dev = x.device
     rounding = penalty.value_rounding(alpha)
-    lo, hi = torch.aminmax(x, dim=1)
+    lo, hi = x.amin(1), x.amax(1)  # (aminmax: 8x slower on one CPU thread)
     # constant rows: y = x_1; a row with a non-finite entry is skipped (y = its min, rejected by
     # the caller's finite check)
     flat = (hi == lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
