@@ -97,6 +97,7 @@ from torch import Tensor
 
 from .errors import NonConvergenceWarning, report
 from .options import Options
+from .linalg import trusted_cholesky
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
 
@@ -820,8 +821,10 @@ class _Condensed:
             if inactive is not None:  # rows of Ah that are zero: W = 0 there
                 diag += inactive.to(S.dtype)
             diag += (10 * eps * (1 + diag.abs().amax(-1))).unsqueeze(-1)
-            self.Ls, info = torch.linalg.cholesky_ex(S)
-            self.S, self.s_singular = S, info != 0
+            # a pivot at the shift's size is a redundant row (cholesky_ex goes through it): its
+            # step along the null space would be rounding over 10 eps, so least squares there
+            self.Ls, failed, weak = trusted_cholesky(S)
+            self.S, self.s_singular = S, failed | weak
             self.any_singular = bool(self.s_singular.any())
 
     def _solve_m(self, B: Tensor) -> Tensor:
@@ -847,7 +850,10 @@ class _Condensed:
             S = torch.where(finite[:, None, None], S, torch.eye(S.shape[-1], dtype=S.dtype,
                                                                 device=S.device))
             r = torch.where(finite[:, None, None], r, torch.zeros_like(r))
-            sol = torch.linalg.lstsq(S, r, driver=_driver(rhs)).solution
+            # singular values at the shift's size (10 eps) are the redundant rows': cut, so
+            # that the step has no component along them (minimum norm)
+            rcond = 100 * torch.finfo(S.dtype).eps
+            sol = torch.linalg.lstsq(S, r, rcond=rcond, driver=_driver(rhs)).solution
             dlam[bad] = torch.where(finite[:, None, None], sol, torch.nan)  # a NaN sample stops
         dlam = dlam[..., 0]
         return -Mir[..., 0] - _mv(self.MiAt, dlam), dlam

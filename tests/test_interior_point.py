@@ -151,15 +151,23 @@ def test_simplex_projection_matches_sorting_from_any_start(start):
     assert _kkt(Simplex(), x, result) < 1e-8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("copies", [2, 3])
-def test_redundant_but_consistent_equalities(copies):
+def test_redundant_but_consistent_equalities(copies, dtype):
+    """Redundant rows make the Schur complement singular: the steps of λ have no component along
+    its null space (least squares), so λ stays the size of the data; in float32 a factor of the
+    shifted matrix let λ drift to ~1e7, ∇L lost every digit to rounding and the slacks
+    underflowed to NaN (entropic and quadratic transport, finding F5)."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(16, 6, generator=gen, dtype=F64)
+    x = torch.randn(16, 6, generator=gen, dtype=F64).to(dtype)
     node = Simplex(copies)
     result = _run(node, x)
     assert bool(result.converged.all())
-    torch.testing.assert_close(result.y, sort_simplex(x), atol=1e-9, rtol=0)
-    assert _kkt(node, x, result) < 1e-8
+    f32 = dtype == torch.float32
+    torch.testing.assert_close(result.y, sort_simplex(x), atol=1e-5 if f32 else 1e-9, rtol=0)
+    assert result.eq_multipliers.abs().max() <= 10 * (1 + x.abs().max())
+    if not f32:
+        assert _kkt(node, x, result) < 1e-8
 
 
 def test_equality_and_inequality_qp_matches_scipy():
