@@ -295,8 +295,8 @@ def _tables(penalty: Penalty, alpha: float, coarse_bins: int, width: int, dtype:
     """The matrices of :func:`_one_histogram` for ``J = coarse_bins`` and a window of ``width``
     coarse bins starting at ``s`` (``S = J − width + 1`` starts), kept across calls:
 
-    - ``(J, J + S)``: ``ψ`` of the gap between coarse bins ``J, K`` (the coarse bounds), then of
-      the least distance ``d(J, s)`` from coarse bin ``J`` outside the window to it (the far part
+    - ``(J, J + S)``: ``ψ`` of the gap between coarse bins ``j, k`` (the coarse bounds), then of
+      the least distance ``d(j, s)`` from coarse bin ``j`` outside the window to it (the far part
       of the fine bounds, for every ``s``);
     - ``(W + 2G, W)``: ``ψ`` of the gap from near column ``i`` to window column ``w``;
     - ``(S, J)``: ``inf`` on the coarse bins inside the window starting at ``s``, ``0`` outside
@@ -316,7 +316,7 @@ def _tables(penalty: Penalty, alpha: float, coarse_bins: int, width: int, dtype:
     js = torch.arange(coarse_bins - width + 1, device=device)
     gaps = _kernel(penalty, G * _FINE, coarse_bins, alpha, True, device)[
         (jc[:, None] - jc[None, :]).abs()]
-    # coarse bin J is at least d = (s − 1 − J) or (J − s − width) coarse bins from the window
+    # coarse bin j is at least d = (s − 1 − j) or (j − s − width) coarse bins from the window
     d = ((js[None, :] - 1 - jc[:, None]).clamp_min(0)
          + (jc[:, None] - js[None, :] - width).clamp_min(0))  # (J, S)
     far = _kernel(penalty, G * _FINE, coarse_bins + 1, alpha, False, device)[d]
@@ -387,14 +387,15 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     # neighbours (their centre if all three are empty), in fine bins from lo
     best = bound.argmin(1)
     weight = near.gather(1, (best + G)[:, None] + torch.arange(-1, 2, device=dev))
-    mean = (start * G + best).to(dt) + 0.5 + (weight[:, 2] - weight[:, 0]) / weight.sum(1).clamp_min(1)
+    mean = (weight[:, 2] - weight[:, 0]) / weight.sum(1).clamp_min(1) + (start * G + best).to(dt)
+    mean = mean.add_(0.5)
     u = torch.minimum(torch.maximum(lo + mean * h, lo), hi)
     with scratch(x.numel(), dt, dev, 2) as work:
         sums = _sums(penalty, u, x, c, alpha, tuple(b.view(x.shape) for b in work), value=True)
     top = _ceiling(sums[2], n, rounding)[:, None]
     # (float arithmetic: comparisons, where and bool reductions are several times slower)
-    first, last, kept = ends = _ends(torch.sub(bound, top).sign_().clamp_min_(0))
-    taken = ((lower_c + inside[start]).amin(1) > top[:, 0]) & (last - first < _SPAN)
+    ends = _ends(torch.sub(bound, top).sign_().clamp_min_(0))
+    taken = ((lower_c + inside[start]).amin(1) > top[:, 0]) & (ends[1] - ends[0] < _SPAN)
     return taken, u, sums, lo + (start * G).to(dt) * h, h, bound, top, ends
 
 
@@ -449,7 +450,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     r, n = x.shape
     dev = x.device
     rounding = penalty.value_rounding(alpha)
-    lo, hi = x.amin(1), x.amax(1)  # (aminmax: 8x slower on one CPU thread)
+    lo, hi = x.amin(1), x.amax(1)  # (aminmax: 10x slower on one CPU thread)
     # constant rows: y = x_1; a row with a non-finite entry is skipped (y = its min, rejected by
     # the caller's finite check)
     flat = (hi == lo) | ~torch.isfinite(lo) | ~torch.isfinite(hi)
