@@ -205,10 +205,14 @@ def _newton_inside(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
             small = small | ((bound * step <= tol_u * h) & (4 * bound <= h))
         if active is not None:  # rows that stopped before go on (below), unrecorded
             small = small & active
-        done = small if index is None else index[small]
-        y[done] = newton[small]
-        if y_value is not None:
-            y_value[done] = value[small]
+        if index is None:  # (a select: cheaper than a masked copy)
+            y = torch.where(small, newton, y)
+            y_value = None if y_value is None else torch.where(small, value, y_value)
+        else:
+            done = index[small]
+            y[done] = newton[small]
+            if y_value is not None:
+                y_value[done] = value[small]
         active = ~small if active is None else active & ~small
         if not bool(active.any()):
             return y, y_value
