@@ -145,7 +145,8 @@ def _sums(penalty: Penalty, u: Tensor, x: Tensor, c: Tensor, alpha: Tensor,
 
 def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor,
             u: Tensor, x_lo: Tensor, x_hi: Tensor, tol: float, max_iter: int,
-            first: tuple[Tensor, Tensor, Tensor] | None = None, safe: bool = False
+            first: tuple[Tensor, Tensor, Tensor] | None = None, safe: bool = False,
+            buffers: tuple[Tensor, Tensor] | None = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """A root of ``F′`` in ``[lo, hi]`` from ``u``: plain Newton if it converges inside for
     every row (:func:`_newton_inside`); otherwise from the ends, where ``F′(lo) ≤ 0 ≤ F′(hi)``
@@ -154,9 +155,12 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
     where an end had to move out (the run's own minima, if any, were not searched); ``value``
     bounds ``F(y) / λ`` from above where plain Newton settled it (:func:`_newton_inside`), else
     ``None``. ``first``: ``(Σ κφ′, Σ κφ″, F/λ)`` at ``u`` where already known; ``safe``:
-    :func:`~.penalties.sums_in_range` known to hold for the rows."""
-    with scratch(x.numel(), x.dtype, x.device, 2) as work:
-        work = tuple(w.view(x.shape) for w in work)
+    :func:`~.penalties.sums_in_range` known to hold for the rows; ``buffers``: two flat buffers
+    to work in where they hold ``x.numel()`` entries (else taken from the scratch pool)."""
+    if buffers is not None and buffers[0].numel() < x.numel():
+        buffers = None  # (a row refined in several of its ranges at once)
+    with scratch(x.numel(), x.dtype, x.device, 0 if buffers else 2) as taken:
+        work = tuple(w[:x.numel()].view(x.shape) for w in buffers or taken)
         # (else overflow: the exact sums)
         fast = safe or sums_in_range(x_hi - x_lo, c.squeeze(1))
         work = work if fast else None
@@ -337,7 +341,7 @@ def _tables(penalty: Penalty, alpha: float, coarse_bins: int, width: int, dtype:
 
 
 def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor,
-                   hi: Tensor, rounding: float):
+                   hi: Tensor, rounding: float, work: tuple[Tensor, Tensor]):
     """The search's first levels from one pass of binning each row: positions in bins of
     ``c/4`` from ``min x``, counted in coarse bins of ``G = _GROUP`` of them, whose bounds are
     exact (every bin width a multiple of ``c``: one small matrix product for all rows, with
@@ -349,9 +353,11 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     the window has a bound below ``U`` (every global minimiser lies in the window) and the
     surviving fine bins span at most ``_SPAN`` (wider, they may hold minima the levels' finer
     bins part). For rows spanning at most ``_MAX_FINE`` fine bins, ``α`` equal on every row;
-    ``rounding``: ``Penalty.value_rounding(α)``. Returns ``None`` or ``(taken, u, (Σ κφ′, Σ κφ″,
-    F/λ) at u, a, h, bound (r, W), U (r, 1), ends)`` with the window ``[a, a + W h]``,
-    ``W = _WINDOW · G``, and ``ends`` the :func:`_ends` of the bins with ``bound ≤ U``."""
+    ``rounding``: ``Penalty.value_rounding(α)``; ``work``: two flat buffers of at least
+    ``x.numel()`` entries in ``x``'s dtype (float32 or float64), overwritten. Returns ``None`` or
+    ``(taken, u, (Σ κφ′, Σ κφ″, F/λ) at u, a, h, bound (r, W), U (r, 1), ends)`` with the window
+    ``[a, a + W h]``, ``W = _WINDOW · G``, and ``ends`` the :func:`_ends` of the bins with
+    ``bound ≤ U``."""
     r, n = x.shape
     G = _GROUP
     h = c.squeeze(1) * _FINE
@@ -363,28 +369,30 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     dt, dev = x.dtype, x.device
     psi_c, psi_f, inside = _tables(penalty, float(alpha[0, 0]), coarse_bins, width, dt, dev)
     stride = (coarse_bins + 2) * G  # a row's fine bins with an empty coarse bin either side
-    with scratch(r * n, dt, dev, 1) as (t,), scratch(r * n, torch.int32, dev, 2) as (fine, index):
-        # the position in fine bins (≥ 0, so that the conversion's truncation is the floor),
-        # numbered from the row's first padded bin; its coarse bin: ⌊·/G⌋ (G | stride, a power
-        # of 2), numbered from the row's first padded coarse bin
-        t = torch.sub(x, lo[:, None], out=t.view(r, n)).mul_(h.reciprocal()[:, None])
-        fine = fine.view(r, n).copy_(t.clamp_(0, coarse_bins * G - 1)).add_(
-            torch.arange(G, r * stride, stride, device=dev, dtype=torch.int32)[:, None])
-        index = torch.bitwise_right_shift(fine, _GROUP.bit_length() - 1, out=index.view(r, n))
-        coarse = torch.bincount(index.view(-1), minlength=r * (coarse_bins + 2))
-        coarse = coarse.view(r, coarse_bins + 2)[:, 1:-1].to(dt)
-        # the coarse bounds (exact) and the far parts for every window start: one product
-        lower = coarse @ psi_c
-        lower_c = lower[:, :coarse_bins]
-        start = (lower_c.argmin(1) - _WINDOW // 2).clamp(0, coarse_bins - width)  # (r,)
-        # fine counts of the window and one coarse bin either side: near column i is fine bin
-        # (start − 1) G + i (columns -1 and near_cols: the entries beyond)
-        offset = torch.arange(0, r * stride, stride, device=dev, dtype=torch.int32) + start * G
-        index = torch.sub(fine, offset.to(torch.int32)[:, None], out=index).clamp_(-1, near_cols)
-        index = index.add_(torch.arange(1, r * (near_cols + 2), near_cols + 2, device=dev,
-                                        dtype=torch.int32)[:, None])
-        near = torch.bincount(index.view(-1), minlength=r * (near_cols + 2))
-        near = near.view(r, near_cols + 2)[:, 1:-1].to(dt)
+    # the positions t in work[0]; the int32 bin numbers in work[1] and, once t is read, work[0]
+    t = work[0][:r * n].view(r, n)
+    fine, index = (w.view(torch.int32)[:r * n].view(r, n) for w in (work[1], work[0]))
+    # the position in fine bins (≥ 0, so that the conversion's truncation is the floor),
+    # numbered from the row's first padded bin; its coarse bin: ⌊·/G⌋ (G | stride, a power
+    # of 2), numbered from the row's first padded coarse bin
+    t = torch.sub(x, lo[:, None], out=t).mul_(h.reciprocal()[:, None])
+    fine = fine.copy_(t.clamp_(0, coarse_bins * G - 1)).add_(
+        torch.arange(G, r * stride, stride, device=dev, dtype=torch.int32)[:, None])
+    index = torch.bitwise_right_shift(fine, _GROUP.bit_length() - 1, out=index)
+    coarse = torch.bincount(index.view(-1), minlength=r * (coarse_bins + 2))
+    coarse = coarse.view(r, coarse_bins + 2)[:, 1:-1].to(dt)
+    # the coarse bounds (exact) and the far parts for every window start: one product
+    lower = coarse @ psi_c
+    lower_c = lower[:, :coarse_bins]
+    start = (lower_c.argmin(1) - _WINDOW // 2).clamp(0, coarse_bins - width)  # (r,)
+    # fine counts of the window and one coarse bin either side: near column i is fine bin
+    # (start − 1) G + i (columns -1 and near_cols: the entries beyond)
+    offset = torch.arange(0, r * stride, stride, device=dev, dtype=torch.int32) + start * G
+    index = torch.sub(fine, offset.to(torch.int32)[:, None], out=index).clamp_(-1, near_cols)
+    index = index.add_(torch.arange(1, r * (near_cols + 2), near_cols + 2, device=dev,
+                                    dtype=torch.int32)[:, None])
+    near = torch.bincount(index.view(-1), minlength=r * (near_cols + 2))
+    near = near.view(r, near_cols + 2)[:, 1:-1].to(dt)
     # the fine bounds: window counts (exact part) plus the far part of the row's window start
     bound = torch.addmm(lower[:, coarse_bins:].gather(1, start[:, None]), near, psi_f)
     # the candidate: the count-weighted mean of the centres of the best fine bin and its two
@@ -394,8 +402,7 @@ def _one_histogram(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Te
     mean = (weight[:, 2] - weight[:, 0]) / weight.sum(1).clamp_min(1) + (start * G + best).to(dt)
     mean = mean.add_(0.5)
     u = torch.minimum(torch.maximum(lo + mean * h, lo), hi)
-    with scratch(x.numel(), dt, dev, 2) as work:
-        sums = _sums(penalty, u, x, c, alpha, tuple(b.view(x.shape) for b in work), value=True)
+    sums = _sums(penalty, u, x, c, alpha, tuple(w[:r * n].view(r, n) for w in work), value=True)
     top = _ceiling(sums[2], n, rounding)[:, None]
     # (float arithmetic: comparisons, where and bool reductions are several times slower)
     ends = _ends(torch.sub(bound, top).sign_().clamp_min_(0))
@@ -451,6 +458,14 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     The search runs on problems ``(row, [a, b])``; a problem whose surviving bins do not halve
     its range splits into the quarters holding surviving bins (at most ``_PROBLEMS`` per row).
     """
+    # two buffers like x for the whole search (beyond the scratch pool's size, each fresh buffer
+    # costs its page faults: several passes' worth)
+    with scratch(x.numel(), x.dtype, x.device, 2) as work:
+        return _search(penalty, x, c, alpha, tol, max_iter, work)
+
+
+def _search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol: float, max_iter: int,
+            work: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     r, n = x.shape
     dev = x.device
     rounding = penalty.value_rounding(alpha)
@@ -470,7 +485,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
     if sums_safe and row.numel() and bool((alpha == alpha[0]).all()):
         whole = row.numel() == r
         xp, cp, ap = (x, c, alpha) if whole else (x[row], c[row], alpha[row])
-        one = _one_histogram(penalty, xp, cp, ap, lo[row], hi[row], rounding)
+        one = _one_histogram(penalty, xp, cp, ap, lo[row], hi[row], rounding, work)
     if one is not None:  # rows the one-histogram pass takes on skip the levels
         taken, u, sums, a, h, bound, top, ends = one
         # its candidates bound every row it saw, and start the refinement of the best run
@@ -502,9 +517,8 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
         # bins below c / 4, or a range of a few ulps (c far below the spacing of equal entries)
         fine = (h <= _FINE * cp.squeeze(1)) | (b - a <= 64 * torch.finfo(x.dtype).eps * a.abs())
         if whole and sums_safe and bool(fine.all()):  # every row is refined next: seeds
-            with scratch(x.numel(), x.dtype, dev, 2) as work:
-                *sums, f = _sums(penalty, u, x, c, alpha, tuple(w.view(x.shape) for w in work),
-                                 value=True)
+            *sums, f = _sums(penalty, u, x, c, alpha, tuple(w.view(x.shape) for w in work),
+                             value=True)
             seed_u, seed = u, (*sums, f)
         else:
             f = _objective(penalty, u, xp, cp, ap)
@@ -569,7 +583,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
             u, ok, moved, f = _refine(penalty, xs, cq, aq, run_lo, run_hi, start, lo[rows],
                                       hi[rows], tol, max_iter,
                                       tuple(s_k[rows] for s_k in seed) if seeded else None,
-                                      sums_safe)
+                                      sums_safe, work)
             f = _objective(penalty, u, xs, cq, aq) if f is None else f
             # a known point of the run better than the minimum found: the run holds another
             # (two minima in one run); searched again on the side where F descends from there
