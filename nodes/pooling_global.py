@@ -314,7 +314,10 @@ def _tables(penalty: Penalty, alpha: float, coarse_bins: int, width: int, dtype:
     rounding of the products and the sum they enter (sums of positive terms): the bounds stay
     lower bounds."""
     key = (penalty, alpha, coarse_bins, width, dtype, torch.device(device))
-    found = _TABLES.get(key)
+    try:
+        found = _TABLES.get(key)
+    except TypeError:  # a user's penalty that is not hashable: not kept
+        key, found = None, None
     if found is not None:
         return found
     G = _GROUP
@@ -334,9 +337,11 @@ def _tables(penalty: Penalty, alpha: float, coarse_bins: int, width: int, dtype:
         (i[:, None] - w[None, :] - G).abs()].mul_(deflate).to(dtype)
     inside = (jc[None, :] >= js[:, None]) & (jc[None, :] < js[:, None] + width)
     inside = torch.zeros(inside.shape, dtype=dtype, device=device).masked_fill_(inside, torch.inf)
-    if len(_TABLES) >= _TABLES_KEPT:
-        _TABLES.clear()
-    _TABLES[key] = found = (coarse, fine, inside)
+    found = (coarse, fine, inside)
+    if key is not None:
+        if len(_TABLES) >= _TABLES_KEPT:
+            _TABLES.clear()
+        _TABLES[key] = found
     return found
 
 
