@@ -471,6 +471,7 @@ def histogram_search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol:
 
 def _search(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, tol: float, max_iter: int,
             work: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`histogram_search` in the flat buffers ``work`` (``x.numel()`` entries each)."""
     r, n = x.shape
     dev = x.device
     rounding = penalty.value_rounding(alpha)
