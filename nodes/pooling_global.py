@@ -44,6 +44,8 @@ whose answer replaces the search's only where it is better.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
@@ -157,10 +159,10 @@ def _refine(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, h
     ``None``. ``first``: ``(Σ κφ′, Σ κφ″, F/λ)`` at ``u`` where already known; ``safe``:
     :func:`~.penalties.sums_in_range` known to hold for the rows; ``buffers``: two flat buffers
     to work in where they hold ``x.numel()`` entries (else taken from the scratch pool)."""
-    if buffers is not None and buffers[0].numel() < x.numel():
-        buffers = None  # (a row refined in several of its ranges at once)
-    with scratch(x.numel(), x.dtype, x.device, 0 if buffers else 2) as taken:
-        work = tuple(w[:x.numel()].view(x.shape) for w in buffers or taken)
+    # (buffers too small: a row refined in several of its ranges at once)
+    usable = buffers is not None and buffers[0].numel() >= x.numel()
+    with nullcontext(buffers) if usable else scratch(x.numel(), x.dtype, x.device, 2) as work:
+        work = tuple(w[:x.numel()].view(x.shape) for w in work)
         # (else overflow: the exact sums)
         fast = safe or sums_in_range(x_hi - x_lo, c.squeeze(1))
         work = work if fast else None
