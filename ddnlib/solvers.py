@@ -4,8 +4,10 @@ Unconstrained: batched Newton with Levenberg damping and a backtracking (Armijo)
 direction from dense per-sample Hessians (Cholesky) for small outputs or from conjugate gradients on
 Hessian-vector products (Newton-CG) for large ones (the same ``Options.linear_solver`` /
 ``dense_max`` switch as the backward pass). Every solver stops per sample when the Newton step is
-below ``solver_tol · (1 + ‖y‖∞)``, applies that last step, and reports the samples that did not get
-there.
+below ``solver_tol · (σ + ‖y‖∞)``, ``σ = min(1, max(‖y₀‖∞, ‖d₀‖∞))`` (the size of the start and of the
+first step: a problem smaller than one is judged relative to its size) or, at rounding level, below
+``solver_tol · (1 + ‖y‖∞)`` and no longer halving, applies that last step, and reports the samples
+that did not get there.
 
 Inequality constrained (``g(x, y) ≤ 0``, with or without equalities), and equality constrained
 where the per-sample KKT system is dense (``Options.linear_solver`` resolves to dense for its
@@ -181,6 +183,7 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     factor = None  # the last dense factorisation, kept only when every sample has converged
     certified = None  # see Solution.certified
+    sigma, size = None, torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     kkt = problem.kkt(y, options=options)
     for _ in range(options.max_iter):
         g = kkt.grad_f.detach()
@@ -194,8 +197,10 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
         f = kkt.f
         finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
         running &= finite
-        step = torch.where(running, d.abs().amax(-1) / (1 + y.abs().amax(-1)), step)
-        done = running & (step <= tol)
+        sigma = _length(y, d) if sigma is None else sigma
+        step_now, stop, size = _step_test(d, y, sigma, size, tol)
+        step = torch.where(running, step_now, step)
+        done = running & stop
         y = torch.where(done.unsqueeze(-1), y + d, y)  # the last (tiny) step is applied too
         running &= ~done
         if not running.any():
@@ -250,13 +255,14 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
     chordable = False  # some running sample is near
     L = trusted = None  # the factors, and where each is trusted
     here = None  # (factors, trusted) of the Hessians at the current point, where formed
+    sigma, size = None, torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     converged = False
     point = _gradient(problem, y) if start is None else start  # (y leaf, f, ∇f with its graph)
     for _ in range(options.max_iter):
         f, g = point[1].detach(), point[2].detach()
         chord, here = None, None
         if chordable:
-            d_chord, slope_chord, chord = _chord_step(L, y, g, step, near & trusted)
+            d_chord, slope_chord, chord = _chord_step(L, y, g, step, near & trusted, sigma)
         if chord is not None and bool((chord | ~running).all()):
             d, slope = d_chord, slope_chord
         else:
@@ -272,9 +278,10 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
                 slope = torch.where(chord, slope_chord, slope)
                 L = torch.where(chord[:, None, None], L, L_new)
                 trusted = torch.where(chord, trusted, trusted_new)
-        step = d.abs().amax(-1) / (1 + y.abs().amax(-1))  # (read for the running samples only)
+        sigma = _length(y, d) if sigma is None else sigma
+        step, stop, size = _step_test(d, y, sigma, size, tol)  # (read for the running samples)
         y_full = torch.where(running.unsqueeze(-1), y + d, y)  # also the last (tiny) step
-        running &= ~(step <= tol)
+        running &= ~stop
         near = step <= _CHORD
         go_on, chordable = torch.stack([running.any(), (running & near).any()]).tolist()
         if not go_on:
@@ -307,16 +314,41 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
     return Solution(problem.unflatten(y), hessian_cholesky=L, certified=tol)
 
 
-def _chord_step(L: Tensor, y: Tensor, g: Tensor, step: Tensor, near: Tensor
+def _chord_step(L: Tensor, y: Tensor, g: Tensor, step: Tensor, near: Tensor, sigma: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """The chord step ``d = −(L Lᵀ)⁻¹ ∇f (b, m)`` with the previous factors, its slope
     ``∇fᵀd (b,)``, and the samples ``(b,)`` where it does: ``near`` ones whose step descends and
     is at most :data:`_CONTRACTION` times their previous ``step`` (both relative to
-    ``1 + ‖y‖∞``)."""
+    ``σ + ‖y‖∞``, :func:`_length`)."""
     d = torch.cholesky_solve(-g.unsqueeze(-1), L)[..., 0]
     slope = (d * g).sum(-1)
-    size = d.abs().amax(-1) / (1 + y.abs().amax(-1))
+    size = d.abs().amax(-1) / (sigma + y.abs().amax(-1))
     return d, slope, near & (slope < 0) & (size <= _CONTRACTION * step)
+
+
+def _step_test(d: Tensor, y: Tensor, sigma: Tensor, previous: Tensor, tol: float
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The stopping test on the step ``d (b, m)`` at ``y``: ``(relative step, stop, ‖d‖∞)``. A
+    sample stops when ``‖d‖∞ ≤ tol (σ + ‖y‖∞)`` (:func:`_length`), or where the step is at
+    rounding level: below ``tol (1 + ‖y‖∞)`` and ``√tol (σ + ‖y‖∞)`` (converging), and no
+    longer halving (``previous``: the last ``‖d‖∞``), which a small solution of an objective
+    with terms of size one reaches first."""
+    size, y_size = d.abs().amax(-1), y.abs().amax(-1)
+    step = size / (sigma + y_size)
+    small = (size <= tol * (1 + y_size)) & (step <= tol**0.5)
+    rounding = small & ~(size < 0.5 * previous)
+    return step, (step <= tol) | rounding, size
+
+
+def _length(y: Tensor, d: Tensor) -> Tensor:
+    """The floor ``σ (b,)`` of the step test ``‖d‖∞ ≤ tol (σ + ‖y‖∞)``: the problem's length at
+    the start, ``min(1, max(‖y₀‖∞, ‖d₀‖∞))`` (``d₀`` the first step), so that a problem of size
+    one or more is judged as by ``1 + ‖y‖∞`` and a smaller one relative to its size (with ``1``,
+    a solution of size 10⁻⁶ in float32 passed the test with an error of 250 %); ``1`` where that
+    length is not finite or below ``√tiny`` of the dtype."""
+    size = torch.maximum(y.abs().amax(-1), d.abs().amax(-1))
+    floor = torch.finfo(y.dtype).tiny ** 0.5
+    return torch.where(torch.isfinite(size) & (size >= floor), size.clamp_max(1.0), 1.0)
 
 
 def _report_newton(running: Tensor, step: Tensor, tol: float, options) -> None:
@@ -447,7 +479,8 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
     step = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     rho = torch.zeros(b, dtype=y.dtype, device=y.device)
     saddle = torch.zeros_like(running)
-    nu = None
+    nu = sigma = None  # sigma: the step test's floor (_length)
+    size = torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     for _ in range(options.max_iter):
         if active is None:
             active = torch.ones(b, problem.constraints(y).shape[1], dtype=torch.bool,
@@ -462,10 +495,12 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
             nu = kkt.nu
         finite &= torch.isfinite(f) & torch.isfinite(gf).all(-1) & torch.isfinite(c).all(-1)
         running &= finite
-        step = torch.where(running, d.abs().amax(-1) / (1 + y.abs().amax(-1)), step)
+        sigma = _length(y, d) if sigma is None else sigma
+        step_now, stop, size = _step_test(d, y, sigma, size, tol)
+        step = torch.where(running, step_now, step)
         nu = torch.where(running.unsqueeze(-1), nu_new * act, nu)
         saddle = torch.where(running, indefinite, saddle)
-        done = running & (step <= tol)
+        done = running & stop
         y = torch.where(done.unsqueeze(-1), y + d, y)  # the last (tiny) step is applied too
         converged |= done
         running &= ~done

@@ -194,3 +194,44 @@ def test_a_converged_solve_certifies_itself_and_the_backward_check_is_skipped(li
     with pytest.warns(Warning):
         short(x).sum().backward()
     assert calls
+
+
+class _TinyLogCosh(DeclarativeNode):
+    """argmin Σ s² log cosh((y − x)/s) + ½ y²: non-quadratic at the scale ``s``, ``y = O(s)``."""
+
+    def __init__(self, s: float, options: Options):
+        super().__init__(options)
+        self.s = s
+
+    def objective(self, x, y):
+        s = self.s
+        return (s * s * torch.log(torch.cosh((y - x) / s)) + 0.5 * y * y).sum(-1)
+
+
+def _tiny_log_cosh_root(x: torch.Tensor, s: float) -> torch.Tensor:
+    """The root of ``s tanh((y − x)/s) + y`` per entry, by bisection in float64."""
+    x = x.double()
+    lo = torch.minimum(x, torch.zeros_like(x)) - 2 * s
+    hi = torch.maximum(x, torch.zeros_like(x)) + 2 * s
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        left = s * torch.tanh((mid - x) / s) + mid < 0
+        lo, hi = torch.where(left, mid, lo), torch.where(left, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "cg"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("s", [1e-6, 1e-3, 1e3])
+def test_the_step_test_scales_with_the_problem(s, dtype, linear_solver):
+    """A solution of size ``s`` is as accurate relative to ``s`` as one of size 1: the step test's
+    floor is the size of the start and of the first step (with ``1 + ‖y‖∞``, ``s = 1e-6`` in
+    float32 stopped after one step with an error of 250 %, certified, so that the backward's check
+    was skipped too)."""
+    g = torch.Generator().manual_seed(5)
+    x = (3 * s * torch.randn(4, 5, generator=g, dtype=F64)).to(dtype)
+    node = _TinyLogCosh(s, Options(linear_solver=linear_solver))
+    y = default_solution(node, (x,)).y
+    exact = _tiny_log_cosh_root(x, s)
+    err = ((y.double() - exact).abs().amax(-1) / exact.abs().amax(-1)).max()
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-9), err
