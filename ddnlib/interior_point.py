@@ -352,25 +352,28 @@ def _residuals(ev: _Eval, y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor,
 
 def _scales(ev: _Eval, y: Tensor, c: Tensor) -> Tensor:
     """The floors ``σ = (σ_d, σ_p, σ_c) (3, b)`` of the stopping test from the problem's own
-    sizes at the start ``y₀`` (``ev`` there, with ``z = 1``; ``c = [h; g]`` there), each at
-    most 1: ``σ_d = max(‖∇f‖∞, ‖J‖∞)`` (the terms of ``∇L``), ``σ_p = max(‖c‖∞, ‖J‖∞ ‖y₀‖∞)``,
-    ``σ_c = max(|f|, ‖s₀‖∞, σ_d ‖y₀‖∞)`` with ``s₀ = max(−g, 0.1 σ_p)``, about the starting
-    slacks. On a problem of size one or more they are 1 (an absolute floor, as ``1 +``); on a
-    smaller one the test scales with the problem (a ball of radius 10⁻³ has ``‖J‖ ~ 10⁻³``,
-    ``g ~ 10⁻⁶``). A size that is not finite or below ``√tiny`` of the dtype says nothing of the
-    scale: 1 there."""
+    sizes at the start ``y₀`` (``ev`` there, second order; ``c = [h; g]`` there), each at most 1:
+    the gradient's ``σ_d = max(‖∇f‖∞, ‖W‖ ‖y₀‖∞)``, the constraints' ``σ_p = max(‖c‖∞,
+    ‖J‖∞ ‖y₀‖∞)``, the objective's ``σ_c = max(|f|, σ_d ‖y₀‖∞, σ_d σ_p / ‖J‖∞, σ_d² / ‖W‖)``
+    (``‖W‖ = max |W_ij|``; each term a size of ``f`` from a gradient and a length). On a problem
+    of size one or more they are 1 (an absolute floor, as ``1 +``); on a smaller one the test
+    scales with the problem (a ball of radius 10⁻³, a QP whose data are 10⁻⁶). A size that is not
+    finite or below ``√tiny`` of the dtype says nothing of the scale: 1 there."""
     floor = torch.finfo(y.dtype).tiny ** 0.5
 
     def unit_at_most(t: Tensor) -> Tensor:
         return torch.where(torch.isfinite(t) & (t >= floor), t.clamp_max(1.0), 1.0)
 
-    y_size, a = y.abs().amax(-1), torch.nan_to_num(ev.a_max)
-    sd = unit_at_most(torch.maximum(ev.gf.abs().amax(-1), a))
-    sp = unit_at_most(torch.maximum(_amax(c.abs()), a * y_size))
-    g = c[:, c.shape[1] - ev.g.shape[1]:]
-    s0 = _amax(torch.maximum(-g, 0.1 * sp[:, None]))
-    sc = unit_at_most(torch.maximum(torch.maximum(ev.f.abs(), s0), sd * y_size))
-    return torch.stack([sd, sp, sc])
+    def ratio(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(b > 0, a / b.clamp_min(floor), torch.zeros_like(a))
+
+    y_size = y.abs().amax(-1)
+    a = torch.nan_to_num(ev.a_max)
+    w = torch.nan_to_num(ev.W.abs().amax((-2, -1)) if ev.W.shape[1] else torch.zeros_like(a))
+    gd = torch.maximum(ev.gf.abs().amax(-1), w * y_size)
+    gp = torch.maximum(_amax(c.abs()), a * y_size)
+    gc = torch.stack([ev.f.abs(), gd * y_size, ratio(gd * gp, a), ratio(gd * gd, w)]).amax(0)
+    return torch.stack([unit_at_most(gd), unit_at_most(gp), unit_at_most(gc)])
 
 
 def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tensor,
