@@ -203,6 +203,21 @@ class _Huber(Penalty):
         a = z.abs()
         return torch.clamp(z, -c, c), (a <= c).to(z.dtype)
 
+    def scaled_curvature(self, z, c, alpha, out=None):
+        return _inlier(z, c, torch.empty_like(z) if out is None else out)
+
+    def newton_sums(self, z, c, alpha, scratch):  # φ′ = c clamp(z/c, −1, 1): a scalar clamp
+        h = _inlier(z, c, scratch).sum(-1)
+        g = z.mul_(c.reciprocal()).clamp_(-1, 1).sum(-1).mul_(c.squeeze(-1))
+        return g, h
+
+
+def _inlier(z: Tensor, c: Tensor, out: Tensor) -> Tensor:
+    """Huber's ``φ″``, ``1`` where ``|z| ≤ c`` (the inlier side at ``|z| = c``) else ``0``, into
+    ``out``, as ``min(sign(c − |z|) + 1, 1)``: exact, in float passes (a comparison and a cast
+    to float cost several times as much on the CPU, a tensor-bounded clamp five times)."""
+    return torch.sub(c, torch.abs(z, out=out), out=out).sign_().add_(1).clamp_(max=1)
+
 
 def sums_in_range(spread: Tensor, c: Tensor) -> bool:
     """Whether :meth:`Penalty.newton_sums` may be used on rows whose entries span ``spread =

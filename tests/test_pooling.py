@@ -539,6 +539,22 @@ def test_general_in_place_newton_sums_match_the_derivatives(alpha, dtype):
     torch.testing.assert_close(h_sum, d2.sum(1), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huber_curvature_is_the_inlier_indicator_also_at_the_threshold(dtype):
+    """Huber's stored weights and Newton sums: ``φ″ = 1`` where ``|z| ≤ c`` (also at ``|z| = c``
+    exactly, the inlier side), 0 beyond, ``±inf`` included; ``Σφ′`` the clamped sum."""
+    penalty = PENALTIES["huber"]
+    c = torch.tensor([[0.5], [3.0]], dtype=dtype)
+    z = torch.tensor([[-1.0, -0.5, -0.25, 0.0, 0.5, 0.75, float("inf"), -float("inf")],
+                      [-3.0, 3.0, 2.999, -3.001, 1e30, 0.0, 6.0, -6.0]], dtype=dtype)
+    expected = (z.abs() <= c).to(dtype)
+    assert torch.equal(penalty.scaled_curvature(z, c, c), expected)
+    finite = z[:, :6]
+    g, h = penalty.newton_sums(finite.clone(), c, c, torch.empty_like(finite))
+    torch.testing.assert_close(h, (finite.abs() <= c).to(dtype).sum(1))
+    torch.testing.assert_close(g, torch.maximum(torch.minimum(finite, c), -c).sum(1))
+
+
 def _range_bound(dtype):
     return torch.finfo(dtype).max ** (1 / 3) / 4
 
