@@ -84,9 +84,9 @@ problem's sizes at ``y₀`` (``_scales``): 1 on problems of size one or more, sm
 ones (with a floor of 1 a ball of radius 10⁻³ in float32 "converged" to answers 20–66 % off).
 Samples that do not stop within ``Options.max_iter`` iterations are reported
 (:class:`~ddnlib.NonConvergenceWarning`, an error in strict mode) with their residuals. The
-inequality multipliers handed back are ``z`` where
-``z > s`` (the constraint is active) and 0 elsewhere (the multipliers of the active-set step where
-that ended the sample), so the backward needs no least-squares recovery of multipliers.
+inequality multipliers handed back are ``z`` where ``z > s`` (the constraint is active) and 0
+elsewhere (the multipliers of the active-set step where that ended the sample), so the backward
+needs no least-squares recovery of multipliers.
 """
 
 from __future__ import annotations
