@@ -227,7 +227,7 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
     lam, z = y.new_zeros(b, p), y.new_ones(b, q)
     first = model.evaluate(y, lam, z)
     if model.scales is None:
-        model.scales = _scales(first, y, torch.cat([h0, g0], 1))
+        model.scales = _scales(first, y)
     # slacks: s = −g where the start is clearly inside (then g + s = 0 stays exact for linear
     # constraints and y stays strictly feasible), else κ = 0.1 max(σ_p, ‖g‖∞)
     kappa = 0.1 * torch.maximum(_amax(g0.abs()), model.scales[1]).unsqueeze(-1)
@@ -351,9 +351,9 @@ def _residuals(ev: _Eval, y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor,
                         _amax(comp.abs()) / (scales[2] + ev.f.abs())])
 
 
-def _scales(ev: _Eval, y: Tensor, c: Tensor) -> Tensor:
+def _scales(ev: _Eval, y: Tensor) -> Tensor:
     """The floors ``σ = (σ_d, σ_p, σ_c) (3, b)`` of the stopping test from the problem's own
-    sizes at the start ``y₀`` (``ev`` there, second order; ``c = [h; g]`` there), each at most 1:
+    sizes at the start ``y₀`` (``ev`` there, second order; ``c = [h; g]``), each at most 1:
     the gradient's ``σ_d = max(‖∇f‖∞, ‖W‖ ‖y₀‖∞)``, the constraints' ``σ_p = max(‖c‖∞,
     ‖J‖∞ ‖y₀‖∞)``, the objective's ``σ_c = max(|f|, σ_d ‖y₀‖∞, σ_d σ_p / ‖J‖∞, σ_d² / ‖W‖)``
     (``‖W‖ = max |W_ij|``; each term a size of ``f`` from a gradient and a length). On a problem
@@ -372,7 +372,7 @@ def _scales(ev: _Eval, y: Tensor, c: Tensor) -> Tensor:
     a = torch.nan_to_num(ev.a_max)
     w = torch.nan_to_num(ev.W.abs().amax((-2, -1)) if ev.W.shape[1] else torch.zeros_like(a))
     gd = torch.maximum(ev.gf.abs().amax(-1), w * y_size)
-    gp = torch.maximum(_amax(c.abs()), a * y_size)
+    gp = torch.maximum(torch.maximum(_amax(ev.h.abs()), _amax(ev.g.abs())), a * y_size)
     gc = torch.stack([ev.f.abs(), gd * y_size, ratio(gd * gp, a), ratio(gd * gd, w)]).amax(0)
     return torch.stack([unit_at_most(gd), unit_at_most(gp), unit_at_most(gc)])
 

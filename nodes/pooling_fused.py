@@ -70,7 +70,7 @@ def decide(u: Tensor, g: Tensor, h: Tensor, lo: Tensor, hi: Tensor, active: Tens
     tol_u = torch.add(tol_scale, u.abs(), alpha=tol)
     step = s.abs()
     small = (g == 0) | (step <= tol_u) | (hi - lo <= tol_u)
-    if lipschitz is not None:  # L s² ≤ tol_u h and 4 L |s| ≤ h, as one test (tol_u > 0 here)
+    if lipschitz is not None:  # L s² ≤ tol_u h and 4 L |s| ≤ h as one test (tol_u = 0: s = 0 only)
         small = small | (inside & (lipschitz * step * torch.maximum(step, 4 * tol_u) <= tol_u * h))
     converged = active & small
     u = torch.where(converged & inside, newton, u)

@@ -467,8 +467,9 @@ def _root_in(penalty: Penalty, x: Tensor, c: Tensor, alpha: Tensor, lo: Tensor, 
     shrinks the bracket. ``(u, F(u), converged)``; the problems still going on are iterated
     alone once they are at most half."""
     p, n = x.shape
-    fast = sums_in_range(x.amax(1) - x.amin(1), c.squeeze(1))
-    scale = _scale(x.amin(1), x.amax(1), c)
+    x_lo, x_hi = x.amin(1), x.amax(1)
+    fast = sums_in_range(x_hi - x_lo, c.squeeze(1))
+    scale = _scale(x_lo, x_hi, c)
     u = lo - g_lo * ((hi - lo) / (g_hi - g_lo))
     u = torch.where((u > lo) & (u < hi), u, 0.5 * (lo + hi))
     y, ok = u.clone(), torch.zeros_like(u, dtype=torch.bool)
