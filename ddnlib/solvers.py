@@ -23,10 +23,13 @@ i.e. Newton on the KKT conditions ``∇_y f + Aᵀλ = 0``, ``h = 0``: each iter
     [A  0 ] [λ⁺] = [  −h  ],     H = ∇²_yy (f + λᵀh),  A = ∂h/∂y,
 
 (projected CG on the null space of ``A``), with Levenberg damping ``H + γI`` where the reduced
-Hessian is not positive definite, and a backtracking line search on the ℓ1 merit function
-``φ(y) = f + ρ‖h‖₁`` (``ρ`` raised as needed so that ``d`` is a descent direction, Nocedal & Wright,
-*Numerical Optimization*, 2nd ed., §18.3) with a second-order correction ``−A⁺ h(y + d)`` against
-the Maratos effect. It returns a :class:`~ddnlib.Solution` with ``λ``.
+Hessian is not positive definite (``γ`` from the Rayleigh quotients CG meets, so that the step has
+the problem's scale), and a backtracking line search on the ℓ1 merit function ``φ(y) = f +
+ρ‖h‖₁`` (``ρ`` as large as needed for ``d`` to be a descent direction, Nocedal & Wright,
+*Numerical Optimization*, 2nd ed., §18.3, and otherwise following Powell's rule ``ρ ← max(1.1‖λ⁺‖∞,
+½(ρ + 1.1‖λ⁺‖∞))``, Powell 1978, so that one wild early multiplier does not freeze the steps for
+good) with a second-order correction ``−A⁺ h(y + d)`` against the Maratos effect. It returns a
+:class:`~ddnlib.Solution` with ``λ``.
 
 Opt-in: :func:`slsqp_solve` runs scipy's SLSQP sample by sample in a Python loop (gradients and
 constraint Jacobians by torch, BLAS limited to one thread through ``threadpoolctl`` when it is
@@ -54,7 +57,7 @@ from . import interior_point
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
 from .linalg import SolveInfo, lstsq, trusted_cholesky
-from .linear_solvers import CG, Auto, Dense, chosen
+from .linear_solvers import CG, Auto, Dense, KKTOperator, chosen
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
 
@@ -142,6 +145,8 @@ def _newton_step(kkt: KKTPoint, options, rhs_y: Tensor, rhs_c: Tensor, rtol: Ten
     op = kkt.operator(convexify=True)
     solver = chosen(options.solver, op)
     U, W, info = solver.solve(op, rhs_y.unsqueeze(-1), rhs_c.unsqueeze(-1), rtol)
+    if isinstance(solver, CG) and info.not_pd.any():
+        U, W = _shifted(kkt, solver, rhs_y, rhs_c, rtol, info, U, W)
     d = U[..., 0]
     dHd = None
     if curvature and isinstance(solver, CG):
@@ -149,6 +154,35 @@ def _newton_step(kkt: KKTPoint, options, rhs_y: Tensor, rhs_c: Tensor, rtol: Ten
     elif curvature:
         dHd = torch.einsum("bi,bij,bj->b", d, kkt.hessian(), d)
     return d, W[..., 0], dHd, info
+
+
+def _shifted(kkt: KKTPoint, solver: CG, rhs_y: Tensor, rhs_c: Tensor, rtol: Tensor | None,
+             info: SolveInfo, U: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """The Levenberg step ``(H + γI)`` for the samples where CG met non-positive curvature, as
+    the dense solver takes it: ``γ = 2|q|`` from the smallest Rayleigh quotient ``q`` met (an
+    upper bound of the smallest eigenvalue), raised tenfold until CG meets none. A truncated CG
+    or steepest-descent step has the length of the gradient, so on a problem scaled by ``s`` it
+    is ``s`` times too short; the shifted step has the problem's own scale. Samples that stay
+    indefinite after :data:`_MAX_SHIFT` raises keep the truncated step ``U, W``."""
+    todo = info.not_pd.clone()
+    gamma = 2 * info.min_eig.abs().nan_to_num(posinf=0.0)
+    for _ in range(_MAX_SHIFT):
+        g = torch.where(todo, gamma, 0.0)
+        op = KKTOperator(lambda P: kkt.hvp(P) + g[:, None] * P, kkt.y.shape[1],
+                         kkt.A if kkt.constrained else None,
+                         kkt.active if kkt.constrained else None, None, convexify=True,
+                         null_space=kkt.null_space if kkt.constrained else None)
+        keep = todo.to(rhs_y.dtype)  # the other samples' systems stop at once
+        Us, Ws, got = solver.solve(op, (rhs_y * keep[:, None]).unsqueeze(-1),
+                                   (rhs_c * keep[:, None]).unsqueeze(-1), rtol)
+        ok = todo & ~got.not_pd & ~got.singular
+        U = torch.where(ok[:, None, None], Us, U)
+        W = torch.where(ok[:, None, None], Ws, W)
+        todo &= ~ok
+        if not todo.any():
+            break
+        gamma = torch.where(got.not_pd, 10 * torch.maximum(gamma, 2 * got.min_eig.abs()), gamma)
+    return U, W
 
 
 def newton(problem: Problem, y0: Tensor, options, start: tuple | None = None,
@@ -506,13 +540,15 @@ def sqp(problem: Problem, y0: Tensor, options, active: Tensor | None = None
         running &= ~done
         if not running.any():
             break
-        # ℓ1 penalty: ρ ≥ ‖ν⁺‖∞ and ρ ≥ (∇fᵀd + ½ max(dᵀHd, 0)) / (½ ‖c‖₁) (N&W eq. 18.36).
+        # ℓ1 penalty: ρ ≥ (∇fᵀd + ½ max(dᵀHd, 0)) / (½ ‖c‖₁) (N&W eq. 18.36), and Powell's
+        # rule for ρ ≥ ‖ν⁺‖∞: it may come down again, halfway each iteration
         c1 = c.abs().sum(-1)
         slope_f = (gf * d).sum(-1)
         needed = (slope_f + 0.5 * curvature.clamp_min(0)) / (0.5 * c1).clamp_min(
             torch.finfo(y.dtype).tiny)
         needed = torch.where(c1 > 0, needed, torch.zeros_like(needed))
-        rho = torch.maximum(rho, torch.maximum(1.1 * nu_new.abs().amax(-1), needed))
+        exact = 1.1 * nu_new.abs().amax(-1)
+        rho = torch.maximum(torch.maximum(exact, 0.5 * (rho + exact)), needed)
         y, moved = _merit_search(problem, y, f, c1, slope_f - rho * c1, d, kkt, rho, running)
         running &= moved  # a failed line search ends the sample (reported as not converged)
     y = torch.where(finite.unsqueeze(-1), y.detach(), torch.nan)

@@ -112,6 +112,37 @@ def test_sqp_escapes_indefinite_hessians(options):
     torch.testing.assert_close(y, -1.5 * x / x.norm(dim=-1, keepdim=True), atol=1e-7, rtol=0)
 
 
+class TopEigenvector(DeclarativeNode):
+    """``argmin −yᵀSy`` s.t. ``‖y‖² = 1`` from ``1/√n``: the top eigenvector of ``S (b, n, n)``.
+    At the answer ``H = 2(λ_max I − S)`` is singular along ``y``, and far from it indefinite."""
+
+    def objective(self, S, y):
+        return -torch.einsum("bi,bij,bj->b", y, S, y)
+
+    def equality_constraints(self, S, y):
+        return (y * y).sum(-1, keepdim=True) - 1
+
+    def initial_guess(self, S):
+        return S.new_ones(S.shape[:2]) / S.shape[-1] ** 0.5
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "cg"])
+@pytest.mark.parametrize("n", [3, 8])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e2])
+def test_top_eigenvector_at_every_scale(scale, n, linear_solver):
+    """Random symmetric ``S``, 8 samples. Matrix-free SQP used to crawl (19 of 384 samples over
+    100 iterations): its truncated-CG / steepest-descent step at indefinite points had the
+    length of the gradient (``scale`` times too short), and one wild first step raised the ℓ1
+    penalty for good; now the step is Levenberg-shifted and the penalty follows Powell's rule."""
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(8, n, n, generator=g, dtype=F64)
+    S = scale * (A + A.mT) / 2
+    y = TopEigenvector(Options(linear_solver=linear_solver, strict=True))(S)
+    top = torch.linalg.eigh(S).eigenvectors[..., -1]
+    top = top * torch.sign((top * y).sum(-1, keepdim=True))
+    torch.testing.assert_close(y, top, atol=1e-7, rtol=0)
+
+
 class _FromInput(FarthestOnSphere):
     initial_guess = Sphere.initial_guess
 

@@ -115,6 +115,27 @@ def test_double_well_from_next_to_its_maximum():
     assert (3 * y * y > 1).all()
 
 
+class _ScaledDoubleWell(DoubleWell):
+    def __init__(self, s: float, options: Options):
+        super().__init__(options)
+        self.s = s
+
+    def objective(self, x, y):
+        return self.s * super().objective(x, y)
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "cg"])
+@pytest.mark.parametrize("s", [1e-4, 1.0, 1e3])
+def test_indefinite_steps_scale_with_the_problem(s, linear_solver):
+    """The double well scaled by ``s`` from next to its maximum: the matrix-free step where the
+    Hessian is indefinite was steepest descent of the gradient's length (at ``s = 1e-4`` 100
+    iterations did not reach the wells); it is now Levenberg-shifted as the dense one."""
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    y = _ScaledDoubleWell(s, Options(linear_solver=linear_solver, strict=True))(x)
+    assert torch.equal(y.sign(), x.sign())
+    torch.testing.assert_close(4 * y * (y * y - 1), 0.1 * x, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("dtype, tol", [(F64, 1e-9), (torch.float32, 1e-4)])
 def test_singular_hessian_is_shifted_and_not_handed_on(dtype, tol):
     x = torch.randn(5, 1, dtype=dtype)
