@@ -21,6 +21,7 @@ is not positive definite is solved with the smallest Levenberg shift ``γ = s·1
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -154,11 +155,58 @@ class Dense(LinearSolver):
 
 def _dense(H: Tensor, op: KKTOperator, By: Tensor, Bc: Tensor, damping: float,
            idx: Tensor | None = None) -> tuple[Tensor, Tensor, SolveInfo]:
+    if damping:
+        H = H + damping * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    D = _jacobi(H)
+    if D is not None:  # solve (D H D) (D⁻¹ U) = D By: the same system, its diagonal made one
+        H = _keep_shared(H, D, lambda M, d: d.unsqueeze(-1) * M * d.unsqueeze(-2))
+        By = D.unsqueeze(-1) * By
     if not op.constrained:
-        U, info = solve_spd(H, By, damping)
-        return U, By.new_zeros(By.shape[0], 0, By.shape[-1]), info
-    A, active = (op.A, op.active) if idx is None else (op.A[idx], op.active[idx])
-    return solve_kkt(H, A, active, By, Bc, damping)
+        U, info = solve_spd(H, By)
+        W = By.new_zeros(By.shape[0], 0, By.shape[-1])
+        if D is not None and info.factor is not None:  # D H D = L Lᵀ, so H = (D⁻¹L)(D⁻¹L)ᵀ
+            info = dataclasses.replace(info, factor=info.factor / D.unsqueeze(-1))
+    else:
+        A, active = (op.A, op.active) if idx is None else (op.A[idx], op.active[idx])
+        if D is not None:
+            A = _keep_shared(A, D, lambda M, d: M * d.unsqueeze(-2))
+        U, W, info = solve_kkt(H, A, active, By, Bc)
+    return (U, W, info) if D is None else (D.unsqueeze(-1) * U, W, info)
+
+
+def _keep_shared(M: Tensor, D: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``fn(M, D)``, computed once and expanded again where ``M`` and ``D`` are both shared by the
+    batch (stride 0)."""
+    if M.shape[0] > 1 and M.stride(0) == 0 and D.stride(0) == 0:
+        return fn(M[:1], D[:1]).expand(M.shape)
+    return fn(M, D)
+
+
+_JACOBI_RANGE = 0.25  # scale where min H_ii < eps^this · max H_ii (a wide range of curvatures)
+
+
+def _jacobi(H: Tensor) -> Tensor | None:
+    """``D = diag(H)^(-1/2) (b, m)`` (1 where ``H_ii`` is not positive and finite), or ``None`` where
+    no sample's positive diagonal spans a wide range.
+
+    A symmetric positive definite ``H`` whose curvatures differ by orders of magnitude (``y log y``
+    near ``y = 0``: ``H_ii = 1/y_i``) is well conditioned after this scaling (van der Sluis: the
+    diagonal scaling is within a factor ``m`` of the best one), but its factorisation's pivots fall
+    below the trusted level ``√eps · max |H|`` before it: without the scaling such a system is taken
+    for singular and solved by a rank-truncated least squares, which cuts the small-curvature
+    directions (a wrong gradient)."""
+    if H.shape[-1] < 2:
+        return None
+    shared = H.shape[0] > 1 and H.stride(0) == 0
+    diag = (H[:1] if shared else H).diagonal(dim1=-2, dim2=-1)
+    usable = torch.isfinite(diag) & (diag > 0)
+    top = torch.where(usable, diag, 0.0).amax(-1)
+    low = torch.where(usable, diag, torch.inf).amin(-1)
+    wide = usable.any(-1) & (low < torch.finfo(H.dtype).eps ** _JACOBI_RANGE * top)
+    if not bool(wide.any()):
+        return None
+    D = torch.where(usable, diag.clamp_min(torch.finfo(H.dtype).tiny).rsqrt(), 1.0)
+    return D.expand(H.shape[0], -1) if shared else D
 
 
 @dataclass(frozen=True)
