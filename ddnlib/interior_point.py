@@ -39,7 +39,7 @@ primal–dual methods for convex QPs (N&W Algorithm 16.4). Starting points need 
 domains as inequality constraints, so that the slacks keep the iterates inside.
 
 Near the end (feasibility and complementarity residuals below ``tol^¼``) the active set is guessed
-(``z > s``) and one Newton step on the KKT system with those rows held as equalities is tried;
+(``z > s``, the multiplier and the slack each in the units of the stopping test) and one Newton step on the KKT system with those rows held as equalities is tried;
 where it gives no KKT point the guess is corrected once as in a primal–dual active-set method
 (rows with a negative multiplier leave it, violated rows join it; Hintermüller, Ito & Kunisch,
 SIAM J. Optim. 13, 2002) and the step tried again. Where the KKT conditions are linear (a QP:
@@ -77,14 +77,19 @@ autodiff disagree at its last point, is solved again from ``y₀`` without the e
 
 A sample stops when, with ``tol = Options.solver_tol``,
 
-    ‖r_d‖∞ ≤ tol (σ_d + ‖∇f‖∞),   ‖[h; g + s]‖∞ ≤ tol (σ_p + ‖J‖∞ ‖y‖∞),   max s∘z ≤ tol (σ_c + |f|),
+    ‖r_d‖∞ ≤ tol S_d,   ‖[h; g + s]‖∞ ≤ tol S_p,   max s∘z ≤ tol S_p S_d / ‖J‖∞,
+    S_d = σ_d + ‖∇f‖∞,   S_p = min(σ_p, max(‖c‖∞, ‖J‖∞ ‖y‖∞)) + ‖J‖∞ ‖y‖∞,
 
-(each residual relative to the size of the terms it balances), with floors ``σ ≤ 1`` from the
-problem's sizes at ``y₀`` (``_scales``): 1 on problems of size one or more, smaller on smaller
-ones (with a floor of 1 a ball of radius 10⁻³ in float32 "converged" to answers 20–66 % off).
+(each residual relative to the size of the terms it balances; complementarity is a slack, of
+the constraints' size, times a multiplier, of the size of ``∇f`` per ``J``), with floors ``σ ≤ 1``
+from the problem's sizes at ``y₀`` (``_scales``): 1 on problems of size one or more, smaller on
+smaller ones (with a floor of 1 a ball of radius 10⁻³ in float32 "converged" to answers 20–66 %
+off), and ``σ_p`` lowered to the constraints' size at the point reached (a start of size one far
+outside a box of width 10⁻⁴). Complementarity relative to ``|f|``, as before, let a simplex
+projection of data of size 10⁶, where ``f ≈ ½‖x‖²``, stop 30 % off.
 Samples that do not stop within ``Options.max_iter`` iterations are reported
 (:class:`~ddnlib.NonConvergenceWarning`, an error in strict mode) with their residuals. The
-inequality multipliers handed back are ``z`` where ``z > s`` (the constraint is active) and 0
+inequality multipliers handed back are ``z`` where ``z > s`` (so measured: active) and 0
 elsewhere (the multipliers of the active-set step where that ended the sample), so the backward
 needs no least-squares recovery of multipliers.
 """
@@ -307,7 +312,8 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
                      for new, old in ((y_p, y), (lam_p, lam), (mu_p, z)))
         s = torch.where(keep, torch.zeros_like(s), s)
         polished |= ok
-    mu = torch.where(polished.unsqueeze(-1) | (z > s), z, torch.zeros_like(z))
+    active = _active(whole, y, lam, s, z) if q else torch.zeros_like(z, dtype=torch.bool)
+    mu = torch.where(polished.unsqueeze(-1) | active, z, torch.zeros_like(z))
     return _Outcome(y, lam, mu, s, z, polished, converged, iterations, residual)
 
 
@@ -344,37 +350,54 @@ def _select(problem: Problem, idx: Tensor) -> Problem:
 def _residuals(ev: _Eval, y: Tensor, rd: Tensor, feas: Tensor, comp: Tensor,
                scales: Tensor) -> Tensor:
     """The three relative residuals ``(3, b)`` of the stopping test: stationarity, feasibility,
-    complementarity, with the floors ``σ (3, b)`` of :func:`_scales` (module docstring)."""
-    scale_p = scales[1] + ev.a_max * y.abs().amax(-1)
-    return torch.stack([rd.abs().amax(-1) / (scales[0] + ev.gf.abs().amax(-1)),
-                        _amax(feas.abs()) / scale_p,
-                        _amax(comp.abs()) / (scales[2] + ev.f.abs())])
+    complementarity, with the floors ``σ (2, b)`` of :func:`_scales` (module docstring)."""
+    scale_d, scale_p, dual = _sizes(ev, y, scales)
+    return torch.stack([rd.abs().amax(-1) / scale_d, _amax(feas.abs()) / scale_p,
+                        _amax(comp.abs()) / (scale_p * dual)])
+
+
+def _sizes(ev: _Eval, y: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The sizes ``(b,)`` the stopping test measures against: of the gradient terms, of the
+    constraint terms and of a multiplier (gradient per constraint Jacobian)."""
+    scale_d = scales[0] + ev.gf.abs().amax(-1)
+    y_size = y.abs().amax(-1)
+    # the floor σ_p, or the constraints' size here where smaller: a start far outside a small
+    # feasible set (a box of width 10⁻⁴ from y₀ of size one) makes σ_p too large for the answer
+    here = _unit_at_most(torch.maximum(torch.maximum(_amax(ev.h.abs()), _amax(ev.g.abs())),
+                                       torch.nan_to_num(ev.a_max) * y_size))
+    scale_p = torch.minimum(scales[1], here) + ev.a_max * y_size
+    return scale_d, scale_p, torch.where(ev.a_max > 0, scale_d / ev.a_max, scale_d)
+
+
+def _active(model: _Model, y: Tensor, lam: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    """The inequality rows ``(b, q)`` the interior point is taking to ``g = 0``: ``z > s`` in the
+    units of the stopping test (a multiplier against a slack: in a box of width 10⁻⁶ every slack
+    is below every multiplier, so that a plain ``z > s`` holds both bounds of a coordinate)."""
+    ev = model.evaluate(y, lam, z, second_order=False)
+    _, scale_p, dual = _sizes(ev, y, model.scales)
+    return z * (scale_p / dual).unsqueeze(-1) > s
 
 
 def _scales(ev: _Eval, y: Tensor) -> Tensor:
-    """The floors ``σ = (σ_d, σ_p, σ_c) (3, b)`` of the stopping test from the problem's own
-    sizes at the start ``y₀`` (``ev`` there, second order; ``c = [h; g]``), each at most 1:
-    the gradient's ``σ_d = max(‖∇f‖∞, ‖W‖ ‖y₀‖∞)``, the constraints' ``σ_p = max(‖c‖∞,
-    ‖J‖∞ ‖y₀‖∞)``, the objective's ``σ_c = max(|f|, σ_d ‖y₀‖∞, σ_d σ_p / ‖J‖∞, σ_d² / ‖W‖)``
-    (``‖W‖ = max |W_ij|``; each term a size of ``f`` from a gradient and a length). On a problem
-    of size one or more they are 1 (an absolute floor, as ``1 +``); on a smaller one the test
-    scales with the problem (a ball of radius 10⁻³, a QP whose data are 10⁻⁶). A size that is not
-    finite or below ``√tiny`` of the dtype says nothing of the scale: 1 there."""
-    floor = torch.finfo(y.dtype).tiny ** 0.5
-
-    def unit_at_most(t: Tensor) -> Tensor:
-        return torch.where(torch.isfinite(t) & (t >= floor), t.clamp_max(1.0), 1.0)
-
-    def ratio(a: Tensor, b: Tensor) -> Tensor:
-        return torch.where(b > 0, a / b.clamp_min(floor), torch.zeros_like(a))
-
+    """The floors ``σ = (σ_d, σ_p) (2, b)`` of the stopping test from the problem's own sizes at
+    the start ``y₀`` (``ev`` there, second order; ``c = [h; g]``), each at most 1: the gradient's
+    ``σ_d = max(‖∇f‖∞, ‖W‖ ‖y₀‖∞)`` (``‖W‖ = max |W_ij|``) and the constraints' ``σ_p =
+    max(‖c‖∞, ‖J‖∞ ‖y₀‖∞)``. On a problem of size one or more they are 1 (an absolute floor, as
+    ``1 +``); on a smaller one the test scales with the problem (a ball of radius 10⁻³, a QP
+    whose data are 10⁻⁶)."""
     y_size = y.abs().amax(-1)
     a = torch.nan_to_num(ev.a_max)
     w = torch.nan_to_num(ev.W.abs().amax((-2, -1)) if ev.W.shape[1] else torch.zeros_like(a))
     gd = torch.maximum(ev.gf.abs().amax(-1), w * y_size)
     gp = torch.maximum(torch.maximum(_amax(ev.h.abs()), _amax(ev.g.abs())), a * y_size)
-    gc = torch.stack([ev.f.abs(), gd * y_size, ratio(gd * gp, a), ratio(gd * gd, w)]).amax(0)
-    return torch.stack([unit_at_most(gd), unit_at_most(gp), unit_at_most(gc)])
+    return torch.stack([_unit_at_most(gd), _unit_at_most(gp)])
+
+
+def _unit_at_most(t: Tensor) -> Tensor:
+    """A size as a floor of the stopping test: ``min(t, 1)``, and 1 where ``t`` is not finite or
+    below ``√tiny`` (it says nothing of the scale there)."""
+    floor = torch.finfo(t.dtype).tiny ** 0.5
+    return torch.where(torch.isfinite(t) & (t >= floor), t.clamp_max(1.0), 1.0)
 
 
 def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tensor,
@@ -484,7 +507,8 @@ def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples
     idx = samples.nonzero().flatten()
     model.hessian_factor()  # once, for every subset
     sub = model.select(idx) if idx.numel() < samples.numel() else model
-    y, lam, z, active, tries = y[idx], lam[idx], z[idx], (z > s)[idx], tries[idx]
+    y, lam, z, s, tries = y[idx], lam[idx], z[idx], s[idx], tries[idx]
+    active = _active(sub, y, lam, s, z)
     for attempt in range(int(tries.max()) if idx.numel() else 0):
         good, y_new, lam_new, mu_new, res, g = _active_step(sub, y, lam, z, active, tol)
         where = idx[good]
@@ -561,7 +585,7 @@ class _Model:
         self.all_convex = False
         self._factor: tuple[Tensor, Tensor] | None = None  # see hessian_factor
         self._a_max: Tensor | None = None  # max |J| per sample, for constant J
-        self.scales: Tensor | None = None  # the stopping test's floors (3, b): _scales
+        self.scales: Tensor | None = None  # the stopping test's floors (2, b): _scales
         if expand:
             self._detect(y0)
 
