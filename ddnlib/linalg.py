@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["NullSpace", "SolveInfo", "all_finite", "cg", "lstsq", "pinned_coordinates",
+__all__ = ["NullSpace", "SolveInfo", "all_finite", "cg", "jacobi_scaling", "lstsq", "pinned_coordinates",
            "shared_by_batch", "solve_kkt", "solve_spd", "trusted_cholesky"]
 
 
@@ -59,6 +59,36 @@ def lstsq(M: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     else:
         singular = torch.linalg.matrix_rank(M) < n
     return X, singular
+
+
+_JACOBI_RANGE = 0.25  # scale where min H_ii < eps^this · max H_ii (a wide range of curvatures)
+
+
+def jacobi_scaling(H: Tensor) -> Tensor | None:
+    """``D = diag(H)^(-1/2) (b, m)`` (1 where ``H_ii`` is not positive and finite), or ``None`` where
+    no sample's positive diagonal spans a wide range (``min H_ii < eps^¼ max H_ii``).
+
+    A symmetric positive definite ``H`` whose curvatures differ by orders of magnitude (``y log y``
+    near ``y = 0``: ``H_ii = 1/y_i``) is well conditioned after this scaling (van der Sluis: the
+    diagonal scaling is within a factor ``m`` of the best one), but its factorisation's pivots fall
+    below the trusted level ``√eps · max |H|`` before it: without the scaling such a system is taken
+    for singular and solved by a rank-truncated least squares, which cuts the small-curvature
+    directions (a wrong gradient, or a Newton step that stalls)."""
+    if H.shape[-1] < 2:
+        return None
+    shared = H.shape[0] > 1 and H.stride(0) == 0
+    diag = (H[:1] if shared else H).diagonal(dim1=-2, dim2=-1)
+    range_ = torch.finfo(H.dtype).eps ** _JACOBI_RANGE
+    if not bool((diag.amin(-1) < range_ * diag.amax(-1)).any()):  # the common case, 4 operations
+        return None
+    usable = torch.isfinite(diag) & (diag > 0)
+    top = torch.where(usable, diag, 0.0).amax(-1)
+    low = torch.where(usable, diag, torch.inf).amin(-1)
+    wide = usable.any(-1) & (low < range_ * top)
+    if not bool(wide.any()):
+        return None
+    D = torch.where(usable, diag.clamp_min(torch.finfo(H.dtype).tiny).rsqrt(), 1.0)
+    return D.expand(H.shape[0], -1) if shared else D
 
 
 def trusted_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,7 +1,8 @@
 """Default forward solvers, used when a node does not supply ``solve``.
 
 Unconstrained: batched Newton with Levenberg damping and a backtracking (Armijo) line search, the
-direction from dense per-sample Hessians (Cholesky) for small outputs or from conjugate gradients on
+direction from dense per-sample Hessians (Cholesky, Jacobi-scaled where the curvatures span many
+orders of magnitude: :func:`~ddnlib.linalg.jacobi_scaling`) for small outputs or from conjugate gradients on
 Hessian-vector products (Newton-CG) for large ones (the same ``Options.linear_solver`` /
 ``dense_max`` switch as the backward pass). Every solver stops per sample when the Newton step is
 below ``solver_tol · (σ + ‖y‖∞)``, ``σ = min(1, max(‖y₀‖∞, ‖d₀‖∞))`` (the size of the start and
@@ -56,7 +57,7 @@ from .contract import check_initial_guess, check_start
 from . import interior_point
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
-from .linalg import SolveInfo, lstsq, trusted_cholesky
+from .linalg import SolveInfo, jacobi_scaling, lstsq, trusted_cholesky
 from .linear_solvers import CG, Auto, Dense, KKTOperator, chosen
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
@@ -429,7 +430,13 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     factor of a finite ``H``, and the mask ``(b,)`` of samples whose ``f`` and ``∇f`` are finite
     (``None``: all).
     """
-    L, failed, weak = trusted_cholesky(H)
+    D = jacobi_scaling(H)
+    if D is not None:  # the same step from D H D (D⁻¹ d) = −D ∇f; H = (D⁻¹L)(D⁻¹L)ᵀ
+        Hs = D.unsqueeze(-1) * H * D.unsqueeze(-2)
+        Ls, failed, weak = trusted_cholesky(Hs)
+        L = Ls / D.unsqueeze(-1)
+    else:
+        Hs, (L, failed, weak) = H, trusted_cholesky(H)
     trusted = ~(failed | weak)
     d = torch.cholesky_solve(-g.unsqueeze(-1), L)[..., 0]
     slope = (d * g).sum(-1)
@@ -442,11 +449,16 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     usable = finite & torch.isfinite(H).all((-2, -1))
     g = torch.where(finite.unsqueeze(-1), g, torch.zeros_like(g))
     d = torch.where(usable.unsqueeze(-1), d, -g)
+    if D is not None:  # the fallbacks below solve the scaled system for D⁻¹ d
+        H, g_s = Hs, D * g
+    else:
+        g_s = g
+    unscale = (lambda e, idx: e) if D is None else (lambda e, idx: D[idx] * e)
     weak = (usable & weak).nonzero().flatten()
     if weak.numel():
-        d[weak] = lstsq(H[weak], -g[weak].unsqueeze(-1))[0][..., 0]
+        d[weak] = unscale(lstsq(H[weak], -g_s[weak].unsqueeze(-1))[0][..., 0], weak)
     todo = (usable & failed).nonzero().flatten()
-    if todo.numel():
+    if todo.numel():  # (with D: a shift γ D⁻² of H, each coordinate by its own curvature)
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
         scale = H[todo].diagonal(dim1=-2, dim2=-1).abs().amax(-1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -454,7 +466,8 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
             shifted = H[todo] + (scale * 10.0 ** k)[:, None, None] * eye
             Lk, failed_k, weak_k = trusted_cholesky(shifted)
             ok = ~(failed_k | weak_k)
-            d[todo[ok]] = torch.cholesky_solve(-g[todo[ok]].unsqueeze(-1), Lk[ok])[..., 0]
+            e = torch.cholesky_solve(-g_s[todo[ok]].unsqueeze(-1), Lk[ok])[..., 0]
+            d[todo[ok]] = unscale(e, todo[ok])
             todo, scale = todo[~ok], scale[~ok]
             if not todo.numel():
                 break

@@ -136,6 +136,30 @@ def test_indefinite_steps_scale_with_the_problem(s, linear_solver):
     torch.testing.assert_close(4 * y * (y * y - 1), 0.1 * x, atol=1e-12, rtol=0)
 
 
+class Sigmoid(DeclarativeNode):
+    """``argmin Σ −x y + y log y + (1 − y) log(1 − y)`` from ``½``: ``σ(x)``, with curvature
+    ``1/(y(1 − y))`` from 4 to ``1/eps`` where ``x`` saturates."""
+
+    def objective(self, x, y):
+        return (-x * y + y * y.log() + (1 - y) * torch.log1p(-y)).sum(-1)
+
+    def initial_guess(self, x):
+        return torch.full_like(x, 0.5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(F64, 1e-10), (torch.float32, 1e-6)])
+def test_curvatures_over_many_orders_do_not_stall_the_step(dtype, tol):
+    """One saturated entry (``1 − y ≈ 4e-8``) made the Hessian look singular to the pivot test
+    (``√eps · max |H|``): the least-squares step cut the other coordinates and Newton stopped,
+    "converged", with ``y = 0.34`` for ``σ(−1.47) = 0.19`` (float32). The step is now formed
+    from the Jacobi-scaled Hessian."""
+    x = 10 * torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    x[:, 0] = torch.tensor([16.9, -17.0, 20.0], dtype=F64)  # saturated in float32
+    x = x.to(dtype)
+    y = Sigmoid(Options(strict=True))(x)
+    torch.testing.assert_close(y, torch.sigmoid(x), atol=tol, rtol=0)
+
+
 @pytest.mark.parametrize("dtype, tol", [(F64, 1e-9), (torch.float32, 1e-4)])
 def test_singular_hessian_is_shifted_and_not_handed_on(dtype, tol):
     x = torch.randn(5, 1, dtype=dtype)
