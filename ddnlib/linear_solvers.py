@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
-from .linalg import NullSpace, SolveInfo, cg, pinned_coordinates, solve_kkt, solve_spd
+from .linalg import (NullSpace, SolveInfo, cg, jacobi_scaling, pinned_coordinates, solve_kkt,
+                     solve_spd, trusted_cholesky)
 
 __all__ = ["KKTOperator", "LinearSolver", "Dense", "CG", "Auto", "report_solve"]
 
@@ -157,7 +158,7 @@ def _dense(H: Tensor, op: KKTOperator, By: Tensor, Bc: Tensor, damping: float,
            idx: Tensor | None = None) -> tuple[Tensor, Tensor, SolveInfo]:
     if damping:
         H = H + damping * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    D = _jacobi(H)
+    D = jacobi_scaling(H)
     if D is not None:  # solve (D H D) (D⁻¹ U) = D By: the same system, its diagonal made one
         H = _keep_shared(H, D, lambda M, d: d.unsqueeze(-1) * M * d.unsqueeze(-2))
         By = D.unsqueeze(-1) * By
@@ -171,7 +172,39 @@ def _dense(H: Tensor, op: KKTOperator, By: Tensor, Bc: Tensor, damping: float,
         if D is not None:
             A = _keep_shared(A, D, lambda M, d: M * d.unsqueeze(-2))
         U, W, info = solve_kkt(H, A, active, By, Bc)
+    if not op.convexify:
+        info = _nearly_singular(H, info, op.constrained)
     return (U, W, info) if D is None else (D.unsqueeze(-1) * U, W, info)
+
+
+def _nearly_singular(H: Tensor, info: SolveInfo, constrained: bool) -> SolveInfo:
+    """``info`` with the samples whose (reduced) Hessian is singular to within ``√eps`` of its
+    size marked ``singular`` too, with their smallest eigenvalue.
+
+    A rank test at rounding level (``m · eps``) misses a matrix that is singular only to the
+    accuracy of the forward solution (a repeated top eigenvalue: ``Zᵀ H Z`` with an eigenvalue of
+    8e-14 instead of 0); solving with it amplifies that inaccuracy by ``1/λ_min`` (a gradient of
+    2e12). Below ``√eps · max |H|`` (a condition number above ``1/√eps``, 7e7 in float64) the
+    gradient is no longer determined to more than the forward's accuracy allows: reported."""
+    tol = torch.finfo(H.dtype).eps ** 0.5
+    scale = H.abs().amax((-2, -1))
+    if constrained:
+        if info.min_eig is None:
+            return info
+        eig = info.min_eig
+        near = torch.isfinite(eig) & (eig <= tol * scale) & ~info.not_pd
+    else:
+        if info.factor is not None:  # every sample's Cholesky factor was trusted
+            return info
+        _, failed, weak = trusted_cholesky(H)
+        near = weak & ~failed & ~info.not_pd
+        if not bool(near.any()):
+            return info
+        eig = torch.full_like(scale, float("inf"))
+        eig[near] = torch.linalg.eigvalsh(H[near])[..., 0]
+    if not bool((near & ~info.singular).any()):
+        return info
+    return dataclasses.replace(info, singular=info.singular | near, min_eig=eig)
 
 
 def _keep_shared(M: Tensor, D: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
@@ -180,33 +213,6 @@ def _keep_shared(M: Tensor, D: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -
     if M.shape[0] > 1 and M.stride(0) == 0 and D.stride(0) == 0:
         return fn(M[:1], D[:1]).expand(M.shape)
     return fn(M, D)
-
-
-_JACOBI_RANGE = 0.25  # scale where min H_ii < eps^this · max H_ii (a wide range of curvatures)
-
-
-def _jacobi(H: Tensor) -> Tensor | None:
-    """``D = diag(H)^(-1/2) (b, m)`` (1 where ``H_ii`` is not positive and finite), or ``None`` where
-    no sample's positive diagonal spans a wide range.
-
-    A symmetric positive definite ``H`` whose curvatures differ by orders of magnitude (``y log y``
-    near ``y = 0``: ``H_ii = 1/y_i``) is well conditioned after this scaling (van der Sluis: the
-    diagonal scaling is within a factor ``m`` of the best one), but its factorisation's pivots fall
-    below the trusted level ``√eps · max |H|`` before it: without the scaling such a system is taken
-    for singular and solved by a rank-truncated least squares, which cuts the small-curvature
-    directions (a wrong gradient)."""
-    if H.shape[-1] < 2:
-        return None
-    shared = H.shape[0] > 1 and H.stride(0) == 0
-    diag = (H[:1] if shared else H).diagonal(dim1=-2, dim2=-1)
-    usable = torch.isfinite(diag) & (diag > 0)
-    top = torch.where(usable, diag, 0.0).amax(-1)
-    low = torch.where(usable, diag, torch.inf).amin(-1)
-    wide = usable.any(-1) & (low < torch.finfo(H.dtype).eps ** _JACOBI_RANGE * top)
-    if not bool(wide.any()):
-        return None
-    D = torch.where(usable, diag.clamp_min(torch.finfo(H.dtype).tiny).rsqrt(), 1.0)
-    return D.expand(H.shape[0], -1) if shared else D
 
 
 @dataclass(frozen=True)
@@ -279,9 +285,11 @@ def report_solve(info: SolveInfo, strict: bool, what: str, H: Tensor | None = No
             detail = (f" (smallest reduced-Hessian eigenvalue "
                       f"{info.min_eig[info.singular].abs().min().item():.3g})")
         report(SingularSystemWarning,
-               f"{what} is singular or rank deficient at samples {describe_samples(info.singular)}"
-               f"{detail}: the gradient is not determined there; "
-               "the minimum-norm least-squares solution was used. Add damping "
+               f"{what} is singular, rank deficient or nearly singular at samples "
+               f"{describe_samples(info.singular)}"
+               f"{detail}: the gradient is not determined there, or only to far less than the "
+               "forward solution's accuracy (the minimum-norm least-squares solution is used "
+               "where the matrix is singular). Add damping "
                "(Options(damping=...)) or check that the problem has a unique solution.", strict)
     elif info.not_pd.any():
         detail = ""
