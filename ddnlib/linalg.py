@@ -65,8 +65,10 @@ _JACOBI_RANGE = 0.25  # scale where min H_ii < eps^this · max H_ii (a wide rang
 
 
 def jacobi_scaling(H: Tensor) -> Tensor | None:
-    """``D = diag(H)^(-1/2) (b, m)`` (1 where ``H_ii`` is not positive and finite), or ``None`` where
-    no sample's positive diagonal spans a wide range (``min H_ii < eps^¼ max H_ii``).
+    """``D = |diag(H)|^(-1/2) (b, m)``, or ``None`` where no sample's diagonal spans a wide range
+    (``min |H_ii| < eps^¼ max |H_ii|`` over the finite non-zero entries); an entry that is zero
+    or not finite gets ``max |H_ii|^(-1/2)`` of its sample, so that ``D H D`` has every diagonal
+    entry at most one in size (a shift of ``D H D`` is then on one scale for every coordinate).
 
     A symmetric positive definite ``H`` whose curvatures differ by orders of magnitude (``y log y``
     near ``y = 0``: ``H_ii = 1/y_i``) is well conditioned after this scaling (van der Sluis: the
@@ -81,13 +83,16 @@ def jacobi_scaling(H: Tensor) -> Tensor | None:
     range_ = torch.finfo(H.dtype).eps ** _JACOBI_RANGE
     if not bool((diag.amin(-1) < range_ * diag.amax(-1)).any()):  # the common case, 4 operations
         return None
-    usable = torch.isfinite(diag) & (diag > 0)
-    top = torch.where(usable, diag, 0.0).amax(-1)
-    low = torch.where(usable, diag, torch.inf).amin(-1)
-    wide = usable.any(-1) & (low < range_ * top)
+    size = diag.abs()
+    usable = torch.isfinite(size) & (size > 0)
+    top = torch.where(usable, size, 0.0).amax(-1, keepdim=True)
+    low = torch.where(usable, size, torch.inf).amin(-1, keepdim=True)
+    wide = usable.any(-1) & (low < range_ * top)[..., 0]
     if not bool(wide.any()):
         return None
-    D = torch.where(usable, diag.clamp_min(torch.finfo(H.dtype).tiny).rsqrt(), 1.0)
+    tiny = torch.finfo(H.dtype).tiny
+    D = torch.where(usable, size, top).clamp_min(tiny).rsqrt()
+    D = torch.where(wide.unsqueeze(-1), D, 1.0)  # the other samples as they are
     return D.expand(H.shape[0], -1) if shared else D
 
 
