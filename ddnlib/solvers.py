@@ -209,7 +209,10 @@ def newton(problem: Problem, y0: Tensor, options, start: tuple | None = None,
 
 
 def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
-    """:func:`newton` with the step from the node's (matrix-free) linear solver."""
+    """:func:`newton` with the step from the node's (matrix-free) linear solver, solved to the
+    relative residual ``min(½, √(‖∇f‖ / ‖∇f(y₀)‖))`` (Dembo & Steihaug's forcing, relative to the
+    start) and at least ``cg_tol``; a step that passes the stopping test from a looser solve is
+    solved again to ``cg_tol`` before the sample stops."""
     b = problem.batch
     tol = options.tol("solver_tol", y0.dtype)
     cg_tol = options.tol("cg_tol", y0.dtype)
@@ -220,11 +223,16 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
     certified = None  # see Solution.certified
     sigma, size = None, torch.full((b,), float("inf"), dtype=y.dtype, device=y.device)
     kkt = problem.kkt(y, options=options)
+    g0 = None  # ‖∇f(y₀)‖, the forcing terms' unit
+    confirm = torch.zeros_like(running)  # a small step from a loose solve, to be solved tightly
     for _ in range(options.max_iter):
         g = kkt.grad_f.detach()
         gnorm = g.norm(dim=-1).clamp_min(torch.finfo(g.dtype).tiny)
-        forcing = gnorm.clamp(max=0.25).sqrt().clamp(min=cg_tol).unsqueeze(0)
-        d, _, _, info = _newton_step(kkt, options, -g, g.new_zeros(b, 0), forcing,
+        g0 = gnorm if g0 is None else g0
+        # Dembo–Steihaug forcing min(½, √‖∇f‖), with ‖∇f‖ relative to the start's
+        forcing = torch.where(confirm, cg_tol,
+                              (gnorm / g0).clamp(max=0.25).sqrt().clamp(min=cg_tol))
+        d, _, _, info = _newton_step(kkt, options, -g, g.new_zeros(b, 0), forcing.unsqueeze(0),
                                      curvature=False)
         d = d.detach()
         newton_step = (d * g).sum(-1) < 0
@@ -235,7 +243,10 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
         sigma = _length(y, d) if sigma is None else sigma
         step_now, stop, size = _step_test(d, y, sigma, size, tol)
         step = torch.where(running, step_now, step)
-        done = running & stop
+        # a step below tol from a CG solve to a loose residual is not yet Newton's: along the
+        # Hessian's small eigenvalues it can be far too short (Rosenbrock's valley)
+        confirm = stop & (forcing > cg_tol)
+        done = running & stop & ~confirm
         y = torch.where(done.unsqueeze(-1), y + d, y)  # the last (tiny) step is applied too
         running &= ~done
         if not running.any():

@@ -106,6 +106,33 @@ def test_rosenbrock_from_indefinite_starts(dtype, tol):
         torch.testing.assert_close(L @ L.mT, H, atol=1e-10, rtol=1e-10)
 
 
+class _ScaledRosenbrock(Rosenbrock):
+    def __init__(self, s: float, options: Options):
+        super().__init__(options)
+        self.s = s
+
+    def objective(self, x, a, y):
+        return self.s * super().objective(x, a, y)
+
+    def initial_guess(self, x, a):
+        return x
+
+
+@pytest.mark.parametrize("dtype, tol", [(F64, 1e-8), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("s", [1e-8, 1.0, 1e4])
+def test_newton_cg_stops_on_a_tight_solve(s, dtype, tol):
+    """Newton-CG on Rosenbrock scaled by ``s`` from 16 random starts: its CG forcing term
+    ``min(½, √‖∇f‖)`` was absolute, so at ``s = 1e4`` every step was solved to a residual of ½,
+    and a step below tol along the valley (where CG resolves least) stopped a sample 3 % off,
+    silently (float32). Now the forcing is relative to the start's gradient and a step only
+    stops the iteration when it comes from a solve to ``cg_tol``."""
+    g = torch.Generator().manual_seed(0)
+    starts = (torch.rand(16, 2, generator=g, dtype=F64) * 4 - 2).to(dtype)
+    a = (torch.rand(16, 1, generator=g, dtype=F64) + 0.5).to(dtype)
+    y = _ScaledRosenbrock(s, Options(linear_solver="cg", max_iter=200, strict=True))(starts, a)
+    torch.testing.assert_close(y, torch.cat([a, a * a], 1), atol=tol, rtol=tol)
+
+
 def test_double_well_from_next_to_its_maximum():
     x = torch.randn(4, 5, dtype=F64)
     y = DoubleWell()(x)
