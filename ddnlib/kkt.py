@@ -19,6 +19,7 @@ of "optimal" (:class:`Optimality`) that both the backward's warning and the test
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,8 +70,8 @@ def _tight(g: Tensor, norms: Tensor, y: Tensor, tol: float) -> Tensor:
 
 
 def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: Tensor,
-               mu: Tensor | None, y: Tensor, tol: float, norms: Tensor | None = None
-               ) -> tuple[Tensor, Tensor]:
+               mu: Tensor | None, y: Tensor, tol: float, norms: Tensor | None = None,
+               curvature: Callable[[], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The constraints ``(b, p + q)`` held as equalities, and the ``(b,)`` samples where the
     decision is ambiguous (a weakly active inequality).
 
@@ -87,7 +88,12 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
       negative multiplier there is reported by the optimality check).
 
     A tight inequality whose force is within ``tol`` of zero is weakly active (``g_j = 0`` and
-    ``μ_j = 0`` to the accuracy of the solution): the decision is ambiguous and reported.
+    ``μ_j = 0`` to the accuracy of the solution): the decision is ambiguous and reported. Where
+    ``∇_y f`` itself vanishes (the unconstrained minimiser lies on the boundary: sparsemax of a
+    one-hot ``x``, where ``f``, ``∇f`` and every multiplier are rounding), the force has no unit;
+    a tight row whose force is not decisive (at most ``√tol``) is then also weakly active when
+    ``μ_j ‖∇g_j‖ ≤ tol · ‖H y‖∞``, the size of the gradient's terms (``curvature()``, the
+    ``(b,)`` norms of the Lagrangian's Hessian times ``y``, computed only when such a row exists).
     ``norms``: the ``‖∇g_j‖ (b, q)`` if at hand.
     """
     b = g.shape[0]
@@ -100,16 +106,22 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
     def force(m: Tensor) -> Tensor:
         return m * norms / unit
 
+    def weak(m: Tensor, strength: Tensor) -> Tensor:
+        rows = tight & (strength.abs() <= tol)
+        undecided = tight & ~rows & (strength.abs() <= dual)
+        if curvature is not None and bool(undecided.any()):
+            rows |= undecided & ((m * norms).abs() <= tol * curvature().unsqueeze(-1))
+        return rows.any(-1)
+
     if mu is not None:
         strength = force(mu)
         on = (strength > dual) | (tight & (mu > 0))  # weakly active: tight, positive μ
-        return torch.cat([eq, on], dim=1), (tight & (strength.abs() <= tol)).any(-1)
+        return torch.cat([eq, on], dim=1), weak(mu, strength)
     candidates = _tight(g, norms, y, dual)
     nu = least_squares_multipliers(grad_f, A, torch.cat([eq, candidates], dim=1))
     strength = force(nu[:, p:])
     ineq = candidates & ((strength > dual) | tight)
-    ambiguous = (tight & (strength.abs() <= tol)).any(-1)
-    return torch.cat([eq, ineq], dim=1), ambiguous
+    return torch.cat([eq, ineq], dim=1), weak(nu[:, p:], strength)
 
 
 @dataclass
@@ -354,8 +366,14 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
         if active is None and not q:
             active = torch.ones_like(c, dtype=torch.bool)
         elif active is None:
+            gradient = full if multipliers is not None else grad_f_graph
+
+            def curvature() -> Tensor:  # ‖H y‖∞ per sample, H the Hessian of f (+ known ν c)
+                Hy = grad(gradient, [yf], yf.detach(), retain_graph=True)[0]
+                return Hy.detach().abs().amax(-1)
+
             active, ambiguous = active_set(grad_f, f, A, p, g.detach(), tight, mu,
-                                           yf.detach(), active_tol, norms)
+                                           yf.detach(), active_tol, norms, curvature)
             if ambiguous.any():
                 report(OptimalityWarning,
                        f"weakly active inequality constraints at samples "
