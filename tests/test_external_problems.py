@@ -391,8 +391,6 @@ def newton_reference(node, P, xs, constrained_eq=False, constrained_ineq=False):
     conditions (active rows as equalities) at that solution; its derivative is the implicit one."""
 
     def call(name, xi, y):
-        holder = torch.nn.Module()
-        holder.node = node
         fn = getattr(type(node), name)
         return torch.func.functional_call(
             _Bound(node, fn), {f"node.{k}": v for k, v in P.items()}, (*xi, y.unsqueeze(0)))[0]
@@ -403,7 +401,7 @@ def newton_reference(node, P, xs, constrained_eq=False, constrained_ineq=False):
         y0 = node.initial_guess(*[x.detach() for x in xi])[0]
         shape = y0.shape
 
-        def fn(name, detach=True):
+        def fn(name):
             def value(z):
                 y = torch.as_tensor(z, dtype=F64).reshape(shape)
                 with torch.no_grad():
@@ -815,11 +813,16 @@ ILL_POSED = [
      lambda: (torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.3, -0.5]], dtype=F64),), OptimalityWarning),
     ("ball, x on the sphere (weakly active)", Ball,
      lambda: (_randn(42, 3, 3) / _randn(42, 3, 3).norm(dim=-1, keepdim=True),), OptimalityWarning),
-    ("top eigenvector, repeated top eigenvalue", TopEigenvector,
-     lambda: ((lambda Q: (Q @ torch.diag(torch.tensor([3.0, 3.0, 1.0, -1.0], dtype=F64)) @ Q.T)
-               .expand(2, 4, 4).clone())(torch.linalg.qr(_randn(6, 4, 4)).Q),
-              torch.full((2, 4), 0.5, dtype=F64)), SingularSystemWarning),
+    ("top eigenvector, repeated top eigenvalue", TopEigenvector, lambda: _repeated_top(),
+     SingularSystemWarning),
 ]
+
+
+def _repeated_top():
+    """S = Q diag(3, 3, 1, −1) Qᵀ for two samples, started at (½, ½, ½, ½)."""
+    Q = torch.linalg.qr(_randn(6, 4, 4)).Q
+    S = Q @ torch.diag(torch.tensor([3.0, 3.0, 1.0, -1.0], dtype=F64)) @ Q.T
+    return S.expand(2, 4, 4).clone(), torch.full((2, 4), 0.5, dtype=F64)
 
 
 def _ill_posed():
@@ -856,9 +859,7 @@ def test_nearly_singular_is_reported(case):
     if case == "unconstrained":
         node, xs = NearlyFlat(), [_randn(43, 3, 1).requires_grad_()]
     else:
-        Q = torch.linalg.qr(_randn(6, 4, 4)).Q
-        S = (Q @ torch.diag(torch.tensor([3.0, 3.0, 1.0, -1.0], dtype=F64)) @ Q.T)
-        node, xs = TopEigenvector(), [S.expand(2, 4, 4).clone().requires_grad_(),
-                                      torch.full((2, 4), 0.5, dtype=F64)]
+        S, y0 = _repeated_top()
+        node, xs = TopEigenvector(), [S.requires_grad_(), y0]
     with pytest.warns(SingularSystemWarning, match="nearly singular"):
         torch.autograd.grad(node(*xs).sum(), xs[0])
