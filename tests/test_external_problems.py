@@ -344,6 +344,67 @@ class PnP(DeclarativeNode):
         return p.new_zeros(p.shape[0], 6)
 
 
+class PinnedByEquality(DeclarativeNode):
+    """min ‖y‖² s.t. y³ + y = x (p = m: y fixed by the constraint), optionally written twice."""
+
+    def __init__(self, twice: bool = False):
+        super().__init__()
+        self.twice = twice
+
+    def objective(self, x, y):
+        return (y**2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        h = y**3 + y - x
+        return torch.cat([h, 2 * h], -1) if self.twice else h
+
+    def initial_guess(self, x):
+        return torch.zeros_like(x)
+
+
+class OutsideBall(Ball):
+    """Projection onto the complement of the open ball (a non-convex set): ‖y‖² ≥ r²."""
+
+    def inequality_constraints(self, x, y):
+        return self.r**2 - (y * y).sum(-1, keepdim=True)
+
+
+class Annulus(DeclarativeNode):
+    """Projection onto 1 ≤ ‖y‖ ≤ 2, started inside it."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        n = (y * y).sum(-1, keepdim=True)
+        return torch.cat([1 - n, n - 4], -1)
+
+    def initial_guess(self, x):
+        return torch.zeros_like(x) + torch.tensor([1.5, 0.0, 0.0], dtype=x.dtype)
+
+
+class QuadraticTransport(DeclarativeNode):
+    """min ⟨C, P⟩ + γ/2 ‖P‖² s.t. P1 = r, Pᵀ1 = c (W − 1 columns: the last is implied), P ≥ 0;
+    the plan P (b, H, W) is a matrix output; learnable log γ. (With every column the rows are
+    redundant and the gradients for r and c are defined only up to the direction (1, −1).)"""
+
+    def __init__(self, gamma: float = 0.3):
+        super().__init__()
+        self.log_gamma = _param(math.log(gamma))
+
+    def objective(self, C, r, c, P):
+        return (C * P).sum((-1, -2)) + 0.5 * self.log_gamma.exp() * (P * P).sum((-1, -2))
+
+    def equality_constraints(self, C, r, c, P):
+        return torch.cat([P.sum(-1) - r, P.sum(-2)[:, :-1] - c[:, :-1]], -1)
+
+    def inequality_constraints(self, C, r, c, P):
+        return -P.reshape(P.shape[0], -1)
+
+    def initial_guess(self, C, r, c):
+        return r[:, :, None] * c[:, None, :]
+
+
 # -- references (float64, differentiable in the inputs and parameters) ------------------------
 
 
@@ -604,6 +665,35 @@ def _ball_ref(P, x):
     return torch.where(n > P["r"], P["r"] * x / n, x)
 
 
+def _cube_root_ref(P, x):
+    """y³ + y = x: Newton to convergence, then one differentiable Newton step."""
+    y = torch.zeros_like(x).detach()
+    for _ in range(60):
+        y = y - (y**3 + y - x.detach()) / (3 * y**2 + 1)
+    return y - (y**3 + y - x) / (3 * y**2 + 1)
+
+
+def _transport_ref(P, C, r, c):
+    b, H, W = C.shape
+    m = H * W
+    rows = torch.zeros(H + W - 1, m, dtype=F64)  # the last column sum is implied
+    for i in range(H):
+        rows[i, i * W:(i + 1) * W] = 1
+    for j in range(W - 1):
+        rows[H + j, j::W] = 1
+    eye = torch.eye(m, dtype=F64).expand(b, m, m)
+    plan = qp_reference(P["log_gamma"].exp() * eye, C.reshape(b, m), rows.expand(b, -1, -1),
+                        torch.cat([r, c[:, :-1]], -1), -eye, torch.zeros(b, m, dtype=F64))
+    return plan.reshape(b, H, W)
+
+
+def _on_shells(seed, radii):
+    def inputs():
+        x = _randn(seed, len(radii), 3)
+        return (x / x.norm(dim=-1, keepdim=True) * torch.tensor(radii, dtype=F64)[:, None],)
+    return inputs
+
+
 CASES = [
     Case("constrained least squares", ConstrainedLeastSquares,
          lambda: (_randn(10, 2, 5), _randn(11, 2, 2)),
@@ -685,6 +775,20 @@ CASES = [
     Case("top eigenvector from the second one (a saddle)", TopEigenvector, _eigen_inputs(1),
          lambda P, S, y0: _top_eigenvector(S, y0), want=(0,)),
     Case("PnP, 6 noisy points", PnP, _pnp_inputs, _newton_ref(PnP)),
+    Case("y fixed by a nonlinear equality (p = m)", PinnedByEquality,
+         lambda: (3 * _randn(34, 3, 2),), _cube_root_ref),
+    Case("y fixed by the same equality written twice", lambda: PinnedByEquality(twice=True),
+         lambda: (3 * _randn(34, 3, 2),), _cube_root_ref),
+    Case("outside of a ball (non-convex set)", OutsideBall, _on_shells(35, [0.3, 0.7, 1.5, 3.0]),
+         lambda P, x: (lambda n: torch.where(n < P["r"], P["r"] * x / n, x))(
+             x.norm(dim=-1, keepdim=True))),
+    Case("annulus 1 ≤ |y| ≤ 2", Annulus, _on_shells(36, [0.5, 1.5, 3.0, 0.9]),
+         lambda P, x: x * (x.norm(dim=-1, keepdim=True).clamp(1, 2)
+                           / x.norm(dim=-1, keepdim=True))),
+    Case("quadratic transport, plan (b, 3, 4) output", lambda: QuadraticTransport(10.0),
+         lambda: (torch.rand(2, 3, 4, generator=_gen(37), dtype=F64),
+                  torch.full((2, 3), 1 / 3, dtype=F64), torch.full((2, 4), 1 / 4, dtype=F64)),
+         _transport_ref),
 ]
 
 # float32 answers are compared at float32 accuracy with the conditioning of each problem
