@@ -61,11 +61,13 @@ def _row_norms(A: Tensor) -> Tensor:
 
 def _tight(g: Tensor, norms: Tensor, y: Tensor, tol: float) -> Tensor:
     """Inequalities ``(b, q)`` whose first-order distance ``max(−g_j, 0) / ‖∇g_j‖`` (``norms``
-    the ``‖∇g_j‖``) is at most ``tol · ‖y‖∞``: on the boundary to the accuracy ``tol`` relative
-    to the point."""
+    the ``‖∇g_j‖``) is at most ``tol · (‖y‖∞ + tol)``: on the boundary to the accuracy ``tol``
+    relative to the point, absolute only below ``tol`` (as :class:`Optimality`'s scale). At the
+    answer ``y = 0`` (relu of a negative ``x``) ``‖y‖∞`` is rounding itself: relative to it, an
+    external solver's ``y_j = 2e-16`` on a bound was "inactive", a wrong gradient."""
     distance = (-g).clamp_min(0) / norms  # inf for a slack row without a gradient
     distance = torch.where(g >= 0, torch.zeros_like(distance), distance)
-    scale = y.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+    scale = y.abs().amax(-1, keepdim=True) + tol
     return distance <= tol * scale
 
 
@@ -81,11 +83,11 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
 
     - With the solver's ``μ``: active where the force exceeds ``√tol``, or where the constraint
       is tight and ``μ_j > 0`` (weakly active: dropping it changes the gradient).
-    - Otherwise the candidates are the inequalities within the loose distance ``√tol · ‖y‖∞`` of
-      their boundary (an inexact external solution is accurate to far less than ``tol``);
-      least-squares multipliers over the equalities and the candidates decide: a candidate with
-      a force above ``√tol`` is active, and so is a tight one (distance ``≤ tol · ‖y‖∞``; a
-      negative multiplier there is reported by the optimality check).
+    - Otherwise the candidates are the inequalities within the loose distance
+      ``√tol · (‖y‖∞ + √tol)`` of their boundary (an inexact external solution is accurate to
+      far less than ``tol``); least-squares multipliers over the equalities and the candidates decide: a candidate with
+      a force above ``√tol`` is active, and so is a tight one (distance ``≤ tol · (‖y‖∞ + tol)``;
+      a negative multiplier there is reported by the optimality check).
 
     A tight inequality whose force is within ``tol`` of zero is weakly active (``g_j = 0`` and
     ``μ_j = 0`` to the accuracy of the solution): the decision is ambiguous and reported. Where

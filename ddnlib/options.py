@@ -40,8 +40,8 @@ class Options:
             ``‖y‖∞ + optimality_tol`` and on constraint violation (``None``: ``1e-3`` in float32, ``1e-6``
             otherwise).
         active_tol: how close to its boundary an inequality ``g_j(y) ≤ 0`` counts as tight: first-order
-            distance ``max(−g_j, 0) / ‖∇g_j‖ ≤ active_tol · ‖y‖∞`` (``None``: ``1e-4`` in float32,
-            ``1e-8`` otherwise); candidates within ``√active_tol`` are decided by their multipliers
+            distance ``max(−g_j, 0) / ‖∇g_j‖ ≤ active_tol · (‖y‖∞ + active_tol)`` (``None``:
+            ``1e-4`` in float32, ``1e-8`` otherwise); candidates within ``√active_tol`` are decided by their multipliers
             (see :func:`ddnlib.kkt.active_set`).
         strict: raise :class:`~ddnlib.DDNError` subclasses instead of warning.
         max_iter: iteration cap of the default forward solvers.

@@ -967,3 +967,28 @@ def test_nearly_singular_is_reported(case):
         node, xs = TopEigenvector(), [S.requires_grad_(), y0]
     with pytest.warns(SingularSystemWarning, match="nearly singular"):
         torch.autograd.grad(node(*xs).sum(), xs[0])
+
+
+# -- an external solver's answer at y = 0 (finding F11) ----------------------------------------
+
+
+class ExternalReLU(ReLU):
+    """relu from an external solver: exact up to rounding, without its multipliers."""
+
+    noise = torch.tensor([-2.2e-16, 2.2e-16, 4.4e-16, 7.8e-16, -5.6e-17], dtype=F64)
+
+    def solve(self, x):
+        return x.clamp_min(0) + self.noise.to(x.dtype) * (x <= 0)
+
+
+def test_external_answer_at_zero():
+    """x < 0 everywhere: the answer is y = 0 and ‖y‖∞ is rounding; relative to it the bounds
+    with y_j = +2e-16 were not tight, so they were dropped: "fails the optimality check (step
+    8.6e+05)" and a gradient 45 % off (identity instead of zero on those coordinates)."""
+    x = torch.tensor([[-1.0, -0.4, -0.8, -0.9, -0.3], [0.5, 1.3, -1.5, -0.1, 0.5]],
+                     dtype=F64, requires_grad=True)
+    v = _randn(44, 2, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DDNWarning)
+        got, = torch.autograd.grad((ExternalReLU()(x) * v).sum(), x)
+    torch.testing.assert_close(got, v * (x > 0), rtol=0, atol=1e-12)
