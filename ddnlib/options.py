@@ -41,8 +41,8 @@ class Options:
             otherwise).
         active_tol: how close to its boundary an inequality ``g_j(y) ≤ 0`` counts as tight: first-order
             distance ``max(−g_j, 0) / ‖∇g_j‖ ≤ active_tol · (‖y‖∞ + active_tol)`` (``None``:
-            ``1e-4`` in float32, ``1e-8`` otherwise); candidates within ``√active_tol`` are decided by their multipliers
-            (see :func:`ddnlib.kkt.active_set`).
+            ``1e-4`` in float32, ``1e-8`` otherwise); candidates within ``√active_tol`` are
+            decided by their multipliers (see :func:`ddnlib.kkt.active_set`).
         strict: raise :class:`~ddnlib.DDNError` subclasses instead of warning.
         max_iter: iteration cap of the default forward solvers.
         solver_tol: stopping tolerance of the default forward solvers on the step size relative to
