@@ -85,9 +85,10 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
       is tight and ``μ_j > 0`` (weakly active: dropping it changes the gradient).
     - Otherwise the candidates are the inequalities within the loose distance
       ``√tol · (‖y‖∞ + √tol)`` of their boundary (an inexact external solution is accurate to
-      far less than ``tol``); least-squares multipliers over the equalities and the candidates decide: a candidate with
-      a force above ``√tol`` is active, and so is a tight one (distance ``≤ tol · (‖y‖∞ + tol)``;
-      a negative multiplier there is reported by the optimality check).
+      far less than ``tol``); least-squares multipliers over the equalities and the candidates
+      decide: a candidate with a force above ``√tol`` is active, and so is a tight one
+      (distance ``≤ tol · (‖y‖∞ + tol)``; a negative multiplier there is reported by the
+      optimality check).
 
     A tight inequality whose force is within ``tol`` of zero is weakly active (``g_j = 0`` and
     ``μ_j = 0`` to the accuracy of the solution): the decision is ambiguous and reported. Where
