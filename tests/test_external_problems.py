@@ -477,9 +477,10 @@ def newton_reference(node, P, xs, constrained_eq=False, constrained_ineq=False):
             cons.append({"type": "ineq", "fun": lambda z, g=g: -g(z)})
 
         def f_and_grad(z):
-            y = torch.as_tensor(z, dtype=F64).reshape(shape).requires_grad_()
-            f = call("objective", [x.detach() for x in xi], y)
-            return f.item(), torch.autograd.grad(f, y)[0].reshape(-1).numpy()
+            with torch.enable_grad():
+                y = torch.as_tensor(z, dtype=F64).reshape(shape).requires_grad_()
+                f = call("objective", [x.detach() for x in xi], y)
+                return f.item(), torch.autograd.grad(f, y)[0].reshape(-1).numpy()
 
         z = scipy.optimize.minimize(f_and_grad, y0.reshape(-1).numpy(), jac=True,
                                     constraints=cons, method="SLSQP",
