@@ -229,10 +229,16 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
     f0, h0, g0 = model.values(y)
     _check_finite(f0, h0, g0)
     p, q = h0.shape[1], g0.shape[1]
-    lam, z = y.new_zeros(b, p), y.new_ones(b, q)
-    first = model.evaluate(y, lam, z)
-    if model.scales is None:
-        model.scales = _scales(first, y)
+    lam, z = y.new_zeros(b, p), y.new_zeros(b, q)
+    plain = model.evaluate(y, lam, z)  # of f alone (no multipliers)
+    if model.scales is None:  # from ∇²f alone: with z = 1 the constraints' curvature weighed in
+        # at an arbitrary scale (an objective of size 10⁻¹² in a unit ball stopped 3 % off)
+        model.scales = _scales(plain, y)
+    first = plain
+    if q:  # z₀: the size of a multiplier, ∇f per J (1 on a problem of size one)
+        z = _sizes(plain, y, model.scales)[2].nan_to_num(1.0, 1.0, 1.0).unsqueeze(-1).expand(b, q)
+        z = z.contiguous()
+        first = model.evaluate(y, lam, z)
     # slacks: s = −g where the start is clearly inside (then g + s = 0 stays exact for linear
     # constraints and y stays strictly feasible), else κ = 0.1 max(σ_p, ‖g‖∞)
     kappa = 0.1 * torch.maximum(_amax(g0.abs()), model.scales[1]).unsqueeze(-1)
@@ -549,9 +555,12 @@ def _active_step(model: _Model, y: Tensor, lam: Tensor, z: Tensor, active: Tenso
     g = ev_new.g
     res = _residuals(ev_new, y_new, ev_new.gL, torch.cat([ev_new.h, g.clamp_min(0)], 1),
                      mu_new * g, model.scales).amax(0)
-    ok = (torch.isfinite(res) & (res <= tol) & (mu_new >= 0).all(-1)
+    # a multiplier negative within tol of the multipliers' size is zero (a weakly active row:
+    # its multiplier comes out ± rounding, and rejecting the step left y √tol off)
+    dual = _sizes(ev_new, y_new, model.scales)[2].unsqueeze(-1)
+    ok = (torch.isfinite(res) & (res <= tol) & (mu_new >= -tol * dual).all(-1)
           & torch.isfinite(y_new).all(-1))
-    return ok, y_new, lam_new, mu_new, res, g
+    return ok, y_new, lam_new, mu_new.clamp_min(0), res, g
 
 
 @dataclass

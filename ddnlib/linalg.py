@@ -400,6 +400,11 @@ def cg(
     P = project if project is not None else (lambda t: t)
     dot = torch.linalg.vecdot
     tiny = torch.finfo(rhs.dtype).tiny
+    # each system solved for a right-hand side of norm one: the curvatures pᵀMp of a problem
+    # of size 10⁻¹² (or 10¹²) under- or overflow in float32 otherwise
+    unit = rhs.norm(dim=-1, keepdim=True)
+    unit = torch.where((unit > 0) & torch.isfinite(unit), unit, 1.0)
+    rhs = rhs / unit
     x = torch.zeros_like(rhs, memory_format=torch.contiguous_format)
     r = P(rhs).clone(memory_format=torch.contiguous_format)  # updated in place below
     p = r.clone()
@@ -454,6 +459,7 @@ def cg(
         running &= ~(rr <= stop)
     retire(None)
     x, rr, running, not_pd, flat, rayleigh_min = out
+    x = x * unit
     residual = (rr / dot(rhs, rhs).clamp_min(tiny)).sqrt()
     not_pd, flat = not_pd.any(0), flat.any(0)  # per sample, over the k right-hand sides
     return x, SolveInfo(not_pd=not_pd, singular=flat, not_converged=running.any(0) & ~flat,

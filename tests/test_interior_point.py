@@ -694,3 +694,43 @@ def test_the_answer_is_accurate_on_its_own_scale(kind, size, dtype):
     assert result.converged.all()
     err = (result.y.double() - exact).abs().amax() / unit
     assert err <= (1e-4 if dtype == torch.float32 else 1e-8), err
+
+
+class _ScaledBall(_Ball):
+    """``argmin s · ½‖y − x‖²`` s.t. ``‖y‖² ≤ r²``: the same answer for every ``s > 0``."""
+
+    def __init__(self, r: float, s: float):
+        super().__init__(r)
+        self.s = s
+
+    def objective(self, x, y):
+        return self.s * super().objective(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("s", [1e-12, 1e-6, 1e6])
+def test_the_objective_scale_does_not_move_the_answer(s, dtype):
+    """Scaling the objective by ``s`` leaves the argmin: with the stopping test's gradient floor
+    taken from ∇²L at ``z₀ = 1`` (the constraint's curvature, of size one) and ``z₀ = 1``, an
+    objective of size 1e-12 stopped 3 % off, silently, in float64 too."""
+    x = 2 * torch.randn(8, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    exact = x / x.norm(dim=-1, keepdim=True).clamp_min(1)
+    result = _run(_ScaledBall(1.0, s), x.to(dtype), y0=x.to(dtype))
+    assert result.converged.all()
+    err = (result.y.double() - exact).abs().amax()
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-9), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_weakly_active_constraint_is_met_exactly(dtype):
+    """``x`` on the sphere: the answer ``y = x`` has the constraint active with multiplier 0. The
+    interior point converges there at the rate of √tol only; the active-set step, whose
+    multiplier comes out ± rounding, was rejected for a multiplier of −1e-17, and ``y`` was left
+    4e-6 off in float64. Now a multiplier negative within tol of the multipliers' size is 0."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(42), dtype=F64)
+    x = x / x.norm(dim=-1, keepdim=True)
+    result = _run(_Ball(1.0), x.to(dtype), y0=torch.zeros_like(x, dtype=dtype))
+    assert result.converged.all()
+    err = (result.y.double() - x).abs().amax()
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-10), err
+    assert (result.ineq_multipliers.abs() <= (1e-4 if dtype == torch.float32 else 1e-8)).all()

@@ -312,3 +312,27 @@ def test_the_step_test_scales_with_the_problem(s, dtype, linear_solver):
     exact = _tiny_log_cosh_root(x, s)
     err = ((y.double() - exact).abs().amax(-1) / exact.abs().amax(-1)).max()
     assert err <= (1e-5 if dtype == torch.float32 else 1e-9), err
+
+
+class _ScaledLogCosh(DeclarativeNode):
+    """``argmin s Σ log cosh((y − x)/t) + 0.1 ‖y/t‖²``: ``t`` times the answer at ``s = t = 1``."""
+
+    def __init__(self, s: float, t: float, options: Options):
+        super().__init__(options)
+        self.s, self.t = s, t
+
+    def objective(self, x, y):
+        u, v = y / self.t, x / self.t
+        return self.s * (torch.log(torch.cosh(u - v)).sum(-1) + 0.1 * (u * u).sum(-1))
+
+
+@pytest.mark.parametrize("s, t", [(1e-12, 1e6), (1e-6, 1e6), (1e12, 1e-6)])
+def test_matrix_free_newton_at_extreme_scales(s, t):
+    """Curvatures ``s/t²`` of 1e-24 or 1e24 in float32: CG's ``pᵀHp`` for a right-hand side of
+    the gradient's size under- or overflowed (at ``(1e-12, 1e6)`` Newton stopped 20 % off,
+    silently); each system is now solved for a right-hand side of norm one."""
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    exact = _ScaledLogCosh(1.0, 1.0, Options(linear_solver="dense"))(x)
+    node = _ScaledLogCosh(s, t, Options(linear_solver="cg", max_iter=300, strict=True))
+    y = node((t * x).float()).double() / t
+    torch.testing.assert_close(y, exact, atol=1e-4, rtol=0)
