@@ -1,0 +1,184 @@
+"""Right or loudly flagged at every scale: the default solvers on ``s · f(x/t, y/t)`` subject to
+``c(x/t, y/t)``, whose answer is ``t`` times the answer at ``s = t = 1``.
+
+A stopping test, line search or linear solve with an absolute threshold ("``1 +``") is right on
+problems of size one and silently wrong on others; a sweep of this kind found about forty such
+silent answers (the interior point in a unit ball at ``s = 10⁻¹²``, Newton-CG at curvatures of
+``10⁻²⁴``, SQP's steps at indefinite points). The property: a solve that emits no
+:class:`~ddnlib.DDNWarning` is accurate relative to its size.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from ddnlib import DDNWarning, DeclarativeNode, Options
+
+F64 = torch.float64
+
+
+class _Scaled(DeclarativeNode):
+    def __init__(self, problem, s: float, t: float, options: Options):
+        super().__init__(options)
+        self.problem, self.s, self.t = problem, s, t
+
+    def objective(self, x, y):
+        return self.s * self.problem.f(x / self.t, y / self.t)
+
+    def initial_guess(self, x):
+        return self.t * self.problem.start(x / self.t)
+
+
+class _WithEq(_Scaled):
+    def equality_constraints(self, x, y):
+        return self.problem.h(x / self.t, y / self.t)
+
+
+class _WithIneq(_Scaled):
+    def inequality_constraints(self, x, y):
+        return self.problem.g(x / self.t, y / self.t)
+
+
+class _WithBoth(_WithEq, _WithIneq):
+    pass
+
+
+class Rosenbrock:
+    node = _Scaled
+
+    def f(self, x, y):
+        return ((1 - y[:, 0]) ** 2 + 100 * (y[:, 1] - y[:, 0] ** 2) ** 2
+                + ((y[:, 2:] - x[:, 2:]) ** 2).sum(-1))
+
+    def start(self, x):
+        return x.clone()
+
+
+class Quartic:
+    """Coupled double wells from next to the maximum (a non-convex Newton problem)."""
+
+    node = _Scaled
+
+    def f(self, x, y):
+        return ((y * y - 1) ** 2 - 0.3 * x * y).sum(-1) + 0.1 * (y.diff(dim=-1) ** 2).sum(-1)
+
+    def start(self, x):
+        return x / 100
+
+
+class Sphere:
+    node = _WithEq
+
+    def f(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def h(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - 1
+
+    def start(self, x):
+        return x.clone()
+
+
+class Ball(Sphere):
+    node = _WithIneq
+    g = Sphere.h
+
+
+class Simplex(Sphere):
+    node = _WithBoth
+
+    def h(self, x, y):
+        return y.sum(-1, keepdim=True) - 1
+
+    def g(self, x, y):
+        return -y
+
+
+class Entropy(Sphere):
+    """``argmin −xᵀy + Σ y log y`` s.t. ``1ᵀy = 1``: softmax."""
+
+    def f(self, x, y):
+        return (-x * y + y * y.log()).sum(-1)
+
+    def h(self, x, y):
+        return y.sum(-1, keepdim=True) - 1
+
+    def start(self, x):
+        return torch.full_like(x, 1 / x.shape[1])
+
+
+PROBLEMS = {cls.__name__: cls() for cls in (Rosenbrock, Quartic, Sphere, Ball, Simplex, Entropy)}
+X = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+
+
+def _reference(name: str) -> torch.Tensor:
+    problem = PROBLEMS[name]
+    return problem.node(problem, 1.0, 1.0, Options(linear_solver="dense", max_iter=300))(X)
+
+
+REFERENCES: dict[str, torch.Tensor] = {}
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=st.sampled_from(sorted(PROBLEMS)), linear_solver=st.sampled_from(["dense", "cg"]),
+       dtype=st.sampled_from([torch.float32, F64]),
+       s=st.sampled_from([1e-12, 1e-6, 1.0, 1e6, 1e12]), t=st.sampled_from([1e-6, 1.0, 1e6]))
+def test_silent_answers_are_accurate_at_every_scale(name, linear_solver, dtype, s, t):
+    assume(not _known(name, dtype, s))
+    assert _silent_error(name, linear_solver, dtype, s, t) <= (1e-6 if dtype == F64 else 2e-3)
+
+
+def _known(name: str, dtype: torch.dtype, s: float) -> bool:
+    return name == "Quartic" and dtype == torch.float32 and s <= 1e-12
+
+
+@pytest.mark.xfail(strict=True, reason="Newton's line search allows a change of f within "
+                   "16 eps (1 + |f|), absolute: an objective of size 1e-12 in float32 accepts "
+                   "every step and Newton settles in another well. A relative floor broke "
+                   "objectives whose terms of size one cancel (the Smoother); open")
+@pytest.mark.parametrize("linear_solver", ["dense", "cg"])
+def test_known_gap_newton_line_search_on_a_tiny_objective(linear_solver):
+    assert _silent_error("Quartic", linear_solver, torch.float32, 1e-12, 1.0) <= 2e-3
+
+
+def _silent_error(name: str, linear_solver: str, dtype: torch.dtype, s: float, t: float
+                  ) -> float:
+    """The relative error of the default solve at scales ``(s, t)``; 0 where a DDNWarning
+    flagged it."""
+    if name not in REFERENCES:
+        REFERENCES[name] = _reference(name)
+    ref = REFERENCES[name]
+    problem = PROBLEMS[name]
+    node = problem.node(problem, s, t, Options(linear_solver=linear_solver, max_iter=300))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = node((t * X).to(dtype)).double() / t
+    if any(issubclass(w.category, DDNWarning) for w in caught):
+        return 0.0
+    return ((y - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_the_references_are_right(name):
+    """The ``s = t = 1`` answers the property compares against: stationary, feasible (float64)."""
+    y = _reference(name)
+    if name == "Simplex":
+        u = torch.sort(X, dim=-1, descending=True).values
+        k = torch.arange(1, X.shape[1] + 1, dtype=F64)
+        css = u.cumsum(-1) - 1
+        rho = (u - css / k > 0).sum(-1, keepdim=True)
+        torch.testing.assert_close(y, (X - css.gather(-1, rho - 1) / rho).clamp_min(0))
+    elif name == "Entropy":
+        torch.testing.assert_close(y, torch.softmax(X, -1))
+    elif name in ("Sphere", "Ball"):
+        n = X.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(y, X / (n if name == "Sphere" else n.clamp_min(1)))
+    else:
+        yv = y.clone().requires_grad_()
+        (g,) = torch.autograd.grad(PROBLEMS[name].f(X, yv).sum(), yv)
+        assert g.abs().max() <= 1e-8
