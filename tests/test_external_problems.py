@@ -405,6 +405,26 @@ class QuadraticTransport(DeclarativeNode):
         return r[:, :, None] * c[:, None, :]
 
 
+class LassoSplit(DeclarativeNode):
+    """jaxopt / cvxpy's lasso without |·|: min ½‖A(u − v) − x‖² + λ 1ᵀ(u + v), u, v ≥ 0, y = [u, v];
+    learnable A. (|w| written in the objective is not smooth where w_j = 0: loudly unsolved.)"""
+
+    def __init__(self, lam: float = 3.0, n: int = 6, m: int = 4):
+        super().__init__()
+        self.A, self.lam = _param(_randn(0, n, m)), lam
+
+    def objective(self, x, y):
+        m = self.A.shape[1]
+        r = (y[:, :m] - y[:, m:]) @ self.A.T - x
+        return 0.5 * (r * r).sum(-1) + self.lam * y.sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return -y
+
+    def initial_guess(self, x):
+        return torch.full((x.shape[0], 2 * self.A.shape[1]), 0.1, dtype=x.dtype)
+
+
 # -- references (float64, differentiable in the inputs and parameters) ------------------------
 
 
@@ -695,6 +715,14 @@ def _on_shells(seed, radii):
     return inputs
 
 
+def _lasso_ref(P, x, lam=3.0):
+    b, m = x.shape[0], P["A"].shape[1]
+    B = torch.cat([P["A"], -P["A"]], 1)
+    eye = torch.eye(2 * m, dtype=F64).expand(b, -1, -1)
+    return qp_reference((B.T @ B).expand(b, -1, -1), lam - x @ B, G=-eye,
+                        h=torch.zeros(b, 2 * m, dtype=F64))
+
+
 CASES = [
     Case("constrained least squares", ConstrainedLeastSquares,
          lambda: (_randn(10, 2, 5), _randn(11, 2, 2)),
@@ -756,6 +784,8 @@ CASES = [
          lambda: (random_qp(23)[0][:1], *random_qp(23)[1:]),
          lambda P, Q, *rest: qp_reference(Q.expand(2, -1, -1), rest[0], rest[3], rest[4],
                                           rest[1], rest[2])),
+    Case("lasso as a QP in (u, v) ≥ 0 (sparse answer)", LassoSplit,
+         lambda: (2 * _randn(1, 3, 6),), _lasso_ref),
     Case("ridge, learnable λ", Ridge, lambda: (_randn(27, 2, 8, 4), _randn(28, 2, 8)),
          ridge_reference, gradcheck=True),
     Case("logistic inner problem", lambda: Logistic(0.1), lambda: _logistic_data(29),
