@@ -518,9 +518,12 @@ def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples
     for attempt in range(int(tries.max()) if idx.numel() else 0):
         good, y_new, lam_new, mu_new, res, g = _active_step(sub, y, lam, z, active, tol)
         where = idx[good]
-        y_out[where], lam_out[where], mu_out[where] = y_new[good], lam_new[good], mu_new[good]
+        y_out[where], lam_out[where] = y_new[good], lam_new[good]
+        mu_out[where] = mu_new[good].clamp_min(0)  # (negative only within tol: _active_step)
         res_out[where], ok[where] = res[good], True
-        guess = (active & (mu_new > 0)) | (g > 0)
+        # a row held stays with a positive multiplier; one not held joins where violated (a row
+        # held has g = 0 ± rounding: by the sign of g it would never leave)
+        guess = torch.where(active, mu_new > 0, g > 0)
         again = (~good & (guess != active).any(-1) & (tries > attempt + 1)).nonzero().flatten()
         if again.numel() == 0:
             break
@@ -560,7 +563,7 @@ def _active_step(model: _Model, y: Tensor, lam: Tensor, z: Tensor, active: Tenso
     dual = _sizes(ev_new, y_new, model.scales)[2].unsqueeze(-1)
     ok = (torch.isfinite(res) & (res <= tol) & (mu_new >= -tol * dual).all(-1)
           & torch.isfinite(y_new).all(-1))
-    return ok, y_new, lam_new, mu_new.clamp_min(0), res, g
+    return ok, y_new, lam_new, mu_new, res, g
 
 
 @dataclass

@@ -798,7 +798,7 @@ CASES = [
     Case("ball, r = 1e-8, |x| ~ 1", lambda: Ball(1e-8), lambda: (_randn(31, 3, 3),), _ball_ref),
     Case("ball, x inside at (1 − 1e-6) r", Ball,
          lambda: ((1 - 1e-6) * _randn(1, 4, 3) / _randn(1, 4, 3).norm(dim=-1, keepdim=True),),
-         _ball_ref, float32=False, xfail={"float64": "see h16_findings: F7"}),
+         _ball_ref, float32=False),
     Case("quadratic objective, quadratic constraint", QuadraticOnEllipsoid,
          lambda: (3 * _randn(32, 3, 3),), _newton_ref(QuadraticOnEllipsoid, ineq=True)),
     Case("top eigenvector from the bottom one (a maximum)", TopEigenvector, _eigen_inputs(3),
