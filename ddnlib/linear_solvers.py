@@ -16,7 +16,7 @@ matrix (a Hessian-vector product, optionally a dense Hessian, the constraint Jac
 :func:`report_solve` turns it into a warning (an error in strict mode). With
 ``operator.convexify`` (the forward solvers' Newton and SQP steps) a sample whose (reduced) Hessian
 is not positive definite is solved with the smallest Levenberg shift ``γ = s·10ᵏ`` that makes it so
-(``s = 1 + max |H_ii|``), or by truncated CG, instead of the exact indefinite system.
+(``s = max |H_ii|``, 1 where that is 0), or by truncated CG, instead of the exact indefinite system.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ class Dense(LinearSolver):
         U, W, info = _dense(H, op, By, Bc, op.damping)
         if op.convexify and info.not_pd.any():
             eye = torch.eye(op.m, dtype=H.dtype, device=H.device)
-            scale = 1 + H.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+            scale = H.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # shifts relative to H's size
+            scale = torch.where((scale > 0) & torch.isfinite(scale), scale, 1.0)
             todo = info.not_pd.clone()
             for k in _SHIFTS:
                 idx = todo.nonzero().flatten()

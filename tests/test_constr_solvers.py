@@ -143,6 +143,30 @@ def test_top_eigenvector_at_every_scale(scale, n, linear_solver):
     torch.testing.assert_close(y, top, atol=1e-7, rtol=0)
 
 
+class _ScaledFarthest(FarthestOnSphere):
+    def __init__(self, s: float, options: Options):
+        super().__init__(options=options)
+        self.s = s
+
+    def objective(self, x, y):
+        return self.s * super().objective(x, y)
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "cg"])
+@pytest.mark.parametrize("s", [1e-14, 1.0, 1e8])
+def test_sqp_shifts_on_the_problem_s_scale(s, linear_solver):
+    """SQP's Levenberg shifts at indefinite points are relative to ``max |H_ii|``: from ``1 +
+    max |H_ii|`` the smallest shift tried, 1e-8, was a million times the Hessian of an objective
+    of size 1e-14, and 100 iterations did not reach the farthest point (dense)."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    node = _ScaledFarthest(s, Options(linear_solver=linear_solver))
+    y, _, converged, _, _ = ddnlib.solvers.sqp(Problem(node, (x,), x.shape),
+                                               node.initial_guess(x), node.options)
+    assert bool(converged.all())
+    torch.testing.assert_close(y, -node.r.detach() * x / x.norm(dim=-1, keepdim=True),
+                               atol=1e-7, rtol=0)
+
+
 class _FromInput(FarthestOnSphere):
     initial_guess = Sphere.initial_guess
 
