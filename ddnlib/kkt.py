@@ -348,6 +348,7 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
         if solution is not None:
             lam = multipliers_tensor(solution.eq_multipliers, b, p, yf.dtype, "'lambda'", where)
             mu = multipliers_tensor(solution.ineq_multipliers, b, q, yf.dtype, "'mu'", where)
+        handed = _handed(solution, "hessian", (b, problem.m, problem.m), yf.dtype)
         A_graph = _handed(solution, "constraint_jacobian", (b, p + q, problem.m), yf.dtype)
         if A_graph is None:  # (an affine Jacobian handed over has no graph: never degenerate)
             A_graph = batched_jacobian(c, yf, create_graph=True)  # its graph serves report_rank
@@ -372,6 +373,8 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             gradient = full if multipliers is not None else grad_f_graph
 
             def curvature() -> Tensor:  # ‖H y‖∞ per sample, H the Hessian of f (+ known ν c)
+                if handed is not None:  # the solver's (a QP's constant ∇²L): one product
+                    return (handed @ yf.detach().unsqueeze(-1)).abs().amax((-2, -1))
                 Hy = grad(gradient, [yf], yf.detach(), retain_graph=True)[0]
                 return Hy.detach().abs().amax(-1)
 
@@ -394,7 +397,7 @@ def kkt_point(problem: "Problem", y: Tensor, solution: Solution | None, options:
             if bool((dropped != 0).any()):
                 lagrangian_grad = full - _transpose_times(A_graph, dropped)
     point = KKTPoint(yf, f, grad_f, c, A, p, active, nu, mu, lagrangian_grad, tight, A_graph)
-    point._hessian = _handed(solution, "hessian", (b, problem.m, problem.m), yf.dtype)
+    point._hessian = handed
     return point
 
 
