@@ -39,15 +39,15 @@ primal–dual methods for convex QPs (N&W Algorithm 16.4). Starting points need 
 domains as inequality constraints, so that the slacks keep the iterates inside.
 
 Near the end (feasibility and complementarity residuals below ``tol^¼``) the active set is guessed
-(``z > s``, the multiplier and the slack each in the units of the stopping test) and one Newton step on the KKT system with those rows held as equalities is tried;
-where it gives no KKT point the guess is corrected once as in a primal–dual active-set method
-(rows with a negative multiplier leave it, violated rows join it; Hintermüller, Ito & Kunisch,
-SIAM J. Optim. 13, 2002) and the step tried again. Where the KKT conditions are linear (a QP:
-quadratic objective, affine constraints, below) that step is exact, so it is tried from the first
-iteration (residuals below 1), a sample's first try with up to five corrections: most samples end
-there, and the interior iteration is the fallback of the active-set one. A sample whose step
-passes the stopping test (at ``s = 0``) is done. Once half the samples in work have stopped, the
-iteration continues on the others only.
+(``z > s``, the multiplier and the slack each in the units of the stopping test) and one Newton
+step on the KKT system with those rows held as equalities is tried; where it gives no KKT point the
+guess is corrected once as in a primal–dual active-set method (rows with a negative multiplier
+leave it, violated rows join it; Hintermüller, Ito & Kunisch, SIAM J. Optim. 13, 2002) and the step
+tried again. Where the KKT conditions are linear (a QP: quadratic objective, affine constraints,
+below) that step is exact, so it is tried from the first iteration (residuals below 1), a sample's
+first try with up to five corrections: most samples end there, and the interior iteration is the
+fallback of the active-set one. A sample whose step passes the stopping test (at ``s = 0``) is
+done. Once half the samples in work have stopped, the iteration continues on the others only.
 
 Derivatives come from torch autodiff on the batch sum (the problem is separable): ``∇_y L`` with
 its graph, then one vectorised backward pass (``is_grads_batched``) over the ``m + p + q`` rows of

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["NullSpace", "SolveInfo", "all_finite", "cg", "jacobi_scaling", "lstsq", "pinned_coordinates",
-           "shared_by_batch", "solve_kkt", "solve_spd", "trusted_cholesky"]
+__all__ = ["NullSpace", "SolveInfo", "all_finite", "cg", "jacobi_scaling", "lstsq",
+           "pinned_coordinates", "shared_by_batch", "solve_kkt", "solve_spd", "trusted_cholesky"]
 
 
 @dataclass

@@ -2,13 +2,13 @@
 
 Unconstrained: batched Newton with Levenberg damping and a backtracking (Armijo) line search, the
 direction from dense per-sample Hessians (Cholesky, Jacobi-scaled where the curvatures span many
-orders of magnitude: :func:`~ddnlib.linalg.jacobi_scaling`) for small outputs or from conjugate gradients on
-Hessian-vector products (Newton-CG) for large ones (the same ``Options.linear_solver`` /
-``dense_max`` switch as the backward pass). Every solver stops per sample when the Newton step is
-below ``solver_tol · (σ + ‖y‖∞)``, ``σ = min(1, max(‖y₀‖∞, ‖d₀‖∞))`` (the size of the start and
-of the first step: a problem smaller than one is judged relative to its size) or, at rounding
-level, below ``solver_tol · (1 + ‖y‖∞)`` and no longer halving, applies that last step, and
-reports the samples that did not get there.
+orders of magnitude: :func:`~ddnlib.linalg.jacobi_scaling`) for small outputs or from conjugate
+gradients on Hessian-vector products (Newton-CG) for large ones (the same ``Options.linear_solver``
+/ ``dense_max`` switch as the backward pass). Every solver stops per sample when the Newton step is
+below ``solver_tol · (σ + ‖y‖∞)``, ``σ = min(1, max(‖y₀‖∞, ‖d₀‖∞))`` (the size of the start and of
+the first step: a problem smaller than one is judged relative to its size) or, at rounding level,
+below ``solver_tol · (1 + ‖y‖∞)`` and no longer halving, applies that last step, and reports the
+samples that did not get there.
 
 Inequality constrained (``g(x, y) ≤ 0``, with or without equalities), and equality constrained
 where the per-sample KKT system is dense (``Options.linear_solver`` resolves to dense for its
