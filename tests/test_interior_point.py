@@ -659,15 +659,6 @@ def test_a_scaled_qp_has_the_scaled_solution(k, dtype):
     assert (err <= (1e-5 if dtype == torch.float32 else 1e-9)).all(), err
 
 
-def _sparsemax(x: torch.Tensor) -> torch.Tensor:
-    """The projection onto the simplex by sorting (Held, Wolfe & Crowder 1974)."""
-    u = torch.sort(x, dim=-1, descending=True).values
-    css = u.cumsum(-1) - 1
-    k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
-    rho = (u - css / k > 0).sum(-1, keepdim=True)
-    return (x - css.gather(-1, rho - 1) / rho).clamp_min(0)
-
-
 def _far_from_the_answer(kind: str, size: float):
     """``(node, x, exact, unit)``: problems whose answer is far smaller than the data or the
     start (a box of width ``size`` and a ball of radius ``size`` with ``|x| ~ 1``, from ``y₀ =
@@ -678,7 +669,7 @@ def _far_from_the_answer(kind: str, size: float):
         return Box(4, 0.0, size), x, x.clamp(0.0, size), size
     if kind == "ball":
         return _Ball(size), x, size * x / x.norm(dim=-1, keepdim=True), size
-    return Simplex(), size * x, _sparsemax(size * x), 1.0
+    return Simplex(), size * x, sort_simplex(size * x), 1.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

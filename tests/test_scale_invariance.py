@@ -17,6 +17,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from test_interior_point import sort_simplex
+
 from ddnlib import DDNWarning, DeclarativeNode, Options
 
 F64 = torch.float64
@@ -165,14 +167,11 @@ def _silent_error(name: str, linear_solver: str, dtype: torch.dtype, s: float, t
 
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_the_references_are_right(name):
-    """The ``s = t = 1`` answers the property compares against: stationary, feasible (float64)."""
+    """The ``s = t = 1`` answers the property compares against (float64): the closed forms, or
+    stationary."""
     y = _reference(name)
     if name == "Simplex":
-        u = torch.sort(X, dim=-1, descending=True).values
-        k = torch.arange(1, X.shape[1] + 1, dtype=F64)
-        css = u.cumsum(-1) - 1
-        rho = (u - css / k > 0).sum(-1, keepdim=True)
-        torch.testing.assert_close(y, (X - css.gather(-1, rho - 1) / rho).clamp_min(0))
+        torch.testing.assert_close(y, sort_simplex(X))
     elif name == "Entropy":
         torch.testing.assert_close(y, torch.softmax(X, -1))
     elif name in ("Sphere", "Ball"):
