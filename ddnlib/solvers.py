@@ -259,7 +259,8 @@ def _newton_cg(problem: Problem, y0: Tensor, options) -> Solution:
         # Armijo test the step is shortened from ½ on, and the derivatives evaluated again
         y_full = torch.where(running.unsqueeze(-1), y + d, y)
         kkt_full = problem.kkt(y_full, options=options)
-        short = running & ~_armijo(kkt_full.f, f, (g * d).sum(-1), torch.ones_like(f))
+        progress = kkt_full.grad_f.detach().norm(dim=-1) < gnorm
+        short = running & ~_armijo(kkt_full.f, f, (g * d).sum(-1), progress=progress)
         if short.any():
             t = _backtrack(problem, y, f, g, d, short, t0=0.5)
             y = torch.where(short.unsqueeze(-1), y + t.unsqueeze(-1) * d, y_full)
@@ -336,7 +337,8 @@ def _dense_newton(problem: Problem, y0: Tensor, options, start: tuple | None,
         # the full step is evaluated with the next iteration's derivatives; where it fails the
         # Armijo test the step is shortened from ½ on, and the derivatives evaluated again
         point = _gradient(problem, y_full)
-        short = running & ~_armijo(point[1].detach(), f, slope)
+        progress = point[2].detach().norm(dim=-1) < g.norm(dim=-1)
+        short = running & ~_armijo(point[1].detach(), f, slope, progress=progress)
         if short.any():
             t = _backtrack(problem, y, f, g, d, short, t0=0.5)
             y = torch.where(short.unsqueeze(-1), y + t.unsqueeze(-1) * d, y_full)
@@ -489,12 +491,20 @@ def _levenberg_step(H: Tensor, g: Tensor, f: Tensor
     return d, L, slope, trusted & usable, finite
 
 
-def _armijo(f_new: Tensor, f: Tensor, slope: Tensor, t: Tensor | float = 1.0) -> Tensor:
+def _armijo(f_new: Tensor, f: Tensor, slope: Tensor, t: Tensor | float = 1.0,
+            progress: Tensor | None = None) -> Tensor:
     """``f(y + t d) ≤ f + 1e-4 t gᵀd`` per sample (``slope = gᵀd``), or a change of ``f`` within
-    rounding of ``f``: near the minimiser the predicted decrease falls below the precision of
-    ``f`` and Armijo could never hold. False where ``f_new`` is not finite."""
-    rounding = 16 * torch.finfo(f.dtype).eps * (1 + f.abs())
-    return (f_new <= f + _ARMIJO * t * slope) | ((f_new - f).abs() <= rounding)
+    its rounding: near the minimiser the predicted decrease falls below the precision of ``f``
+    and Armijo could never hold. That precision is not known: ``16 eps |f|`` is always allowed,
+    ``16 eps (1 + |f|)`` (terms of size one that cancel) only where the step made ``progress``
+    otherwise (the gradient's norm fell): on an objective of size 10⁻¹² in float32 the absolute
+    allowance alone accepted every step, uphill too. False where ``f_new`` is not finite."""
+    eps = torch.finfo(f.dtype).eps
+    change = (f_new - f).abs()
+    within = change <= 16 * eps * f.abs()
+    if progress is not None:
+        within |= progress & (change <= 16 * eps * (1 + f.abs()))
+    return (f_new <= f + _ARMIJO * t * slope) | within
 
 
 def _backtrack(problem: Problem, y: Tensor, f: Tensor, g: Tensor, d: Tensor, running: Tensor,
