@@ -85,8 +85,8 @@ the constraints' size, times a multiplier, of the size of ``∇f`` per ``J``), w
 from the problem's sizes at ``y₀`` (``_scales``): 1 on problems of size one or more, smaller on
 smaller ones (with a floor of 1 a ball of radius 10⁻³ in float32 "converged" to answers 20–66 %
 off), and ``σ_p`` lowered to the constraints' size at the point reached (a start of size one far
-outside a box of width 10⁻⁴). Complementarity relative to ``|f|``, as before, let a simplex
-projection of data of size 10⁶, where ``f ≈ ½‖x‖²``, stop 30 % off.
+outside a box of width 10⁻⁴). (Complementarity relative to ``|f|`` let a simplex projection of
+data of size 10⁶, where ``f ≈ ½‖x‖²``, stop 30 % off.)
 Samples that do not stop within ``Options.max_iter`` iterations are reported
 (:class:`~ddnlib.NonConvergenceWarning`, an error in strict mode) with their residuals. The
 inequality multipliers handed back are ``z`` where ``z > s`` (so measured: active) and 0

@@ -168,8 +168,8 @@ def _shifted(kkt: KKTPoint, solver: CG, rhs_y: Tensor, rhs_c: Tensor, rtol: Tens
     todo = info.not_pd.clone()
     gamma = 2 * info.min_eig.abs().nan_to_num(posinf=0.0)
     for _ in range(_MAX_SHIFT):
-        g = torch.where(todo, gamma, 0.0)
-        op = KKTOperator(lambda P: kkt.hvp(P) + g[:, None] * P, kkt.y.shape[1],
+        shift = torch.where(todo, gamma, 0.0)
+        op = KKTOperator(lambda P: kkt.hvp(P) + shift[:, None] * P, kkt.y.shape[1],
                          kkt.A if kkt.constrained else None,
                          kkt.active if kkt.constrained else None, None, convexify=True,
                          null_space=kkt.null_space if kkt.constrained else None)
