@@ -21,8 +21,8 @@ solved by batched Cholesky of ``M = W + J_gᵀ D J_g`` and of the Schur compleme
 ``M`` does not factorise (a non-convex problem, or ``W`` positive definite only on the null space
 of ``J_h``) the solver adds the augmented-Lagrangian term ``ρ J_hᵀJ_h`` (which leaves the solution
 unchanged) and then ``δ T²`` with ``δ = 10^k`` (the inertia correction of N&W §19.3), all after the
-symmetric diagonal scaling ``M = T M̂ T``, ``T² = diag max(|M_ii|, 1)``, that keeps every shift
-relative to its row. A point that passes the stopping test but has negative curvature on the
+symmetric diagonal scaling ``M = T M̂ T``, ``T² = diag max(|M_ii|, eps max_j |M_jj|)``, that
+keeps every shift relative to its row. A point that passes the stopping test but has negative curvature on the
 constraints (``Zᵀ M Z``, ``Z`` spanning ``null(J_h)``, not positive semi-definite: a maximum or
 saddle) is left along the most negative eigenvector, so the solver does not stop at maxima
 (convex samples, below, skip this test). No batched LU is used (it is unreliable on
@@ -802,7 +802,7 @@ class _Condensed:
     """Factorisation of the condensed system ``[[M, J_hᵀ], [J_h, 0]]`` (see module docstring).
 
     ``M`` is factorised after symmetric diagonal (Jacobi) scaling, ``M = T M̂ T`` with
-    ``T = diag(√d)``, ``d_i = max(|M_ii|, 1)``: the barrier term and entropy-like
+    ``T = diag(√d)``, ``d_i = max(|M_ii|, eps max_j |M_jj|)``: the barrier term and entropy-like
     objectives spread the diagonal over many orders of magnitude, and every shift (the ``10 eps``
     safeguard, the inertia correction ``δ``, the augmentation ``ρ J_hᵀJ_h``) is relative to it.
     """
@@ -900,9 +900,14 @@ class _Condensed:
 
 
 def _scaled_cholesky(M: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``T⁻¹ = diag max(|M_ii|, 1)^-½``, the Cholesky factor of ``M̂ + 10 eps I`` (``M̂ = T⁻¹ M
-    T⁻¹``), its ``info`` and ``M̂``, for ``M (b, m, m)``."""
-    r = M.diagonal(dim1=-2, dim2=-1).abs().clamp_min(1.0).rsqrt()
+    """``T⁻¹ = diag max(|M_ii|, eps max_j |M_jj|)^-½``, the Cholesky factor of ``M̂ + 10 eps I``
+    (``M̂ = T⁻¹ M T⁻¹``), its ``info`` and ``M̂``, for ``M (b, m, m)``. (With ``max(|M_ii|, 1)``,
+    as before, a problem whose curvatures are far below one, an objective of 10⁻¹² in variables
+    of size 10⁶, had its steps swamped by the ``10 eps`` safeguard and stalled.)"""
+    d = M.diagonal(dim1=-2, dim2=-1).abs()
+    top = d.amax(-1, keepdim=True)  # a zero or tiny diagonal entry is scaled as eps · the largest
+    floor = torch.where(top > 0, top * torch.finfo(M.dtype).eps, 1.0)
+    r = torch.maximum(d, floor).rsqrt()
     Ms = r.unsqueeze(-1) * M * r.unsqueeze(-2)
     shifted = Ms.clone()
     shifted.diagonal(dim1=-2, dim2=-1).add_(10 * torch.finfo(M.dtype).eps)

@@ -725,3 +725,30 @@ def test_a_weakly_active_constraint_is_met_exactly(dtype):
     err = (result.y.double() - x).abs().amax()
     assert err <= (1e-5 if dtype == torch.float32 else 1e-10), err
     assert (result.ineq_multipliers.abs() <= (1e-4 if dtype == torch.float32 else 1e-8)).all()
+
+
+class _TinyCurvature(DeclarativeNode):
+    """``argmin s · ½‖(y − x)/t‖²`` s.t. ``‖y/t‖² ≤ 1``: ``x`` projected on the ball of radius
+    ``t``, with curvatures ``s/t²``."""
+
+    def __init__(self, s: float, t: float):
+        super().__init__(Options(strict=True))
+        self.s, self.t = s, t
+
+    def objective(self, x, y):
+        return self.s * 0.5 * (((y - x) / self.t) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return ((y / self.t) ** 2).sum(-1, keepdim=True) - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("s, t", [(1e-12, 1e6), (1e-6, 1e6), (1e6, 1e-6)])
+def test_curvatures_far_below_one_do_not_stall_the_steps(s, t, dtype):
+    """Curvatures of 1e-24 (an objective of 1e-12 in variables of size 1e6): the condensed
+    system was scaled by ``max(|M_ii|, 1)``, so its ``10 eps`` safeguard swamped it, the steps
+    vanished and 100 iterations stalled (flagged). Now scaled relative to its own diagonal."""
+    x = 2 * torch.randn(8, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    exact = x / x.norm(dim=-1, keepdim=True).clamp_min(1)
+    y = _TinyCurvature(s, t)((t * x).to(dtype)).double() / t
+    torch.testing.assert_close(y, exact, atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
