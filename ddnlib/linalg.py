@@ -400,9 +400,9 @@ def cg(
     P = project if project is not None else (lambda t: t)
     dot = torch.linalg.vecdot
     tiny = torch.finfo(rhs.dtype).tiny
-    # each system solved for a right-hand side of norm one: the curvatures pᵀMp of a problem
-    # of size 10⁻¹² (or 10¹²) under- or overflow in float32 otherwise
-    unit = rhs.norm(dim=-1, keepdim=True)
+    # each system solved for a right-hand side of largest entry one: the curvatures pᵀMp of a
+    # problem of size 10⁻¹² (or 10¹²) under- or overflow in float32 otherwise (so would ‖rhs‖)
+    unit = rhs.abs().amax(-1, keepdim=True)
     unit = torch.where((unit > 0) & torch.isfinite(unit), unit, 1.0)
     rhs = rhs / unit
     x = torch.zeros_like(rhs, memory_format=torch.contiguous_format)

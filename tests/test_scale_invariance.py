@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from test_interior_point import sort_simplex
@@ -139,10 +139,9 @@ def test_silent_answers_are_accurate_at_every_scale(name, linear_solver, dtype, 
        dtype=st.sampled_from([torch.float32, F64]),
        s=st.sampled_from([1e-12, 1e-6, 1.0, 1e6, 1e12]), t=st.sampled_from([1e-6, 1.0, 1e6]))
 def test_every_scale_converges(name, linear_solver, dtype, s, t):
-    """Stronger, and true on this space but for one corner: every solve converges, silently.
-    The corner: Rosenbrock's curvature ``1200 s/t²`` of 1e24 in float32, with CG (flagged)."""
-    assume(not (name == "Rosenbrock" and linear_solver == "cg" and dtype == torch.float32
-                and s / t**2 >= 1e24))
+    """Stronger, and true on this space: every solve converges, silently (in float32 with CG,
+    Rosenbrock's gradient of 1e19 at curvature 1e27 overflowed the norm of CG's right-hand side
+    until it was scaled by its largest entry)."""
     assert _error(name, linear_solver, dtype, s, t, strict=True) <= (
         1e-6 if dtype == F64 else 2e-3)
 
