@@ -412,9 +412,9 @@ def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tenso
 
     For the ``candidates (b,)`` (samples that pass the stopping test), the smallest eigenpair
     ``(ω, v)`` of ``Zᵀ M Z`` (``M = W + J_gᵀ D J_g``, ``Z`` an orthonormal basis of ``null(J_h)``)
-    is computed; where ``ω < −√eps (1 + max |W_ii|)`` the sample moves along ``d = ±Z v``
-    (sign: ``∇fᵀd ≤ 0``), corrected back onto ``h = 0`` by the second-order correction, with the
-    longest step ``t ∈ {1 + ‖y‖∞, …, 2^-20 (1 + ‖y‖∞)}`` that lowers the merit ``f + ν‖h‖₁`` (N&W
+    is computed; where ``ω < −√eps max |W_ii|`` the sample moves along ``d = ±Z v`` (sign:
+    ``∇fᵀd ≤ 0``), corrected back onto ``h = 0`` by the second-order correction, with the longest
+    step ``t ∈ {ℓ, …, 2^-20 ℓ}``, ``ℓ = ‖y‖∞ + min(1, ‖y₀‖∞)``, that lowers the merit ``f + ν‖h‖₁`` (N&W
     §19.3 and Moré & Sorensen's negative-curvature directions). Returns the mask of samples that
     moved and their new ``y`` and ``s``.
     """
@@ -436,11 +436,13 @@ def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tenso
         null = torch.ones(idx.numel(), m, dtype=torch.bool, device=y.device)
     R = Z.transpose(-1, -2) @ M @ Z
     R = 0.5 * (R + R.transpose(-1, -2))
-    big = 1 + 2 * R.abs().amax((-2, -1), keepdim=True)
+    top = R.abs().amax((-2, -1), keepdim=True)
+    big = torch.where(top > 0, 2 * top, 1.0)  # the range rows padded above the spectrum
     both = null.unsqueeze(-1) & null.unsqueeze(-2)
     R = torch.where(both, R, torch.zeros_like(R)) + torch.diag_embed((~null).to(R.dtype)) * big
     omega, V = torch.linalg.eigh(R)
-    scale = 1 + W.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    scale = W.diagonal(dim1=-2, dim2=-1).abs().amax(-1)  # relative: with 1 + max |W_ii| an
+    scale = torch.where(scale > 0, scale, 1.0)  # objective of 1e-12 never escaped its maxima
     negative = omega[:, 0] < -torch.finfo(y.dtype).eps ** 0.5 * scale
     if not negative.any():
         return moved, y, s
@@ -454,12 +456,14 @@ def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tenso
     d, ds = d.to(y.dtype), ds.to(y.dtype)
     with torch.no_grad():
         phi0 = _merit(sub, yi, si, torch.zeros_like(nui), nui)
-        t = 1 + yi.abs().amax(-1)
+        # the longest step: the size of y, at least the start's (at most 1)
+        length = yi.abs().amax(-1) + _unit_at_most(sub.y0.abs().amax(-1))
+        t = length.clone()
         frac = _max_step(si, ds, _TAU) if si.shape[1] else torch.ones_like(t)
         found = torch.zeros_like(negative[negative])
         y_new, s_new = yi.clone(), si.clone()
         for _ in range(21):
-            tt = torch.minimum(t, frac * (1 + yi.abs().amax(-1)))
+            tt = torch.minimum(t, frac * length)
             y_t = yi + tt[:, None] * d
             y_t = y_t + correct(sub.values(y_t)[1]) if p else y_t
             s_t = si + tt[:, None] * ds
@@ -1091,7 +1095,7 @@ def _line_search(model, f, y, s, dy, ds, a_max, target, nu, c1, slope, running, 
     with torch.no_grad():
         log_s = s.log().sum(-1)
         phi0 = f - target * log_s + nu * c1
-        rounding = 64 * torch.finfo(y.dtype).eps * (1 + phi0.abs() + (target * log_s).abs())
+        rounding = 64 * torch.finfo(y.dtype).eps * (phi0.abs() + (target * log_s).abs())
 
         def passes(phi: Tensor, t: Tensor) -> Tensor:
             return ((phi <= phi0 + _ARMIJO * t * slope.clamp(max=0))

@@ -183,11 +183,23 @@ def test_sqp_flags_a_saddle_point():
                                rtol=0)
 
 
-def test_dense_default_leaves_the_maximum():
+class _ScaledFromInput(_FromInput):
+    def __init__(self, s: float, **kwargs):
+        super().__init__(**kwargs)
+        self.s = s
+
+    def objective(self, x, y):
+        return self.s * super().objective(x, y)
+
+
+@pytest.mark.parametrize("s", [1e-12, 1.0, 1e8])
+def test_dense_default_leaves_the_maximum(s):
     """The dense default (the interior point) leaves that maximum along negative curvature and
-    returns the minimiser, the farthest point."""
-    x = torch.randn(3, 3, dtype=F64)
-    y = _FromInput(r=1.5, options=Options(strict=True)).solve(x).y
+    returns the minimiser, the farthest point, at every scale of the objective (the test for
+    negative curvature was ``ω < −√eps (1 + max |W_ii|)``: at ``s = 1e-12`` no curvature was
+    negative enough, and the maximum was returned)."""
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    y = _ScaledFromInput(s, r=1.5, options=Options(strict=True)).solve(x).y
     torch.testing.assert_close(y, -1.5 * x / x.norm(dim=-1, keepdim=True), atol=1e-9, rtol=0)
 
 

@@ -752,3 +752,33 @@ def test_curvatures_far_below_one_do_not_stall_the_steps(s, t, dtype):
     exact = x / x.norm(dim=-1, keepdim=True).clamp_min(1)
     y = _TinyCurvature(s, t)((t * x).to(dtype)).double() / t
     torch.testing.assert_close(y, exact, atol=1e-4 if dtype == torch.float32 else 1e-9, rtol=0)
+
+
+class _WellsInABox(DeclarativeNode):
+    """``argmin s Σ (y_i² − 1)² − 0.3 x_i y_i`` s.t. ``|y_i| ≤ 0.8``, from ``x/100``: next to
+    the maximum of every coordinate, a non-convex problem whose local minimum depends on the
+    path."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.s = s
+
+    def objective(self, x, y):
+        return self.s * ((y * y - 1) ** 2 - 0.3 * x * y).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return torch.cat([y - 0.8, -0.8 - y], -1)
+
+    def initial_guess(self, x):
+        return x / 100
+
+
+@pytest.mark.parametrize("s", [1e-12, 1e-6])
+def test_the_path_does_not_depend_on_the_objective_s_scale(s):
+    """Scaling the objective leaves the interior point's iterates (so the local minimum it ends
+    in): its merit line search accepted any change of the merit within ``64 eps (1 + |φ|)``, so
+    at ``s = 1e-12`` steps that raised ``f`` by up to 1 % passed, and 3 of 24 coordinates ended
+    in other wells than at ``s = 1``."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    reference = _run(_WellsInABox(1.0), x).y
+    torch.testing.assert_close(_run(_WellsInABox(s), x).y, reference, atol=1e-8, rtol=0)
