@@ -19,6 +19,8 @@ of "optimal" (:class:`Optimality`) that both the backward's warning and the test
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,8 +80,10 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
     decision is ambiguous (a weakly active inequality).
 
     The decision combines the primal and the dual evidence, both scale-aware. An inequality's
-    *force* is ``μ_j ‖∇g_j‖ / (‖∇_y f‖ + √eps (1 + |f|) / (1 + ‖y‖∞))``: its share of the
-    stationarity balance ``∇_y f + Σ μ_j ∇g_j = 0``.
+    *force* is ``μ_j ‖∇g_j‖ / (‖∇_y f‖ + φ)``: its share of the stationarity balance ``∇_y f +
+    Σ μ_j ∇g_j = 0``, with the floor ``φ = √eps ‖H y‖∞`` (the size of the gradient's terms) where
+    ``∇_y f`` is below ``√eps (1 + |f|) / (1 + ‖y‖∞)`` and may vanish at the answer, else
+    ``√eps |f| / (‖y‖∞ + tol)``; every part scales with the objective.
 
     - With the solver's ``μ``: active where the force exceeds ``√tol``, or where the constraint
       is tight and ``μ_j > 0`` (weakly active: dropping it changes the gradient).
@@ -101,8 +105,18 @@ def active_set(grad_f: Tensor, f: Tensor, A: Tensor, p: int, g: Tensor, tight: T
     """
     b = g.shape[0]
     eq = torch.ones(b, p, dtype=torch.bool, device=g.device)
-    floor = torch.finfo(g.dtype).eps ** 0.5 * (1 + f.abs()) / (1 + y.abs().amax(-1))
-    unit = (grad_f.norm(dim=-1) + floor).unsqueeze(-1)
+    rtol = torch.finfo(g.dtype).eps ** 0.5
+    if curvature is not None:
+        curvature = functools.cache(curvature)  # (b,) ‖H y‖∞, one product or HVP, at most once
+    gnorm, y_size = grad_f.norm(dim=-1), y.abs().amax(-1)
+    # the force's unit where ∇f itself vanishes at the answer: the size of its terms, ‖H y‖∞
+    # (computed only there); elsewhere √eps |f| per the length of y. (With √eps (1 + |f|) /
+    # (1 + ‖y‖∞) everywhere an objective of 1e-12 had every force below √tol: rows dropped.)
+    floor = rtol * f.abs() / (y_size + tol)
+    small = gnorm <= rtol * (1 + f.abs()) / (1 + y_size)
+    if curvature is not None and bool(small.any()):
+        floor = torch.where(small, rtol * curvature(), floor)
+    unit = (gnorm + floor.clamp_min(torch.finfo(g.dtype).tiny)).unsqueeze(-1)
     norms = _row_norms(A[:, p:]) if norms is None else norms
     dual = tol ** 0.5
 

@@ -224,3 +224,34 @@ def test_shared_matrices_solve_as_per_sample_ones(dtype, H_kind, monkeypatch):
     if not info.singular.any():
         res = H @ U + (A * act).transpose(-1, -2) @ W - By
         assert res.abs().max() <= 10 * tol * (1 + By.abs().max() + H1.abs().max() * scale)
+
+
+class _ScaledExactBall(DeclarativeNode):
+    """``argmin s · ½‖y − x‖²`` s.t. ``‖y‖² ≤ 1``, solved exactly (``y`` only: the engine finds
+    the active set and the multipliers itself)."""
+
+    def __init__(self, s: float):
+        super().__init__(Options(strict=True))
+        self.s = s
+
+    def objective(self, x, y):
+        return self.s * 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - 1
+
+    def solve(self, x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1)
+
+
+@pytest.mark.parametrize("s", [1e-16, 1.0, 1e12])
+def test_the_active_set_does_not_depend_on_the_objective_s_scale(s):
+    """The force's floor was ``√eps (1 + |f|) / (1 + ‖y‖∞)``, absolute: at ``s = 1e-16`` a
+    clearly active ball constraint (μ = s (‖x‖ − 1) / 2) had a force below ``tol`` and was
+    reported weakly active (strict mode: an error). Now the floor scales with ``f``."""
+    x = 2 * torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(_ScaledExactBall(s)(xr).sum(), xr)
+    xe = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad((xe / xe.norm(dim=-1, keepdim=True).clamp_min(1)).sum(), xe)
+    torch.testing.assert_close(g, ref, atol=1e-12, rtol=0)
