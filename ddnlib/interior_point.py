@@ -21,12 +21,12 @@ solved by batched Cholesky of ``M = W + J_gᵀ D J_g`` and of the Schur compleme
 ``M`` does not factorise (a non-convex problem, or ``W`` positive definite only on the null space
 of ``J_h``) the solver adds the augmented-Lagrangian term ``ρ J_hᵀJ_h`` (which leaves the solution
 unchanged) and then ``δ T²`` with ``δ = 10^k`` (the inertia correction of N&W §19.3), all after the
-symmetric diagonal scaling ``M = T M̂ T``, ``T² = diag max(|M_ii|, eps max_j |M_jj|)``, that
-keeps every shift relative to its row. A point that passes the stopping test but has negative curvature on the
-constraints (``Zᵀ M Z``, ``Z`` spanning ``null(J_h)``, not positive semi-definite: a maximum or
-saddle) is left along the most negative eigenvector, so the solver does not stop at maxima
-(convex samples, below, skip this test). No batched LU is used (it is unreliable on
-multi-threaded CPU builds of torch at sizes ≳ 150).
+symmetric diagonal scaling ``M = T M̂ T``, ``T² = diag max(|M_ii|, eps max_j |M_jj|)``, that keeps
+every shift relative to its row. A point that passes the stopping test but has negative curvature
+on the constraints (``Zᵀ M Z``, ``Z`` spanning ``null(J_h)``, not positive semi-definite: a maximum
+or saddle) is left along the most negative eigenvector, so the solver does not stop at maxima
+(convex samples, below, skip this test). No batched LU is used (it is unreliable on multi-threaded
+CPU builds of torch at sizes ≳ 150).
 
 Globalisation: fraction-to-boundary ``τ = 0.995`` on ``s`` and ``z`` (separate primal and dual
 step lengths) and an Armijo backtracking line search on the primal step with the ℓ1 barrier merit
@@ -414,9 +414,9 @@ def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tenso
     ``(ω, v)`` of ``Zᵀ M Z`` (``M = W + J_gᵀ D J_g``, ``Z`` an orthonormal basis of ``null(J_h)``)
     is computed; where ``ω < −√eps max |W_ii|`` the sample moves along ``d = ±Z v`` (sign:
     ``∇fᵀd ≤ 0``), corrected back onto ``h = 0`` by the second-order correction, with the longest
-    step ``t ∈ {ℓ, …, 2^-20 ℓ}``, ``ℓ = ‖y‖∞ + min(1, ‖y₀‖∞)``, that lowers the merit ``f + ν‖h‖₁`` (N&W
-    §19.3 and Moré & Sorensen's negative-curvature directions). Returns the mask of samples that
-    moved and their new ``y`` and ``s``.
+    step ``t ∈ {ℓ, …, 2^-20 ℓ}``, ``ℓ = ‖y‖∞ + min(1, ‖y₀‖∞)``, that lowers the merit
+    ``f + ν‖h‖₁`` (N&W §19.3 and Moré & Sorensen's negative-curvature directions). Returns the mask
+    of samples that moved and their new ``y`` and ``s``.
     """
     idx = candidates.nonzero().flatten()
     moved = torch.zeros_like(candidates)

@@ -4,8 +4,9 @@
 A stopping test, line search or linear solve with an absolute threshold ("``1 +``") is right on
 problems of size one and silently wrong on others; a sweep of this kind found about forty such
 silent answers (the interior point in a unit ball at ``s = 10⁻¹²``, Newton-CG at curvatures of
-``10⁻²⁴``, SQP's steps at indefinite points, Newton's line search on an objective of ``10⁻¹²``). The property: a solve that emits no
-:class:`~ddnlib.DDNWarning` is accurate relative to its size.
+``10⁻²⁴``, SQP's steps at indefinite points, Newton's line search on an objective of ``10⁻¹²``).
+The property: a solve that emits no :class:`~ddnlib.DDNWarning` is accurate relative to its size;
+and, stronger and also true on this space, every solve converges without a warning.
 """
 
 from __future__ import annotations
