@@ -128,7 +128,7 @@ def _kkt_rows(problem: Problem, y: Tensor, ctx, tol: float, smooth: bool) -> lis
     rows = [_row("stationarity", measures.step, tol, "relative Newton/KKT step", smooth)]
     if problem.constrained:
         rows.append(_row("feasibility", measures.violation, tol,
-                         "distance to the constraints |c_j|/|grad c_j| / (1 + |y|)", True))
+                         "distance to the constraints |c_j|/|grad c_j| / (|y| + tol)", True))
     if problem.has_ineq:
         rows.append(_row("multiplier sign", measures.wrong_sign, tol,
                          "max(-mu_j, 0) over tight g_j / (1 + |grad f|)", smooth))
