@@ -103,7 +103,7 @@ from torch import Tensor
 
 from .errors import NonConvergenceWarning, report
 from .options import Options
-from .linalg import trusted_cholesky
+from .linalg import trusted_cholesky, unit_floor
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
 
@@ -309,16 +309,18 @@ def _solve(model: _Model, y: Tensor, options: Options, tol: float) -> _Outcome:
         for full, t in zip(stored, (y, s, z, lam, converged, iterations, residual, polished)):
             full[idx] = t
         y, s, z, lam, converged, iterations, residual, polished = stored
+    # the active rows where the iteration ended: the final active-set step's guess, and (where
+    # that step does not take, leaving y, s, z as they are) the rows whose z is handed back
+    active = _active(whole, y, lam, s, z) if q else torch.zeros_like(z, dtype=torch.bool)
     final = converged & ~polished
     if final.any():
         ok, y_p, lam_p, mu_p, res_p = _polish(whole, y, lam, z, s, final, tol,
-                                              torch.full_like(iterations, 2))
+                                              torch.full_like(iterations, 2), active)
         keep = ok.unsqueeze(-1)
         y, lam, z = (torch.where(keep, new, old)
                      for new, old in ((y_p, y), (lam_p, lam), (mu_p, z)))
         s = torch.where(keep, torch.zeros_like(s), s)
         polished |= ok
-    active = _active(whole, y, lam, s, z) if q else torch.zeros_like(z, dtype=torch.bool)
     mu = torch.where(polished.unsqueeze(-1) | active, z, torch.zeros_like(z))
     return _Outcome(y, lam, mu, s, z, polished, converged, iterations, residual)
 
@@ -369,7 +371,7 @@ def _sizes(ev: _Eval, y: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor
     y_size = y.abs().amax(-1)
     # the floor σ_p, or the constraints' size here where smaller: a start far outside a small
     # feasible set (a box of width 10⁻⁴ from y₀ of size one) makes σ_p too large for the answer
-    here = _unit_at_most(torch.maximum(torch.maximum(_amax(ev.h.abs()), _amax(ev.g.abs())),
+    here = unit_floor(torch.maximum(torch.maximum(_amax(ev.h.abs()), _amax(ev.g.abs())),
                                        torch.nan_to_num(ev.a_max) * y_size))
     scale_p = torch.minimum(scales[1], here) + ev.a_max * y_size
     return scale_d, scale_p, torch.where(ev.a_max > 0, scale_d / ev.a_max, scale_d)
@@ -396,14 +398,7 @@ def _scales(ev: _Eval, y: Tensor) -> Tensor:
     w = torch.nan_to_num(ev.W.abs().amax((-2, -1)) if ev.W.shape[1] else torch.zeros_like(a))
     gd = torch.maximum(ev.gf.abs().amax(-1), w * y_size)
     gp = torch.maximum(torch.maximum(_amax(ev.h.abs()), _amax(ev.g.abs())), a * y_size)
-    return torch.stack([_unit_at_most(gd), _unit_at_most(gp)])
-
-
-def _unit_at_most(t: Tensor) -> Tensor:
-    """A size as a floor of the stopping test: ``min(t, 1)``, and 1 where ``t`` is not finite or
-    below ``√tiny`` (it says nothing of the scale there)."""
-    floor = torch.finfo(t.dtype).tiny ** 0.5
-    return torch.where(torch.isfinite(t) & (t >= floor), t.clamp_max(1.0), 1.0)
+    return torch.stack([unit_floor(gd), unit_floor(gp)])
 
 
 def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tensor,
@@ -457,7 +452,7 @@ def _escape(model: _Model, ev: _Eval, y: Tensor, s: Tensor, z: Tensor, nu: Tenso
     with torch.no_grad():
         phi0 = _merit(sub, yi, si, torch.zeros_like(nui), nui)
         # the longest step: the size of y, at least the start's (at most 1)
-        length = yi.abs().amax(-1) + _unit_at_most(sub.y0.abs().amax(-1))
+        length = yi.abs().amax(-1) + unit_floor(sub.y0.abs().amax(-1))
         t = length.clone()
         frac = _max_step(si, ds, _TAU) if si.shape[1] else torch.ones_like(t)
         found = torch.zeros_like(negative[negative])
@@ -498,7 +493,8 @@ def _without(problem: Problem, y0: Tensor, options: Options, keep: Tensor,
 
 
 def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples: Tensor,
-            tol: float, tries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            tol: float, tries: Tensor, active: Tensor | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Newton steps on the KKT system with a guess of the active inequalities held as
     equalities, for ``samples (b,)``.
 
@@ -506,7 +502,8 @@ def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples
     the rows ``z > s`` active puts them at ``g = 0`` (exact for a QP). Where that is no KKT point,
     the guess is corrected as in a primal–dual active-set method (rows with a negative multiplier
     leave it, violated rows join it) and the step is taken again from the same point, ``tries
-    (b,)`` steps in all.
+    (b,)`` steps in all. ``active (b, q)``: the first guess where already at hand (else
+    :func:`_active`).
     Returns the mask of samples where a step gives a KKT point (stopping test passed with ``s =
     0``: inactive constraints satisfied, active multipliers non-negative, stationarity), the new
     ``y``, ``λ``, ``μ`` and the residual there (the input state and ``inf`` elsewhere).
@@ -518,7 +515,7 @@ def _polish(model: _Model, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, samples
     model.hessian_factor()  # once, for every subset
     sub = model.select(idx) if idx.numel() < samples.numel() else model
     y, lam, z, s, tries = y[idx], lam[idx], z[idx], s[idx], tries[idx]
-    active = _active(sub, y, lam, s, z)
+    active = _active(sub, y, lam, s, z) if active is None else active[idx]
     for attempt in range(int(tries.max()) if idx.numel() else 0):
         good, y_new, lam_new, mu_new, res, g = _active_step(sub, y, lam, z, active, tol)
         where = idx[good]

@@ -20,7 +20,6 @@ of "optimal" (:class:`Optimality`) that both the backward's warning and the test
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING

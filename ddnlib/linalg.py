@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["NullSpace", "SolveInfo", "all_finite", "cg", "jacobi_scaling", "lstsq",
-           "pinned_coordinates", "shared_by_batch", "solve_kkt", "solve_spd", "trusted_cholesky"]
+           "pinned_coordinates", "shared_by_batch", "solve_kkt", "solve_spd", "trusted_cholesky",
+           "unit_floor"]
 
 
 @dataclass
@@ -61,6 +62,14 @@ def lstsq(M: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return X, singular
 
 
+def unit_floor(size: Tensor) -> Tensor:
+    """A problem's size as the floor of a relative test: ``min(size, 1)``, and 1 where ``size`` is
+    not finite or below ``√tiny`` of the dtype (it says nothing of the scale there). Problems of
+    size one or more are then judged as by ``1 + …``, smaller ones relative to their size."""
+    floor = torch.finfo(size.dtype).tiny ** 0.5
+    return torch.where(torch.isfinite(size) & (size >= floor), size.clamp_max(1.0), 1.0)
+
+
 _JACOBI_RANGE = 0.25  # scale where min H_ii < eps^this · max H_ii (a wide range of curvatures)
 
 
@@ -78,7 +87,7 @@ def jacobi_scaling(H: Tensor) -> Tensor | None:
     directions (a wrong gradient, or a Newton step that stalls)."""
     if H.shape[-1] < 2:
         return None
-    shared = H.shape[0] > 1 and H.stride(0) == 0
+    shared = shared_by_batch(H)
     diag = (H[:1] if shared else H).diagonal(dim1=-2, dim2=-1)
     range_ = torch.finfo(H.dtype).eps ** _JACOBI_RANGE
     if not bool((diag.amin(-1) < range_ * diag.amax(-1)).any()):  # the common case, 4 operations
@@ -194,7 +203,8 @@ def solve_kkt(
         A = torch.where(finite[:, None, None], A, 0.0) * act.unsqueeze(-1)
         By = torch.where(finite[:, None, None], By, 0.0)
         Bc = torch.where(finite[:, None, None], Bc, 0.0) * act.unsqueeze(-1)
-    if finite is None and shared_by_batch(H) and shared_by_batch(A):  # one H and A for the batch (a QP's)
+    # one H and A for the whole batch (a QP's)
+    if finite is None and shared_by_batch(H) and shared_by_batch(A):
         U, W, d, A, Bc, fallback = _schur_shared(H[0], A[0], act, By, Bc)
     else:
         U, W, d, A, Bc, fallback = _schur(H, A, act, By, Bc)

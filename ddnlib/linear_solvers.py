@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
-from .linalg import (NullSpace, SolveInfo, cg, jacobi_scaling, pinned_coordinates, solve_kkt,
-                     solve_spd, trusted_cholesky)
+from .linalg import (NullSpace, SolveInfo, cg, jacobi_scaling, pinned_coordinates,
+                     shared_by_batch, solve_kkt, solve_spd, trusted_cholesky)
 
 __all__ = ["KKTOperator", "LinearSolver", "Dense", "CG", "Auto", "report_solve"]
 
@@ -211,7 +211,7 @@ def _nearly_singular(H: Tensor, info: SolveInfo, constrained: bool) -> SolveInfo
 def _keep_shared(M: Tensor, D: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """``fn(M, D)``, computed once and expanded again where ``M`` and ``D`` are both shared by the
     batch (stride 0)."""
-    if M.shape[0] > 1 and M.stride(0) == 0 and D.stride(0) == 0:
+    if shared_by_batch(M) and D.stride(0) == 0:
         return fn(M[:1], D[:1]).expand(M.shape)
     return fn(M, D)
 

@@ -57,7 +57,7 @@ from .contract import check_initial_guess, check_start
 from . import interior_point
 from .errors import NonConvergenceWarning, SingularSystemWarning, describe_samples, report
 from .kkt import KKTPoint, least_squares_multipliers
-from .linalg import SolveInfo, jacobi_scaling, lstsq, trusted_cholesky
+from .linalg import SolveInfo, jacobi_scaling, lstsq, trusted_cholesky, unit_floor
 from .linear_solvers import CG, Auto, Dense, KKTOperator, chosen
 from .problem import Problem, batched_jacobian, grad
 from .solution import Solution
@@ -393,10 +393,8 @@ def _length(y: Tensor, d: Tensor) -> Tensor:
     the start, ``min(1, max(‖y₀‖∞, ‖d₀‖∞))`` (``d₀`` the first step), so that a problem of size
     one or more is judged as by ``1 + ‖y‖∞`` and a smaller one relative to its size (with ``1``,
     a solution of size 10⁻⁶ in float32 passed the test with an error of 250 %); ``1`` where that
-    length is not finite or below ``√tiny`` of the dtype."""
-    size = torch.maximum(y.abs().amax(-1), d.abs().amax(-1))
-    floor = torch.finfo(y.dtype).tiny ** 0.5
-    return torch.where(torch.isfinite(size) & (size >= floor), size.clamp_max(1.0), 1.0)
+    length is not finite or below ``√tiny`` of the dtype (:func:`~ddnlib.linalg.unit_floor`)."""
+    return unit_floor(torch.maximum(y.abs().amax(-1), d.abs().amax(-1)))
 
 
 def _report_newton(running: Tensor, step: Tensor, tol: float, options) -> None:
